@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Idempotent machine setup for l4lb: Debian packages, kernel headers, the venv.
+# Run by `make setup` (and so by `make test`). Safe to run again: it only does
+# what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PKGS=(python3-bpfcc bpfcc-tools python3-venv python3-pip iproute2 ethtool iperf3 wrk
+      nginx-light haproxy keepalived tcpdump curl linux-headers-amd64 util-linux procps)
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: must run as root (apt-get, /lib/modules links); try: sudo make setup" >&2
+    exit 2
+fi
+
+missing=()
+for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    # Keep the packaged daemons (nginx, haproxy, keepalived) from starting on the
+    # host: the lab starts its own copies inside namespaces.
+    policy=/usr/sbin/policy-rc.d
+    created_policy=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; created_policy=1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    [ "$created_policy" = 1 ] && rm -f "$policy"
+fi
+
+# bcc needs kernel headers under /lib/modules/$(uname -r)/build. When the
+# running kernel ships none, link Debian's newest generic headers instead.
+kver=$(uname -r)
+moddir=/lib/modules/$kver
+if [ ! -e "$moddir/build/include" ]; then
+    hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
+    if [ -z "$hdr" ]; then
+        echo "setup: no kernel headers found under /usr/src; install linux-headers-amd64" >&2
+        exit 1
+    fi
+    echo "setup: linking $hdr as $moddir/build and $moddir/source"
+    mkdir -p "$moddir"
+    ln -sfn "$hdr" "$moddir/build"
+    ln -sfn "$hdr" "$moddir/source"
+fi
+
+# The venv must see Debian's bcc module, so it is made by the system python
+# with --system-site-packages.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; then
+    echo "setup: creating .venv (system site packages, for bcc)"
+    rm -rf .venv
+    /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+stamp=.venv/.installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "setup: installing l4lb into .venv (editable, with test and bench extras)"
+    .venv/bin/pip install -q --upgrade pip >/dev/null
+    .venv/bin/pip install -q -e '.[test,bench]'
+    touch "$stamp"
+fi
