@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(python3-bpfcc bpfcc-tools python3-venv python3-pip iproute2 ethtool iperf3 wrk
-      nginx-light haproxy keepalived tcpdump curl linux-headers-amd64 util-linux procps)
+      nginx-light haproxy keepalived tcpdump curl iputils-ping linux-headers-amd64 util-linux procps)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup: must run as root (apt-get, /lib/modules links); try: sudo make setup" >&2

@@ -1,0 +1,37 @@
+# l4lb: `make demo` shows it at work, `make test` runs every test.
+# Both set the machine up first (idempotent: quick when nothing is missing).
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-unit test-bpf test-lab demo bench bench-quick lint clean
+
+setup:
+	@bash .ci/setup.sh
+
+test: setup
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+test-bpf: setup
+	$(PY) -m pytest -q tests/bpf $(PYTEST_ARGS)
+
+test-lab: setup
+	$(PY) -m pytest -q tests/lab $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m l4lb.demo
+
+bench: setup
+	$(PY) bench/report.py
+
+bench-quick: setup
+	$(PY) bench/report.py --quick
+
+lint: setup
+	$(VENV)/bin/ruff check l4lb tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

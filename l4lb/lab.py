@@ -1,0 +1,477 @@
+"""The network-namespace lab: a bridge and named nodes with real traffic.
+
+Used by tests, benches and `make demo`, and from the shell as `l4lb lab`.
+
+Topology: one namespace "<prefix>-br" holds bridge br0; every node (client,
+balancer, real) is a namespace "<prefix>-<node>" whose eth0 is one end of a
+veth pair; the other end, "p-<node>", is a port of br0. Addresses come from
+10.99.0.0/24 and fd99::/64 and never leave the lab: nothing is routed to the host.
+
+Reals hold the VIPs on lo with arp_ignore=1 / arp_announce=2, so that only the
+balancer answers ARP for a VIP (without arp_announce=2 a real's ARP requests
+would teach the client the VIP's MAC is the real's).
+
+A lab records its owner in /run/l4lb/lab/<prefix>.json. A lab whose owner is gone
+is stale and is removed before a new one with the same prefix is built; a live
+one is refused. Cleanup kills every process in the lab's namespaces, also on
+exceptions and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pyroute2 import NetNS, netns
+
+STATE_DIR = Path("/run/l4lb/lab")
+NETNS_DIR = Path("/run/netns")
+SUBNET4 = ipaddress.IPv4Network("10.99.0.0/24")
+SUBNET6 = ipaddress.IPv6Network("fd99::/64")
+VIP4 = ipaddress.IPv4Address("10.99.0.100")
+VIP6 = ipaddress.IPv6Address("fd99::100")
+BRIDGE = "br0"
+IFA_F_NODAD = 0x02
+# Host part of addresses and last MAC byte by role: clients .10+, balancers
+# .20+, reals .30+. The MAC's fifth byte says the role too.
+ROLE_BASE = {"client": 10, "balancer": 20, "real": 30}
+ROLE_PREFIX = {"client": "client", "balancer": "lb", "real": "real"}
+PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
+
+
+class LabError(Exception):
+    """A lab cannot be built or used; the message says what to do."""
+
+
+@dataclass
+class Node:
+    name: str
+    role: str
+    netns: str
+    port: str  # the bridge port (in the bridge namespace) facing this node
+    ipv4: str
+    ipv6: str
+    mac: str
+    ifindex: int = 0
+
+    @property
+    def nspath(self) -> str:
+        return str(NETNS_DIR / self.netns)
+
+
+@dataclass
+class Service:
+    """A process started in a node; stop() ends it and its children."""
+
+    node: str
+    argv: list[str]
+    proc: subprocess.Popen
+    log: Path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 5.0) -> None:
+        if self.proc.poll() is None:
+            _killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def _killpg(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        os.kill(pid, sig)
+
+
+def check_environment() -> None:
+    """Refuse early, with the fix, where the lab cannot work."""
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (network namespaces, veth, sysctls); run it with sudo")
+    if not Path("/proc/self/ns/net").exists():
+        raise LabError("this kernel has no network namespace support (CONFIG_NET_NS); "
+                       "the lab cannot run here")
+    for tool in ("nsenter",):
+        if shutil.which(tool) is None:
+            raise LabError(f"{tool} is missing; run `make setup` (Debian package util-linux)")
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _state_path(prefix: str) -> Path:
+    return STATE_DIR / f"{prefix}.json"
+
+
+def read_state(prefix: str) -> dict | None:
+    try:
+        return json.loads(_state_path(prefix).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def lab_namespaces(prefix: str) -> list[str]:
+    return sorted(n for n in netns.listnetns() if n.startswith(prefix + "-"))
+
+
+def _pids_in_netns(names: list[str]) -> list[int]:
+    """Every process whose network namespace is one of `names`."""
+    inodes = set()
+    for n in names:
+        try:
+            inodes.add(os.stat(NETNS_DIR / n).st_ino)
+        except FileNotFoundError:
+            pass
+    pids = []
+    if not inodes:
+        return pids
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            if os.stat(f"/proc/{d}/ns/net").st_ino in inodes:
+                pids.append(int(d))
+        except (FileNotFoundError, PermissionError, ProcessLookupError):
+            pass
+    return pids
+
+
+def destroy(prefix: str) -> list[str]:
+    """Kill the lab's processes and remove its namespaces and state. Idempotent."""
+    names = lab_namespaces(prefix)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = _pids_in_netns(names)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 2.0
+        while pids and time.monotonic() < deadline:
+            pids = [p for p in pids if _pid_alive(p) and not _is_zombie(p)]
+            time.sleep(0.02)
+    for n in names:
+        try:
+            netns.remove(n)
+        except OSError:
+            pass
+    _state_path(prefix).unlink(missing_ok=True)
+    return names
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except (FileNotFoundError, IndexError):
+        return True
+
+
+def remove_stale(prefix: str) -> None:
+    """Remove a lab of this prefix whose owner is gone; refuse a live one."""
+    state = read_state(prefix)
+    names = lab_namespaces(prefix)
+    if state and _pid_alive(state.get("owner_pid")):
+        raise LabError(f"lab prefix '{prefix}' is in use by a live lab (pid {state['owner_pid']}); "
+                       f"pick another prefix or run `l4lb lab down --prefix {prefix}`")
+    if state and state.get("owner_pid") is None and names:
+        raise LabError(f"lab prefix '{prefix}' is in use by a lab started with `l4lb lab up`; "
+                       f"run `l4lb lab down --prefix {prefix}` first or pick another prefix")
+    if names or state:
+        destroy(prefix)
+
+
+class Lab:
+    """Build a lab of clients, balancers and reals; use as a context manager.
+
+    >>> with Lab("demo", clients=1, balancers=2, reals=3) as lab:
+    ...     lab.run("client1", ["curl", "-s", "http://10.99.0.31/"])
+    """
+
+    def __init__(self, prefix: str = "l4lab", clients: int = 1, balancers: int = 2,
+                 reals: int = 3, mtu: int = 1500, persistent: bool = False,
+                 vips: tuple[str, ...] = (str(VIP4), str(VIP6))):
+        if not PREFIX_RE.match(prefix):
+            raise LabError(f"lab prefix '{prefix}' is invalid: use 1-12 lowercase letters "
+                           "and digits, starting with a letter")
+        if not (0 <= clients <= 9 and 0 <= balancers <= 9 and 0 <= reals <= 60):
+            raise LabError("lab size out of range: clients 0..9, balancers 0..9, reals 0..60")
+        self.prefix = prefix
+        self.mtu = mtu
+        self.persistent = persistent  # `l4lb lab up`: outlives this process
+        self.vips = [ipaddress.ip_address(v) for v in vips]
+        self.nodes: dict[str, Node] = {}
+        self.services: list[Service] = []
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"l4lb-lab-{prefix}-"))
+        self._counts = {"client": clients, "balancer": balancers, "real": reals}
+        self.brns = f"{prefix}-br"
+
+    # ----------------------------------------------------------------- build
+    def __enter__(self) -> Lab:
+        self.up()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    def up(self) -> Lab:
+        check_environment()
+        remove_stale(self.prefix)
+        self._write_state()  # claim the prefix before building anything
+        try:
+            self._build()
+        except BaseException:
+            self.down()
+            raise
+        self._write_state()
+        return self
+
+    def _write_state(self) -> None:
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        state = {"prefix": self.prefix, "owner_pid": None if self.persistent else os.getpid(),
+                 "created": time.time(), "bridge_netns": self.brns,
+                 "vips": [str(v) for v in self.vips],
+                 "nodes": [asdict(n) for n in self.nodes.values()]}
+        tmp = _state_path(self.prefix).with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.rename(_state_path(self.prefix))
+
+    def _build(self) -> None:
+        netns.create(self.brns)
+        with NetNS(self.brns) as br:
+            br.link("add", ifname=BRIDGE, kind="bridge", br_mcast_snooping=0,
+                    br_forward_delay=0)
+            bridx = br.link_lookup(ifname=BRIDGE)[0]
+            br.link("set", index=bridx, state="up", mtu=self.mtu)
+            lo = br.link_lookup(ifname="lo")[0]
+            br.link("set", index=lo, state="up")
+            for role in ("client", "balancer", "real"):
+                for i in range(1, self._counts[role] + 1):
+                    self._add_node(br, bridx, role, i)
+        for node in self.nodes.values():
+            self._configure_node(node)
+
+    def _add_node(self, br: NetNS, bridx: int, role: str, i: int) -> None:
+        name = f"{ROLE_PREFIX[role]}{i}"
+        host = ROLE_BASE[role] + i
+        node = Node(name=name, role=role, netns=f"{self.prefix}-{name}", port=f"p-{name}",
+                    ipv4=str(SUBNET4.network_address + host),
+                    ipv6=f"fd99::{host}",  # reads like the IPv4 host part
+                    mac="02:99:00:00:%02x:%02x" % (ROLE_BASE[role], host))
+        netns.create(node.netns)
+        br.link("add", ifname=node.port, kind="veth",
+                peer={"ifname": "eth0", "net_ns_fd": node.netns})
+        pidx = br.link_lookup(ifname=node.port)[0]
+        br.link("set", index=pidx, master=bridx, mtu=self.mtu, state="up")
+        self.nodes[name] = node
+
+    def _configure_node(self, node: Node) -> None:
+        sysctls = {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0",
+                   "net.ipv6.conf.eth0.accept_dad": "0"}
+        if node.role == "real":
+            # Only the balancer may answer ARP for a VIP (DESIGN.md §5).
+            for dev in ("all", "eth0"):
+                sysctls[f"net.ipv4.conf.{dev}.arp_ignore"] = "1"
+                sysctls[f"net.ipv4.conf.{dev}.arp_announce"] = "2"
+            # Tunnel mode delivers decapsulated packets whose source is the
+            # client: loose reverse-path checking keeps them.
+            sysctls["net.ipv4.conf.all.rp_filter"] = "0"
+            sysctls["net.ipv4.conf.eth0.rp_filter"] = "0"
+        self.sysctl(node.name, sysctls)
+        with NetNS(node.netns) as ns:
+            lo = ns.link_lookup(ifname="lo")[0]
+            ns.link("set", index=lo, state="up")
+            idx = ns.link_lookup(ifname="eth0")[0]
+            node.ifindex = idx
+            ns.link("set", index=idx, address=node.mac, mtu=self.mtu, state="up")
+            ns.addr("add", index=idx, address=node.ipv4, prefixlen=SUBNET4.prefixlen)
+            ns.addr("add", index=idx, address=node.ipv6, prefixlen=SUBNET6.prefixlen,
+                    flags=IFA_F_NODAD)
+            if node.role == "real":
+                for vip in self.vips:
+                    ns.addr("add", index=lo, address=str(vip),
+                            prefixlen=vip.max_prefixlen, flags=IFA_F_NODAD)
+
+    # ------------------------------------------------------------- teardown
+    def down(self) -> None:
+        for svc in self.services:
+            try:
+                svc.stop(timeout=2.0)
+            except Exception:  # noqa: BLE001 - teardown goes on regardless
+                pass
+        self.services.clear()
+        destroy(self.prefix)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # ------------------------------------------------------------ using it
+    def node(self, name: str) -> Node:
+        try:
+            return self.nodes[name]
+        except KeyError:
+            raise LabError(f"no node '{name}' in lab '{self.prefix}' "
+                           f"(nodes: {', '.join(self.nodes)})") from None
+
+    def by_role(self, role: str) -> list[Node]:
+        return [n for n in self.nodes.values() if n.role == role]
+
+    def nsenter(self, name: str) -> list[str]:
+        """argv prefix that runs a program in the node's network namespace."""
+        return ["nsenter", f"--net={self.node(name).nspath}"]
+
+    def run(self, name: str, argv: list[str], check: bool = True, timeout: float = 60,
+            **kw) -> subprocess.CompletedProcess:
+        """Run a program in a node and wait for it; stdout/stderr captured as text."""
+        res = subprocess.run(self.nsenter(name) + list(argv), capture_output=True, text=True,
+                             timeout=timeout, **kw)
+        if check and res.returncode != 0:
+            raise LabError(f"{name}: {' '.join(argv)} exited {res.returncode}: "
+                           f"{(res.stderr or res.stdout).strip()[-500:]}")
+        return res
+
+    def sysctl(self, name: str, values: dict[str, str]) -> None:
+        args = [f"{k}={v}" for k, v in values.items()]
+        self.run(name, ["sysctl", "-q", "-w", *args])
+
+    def popen(self, name: str, argv: list[str], log_name: str | None = None,
+              env: dict | None = None) -> Service:
+        """Start a program in a node; it is stopped when the lab goes down."""
+        log = self.workdir / (log_name or f"{name}-{Path(argv[0]).name}-{len(self.services)}.log")
+        fh = open(log, "wb")
+        proc = subprocess.Popen(self.nsenter(name) + list(argv), stdout=fh,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=env)
+        fh.close()
+        svc = Service(node=name, argv=list(argv), proc=proc, log=log)
+        self.services.append(svc)
+        return svc
+
+    def wait_listening(self, svc: Service, port: int, proto: str = "tcp",
+                       timeout: float = 10.0) -> None:
+        """Wait until the service's namespace has a socket listening on `port`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not svc.alive:
+                raise LabError(f"{svc.node}: {' '.join(svc.argv)} exited: {svc.output()[-500:]}")
+            if _listening(svc.proc.pid, port, proto):
+                return
+            time.sleep(0.02)
+        raise LabError(f"{svc.node}: nothing listens on {proto}/{port} after {timeout}s")
+
+    def start_echo(self, name: str, port: int = 9000) -> Service:
+        """The identify/echo server (l4lb.echoserver) on TCP and UDP `port`."""
+        svc = self.popen(name, [sys.executable, "-m", "l4lb.echoserver", "--name", name,
+                                "--port", str(port)])
+        self.wait_listening(svc, port)
+        return svc
+
+    def start_nginx(self, name: str, port: int = 80) -> Service:
+        """nginx answering every request with the node's name."""
+        d = self.workdir / f"nginx-{name}"
+        d.mkdir(exist_ok=True)
+        conf = d / "nginx.conf"
+        conf.write_text(f"""
+daemon off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    keepalive_requests 100000;
+    server {{
+        listen {port} reuseport;
+        listen [::]:{port} reuseport;
+        location / {{ return 200 "{name}\\n"; }}
+    }}
+}}
+""")
+        svc = self.popen(name, ["nginx", "-c", str(conf), "-p", str(d)])
+        self.wait_listening(svc, port)
+        return svc
+
+    def start_iperf3(self, name: str, port: int = 5201) -> Service:
+        svc = self.popen(name, ["iperf3", "-s", "-p", str(port)])
+        self.wait_listening(svc, port)
+        return svc
+
+    def status(self) -> dict:
+        return read_state(self.prefix) or {}
+
+
+def _listening(pid: int, port: int, proto: str) -> bool:
+    """True when the namespace of `pid` has a listening/bound socket on `port`."""
+    files = [f"/proc/{pid}/net/{proto}", f"/proc/{pid}/net/{proto}6"]
+    for f in files:
+        try:
+            lines = Path(f).read_text().splitlines()[1:]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        for line in lines:
+            parts = line.split()
+            local, st = parts[1], parts[3]
+            if int(local.rsplit(":", 1)[1], 16) == port and (proto == "udp" or st == "0A"):
+                return True
+    return False
+
+
+def live_labs() -> list[dict]:
+    """State of every lab on this machine (for `l4lb lab status`)."""
+    out = []
+    if STATE_DIR.exists():
+        for f in sorted(STATE_DIR.glob("*.json")):
+            st = read_state(f.stem)
+            if st:
+                st["namespaces"] = lab_namespaces(f.stem)
+                st["owner_alive"] = (st.get("owner_pid") is None and bool(st["namespaces"])) \
+                    or _pid_alive(st.get("owner_pid"))
+                out.append(st)
+    return out
+
+
+def wait_for(pred, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll `pred` until it returns a truthy value or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+__all__ = ["Lab", "LabError", "Node", "Service", "VIP4", "VIP6", "destroy", "live_labs",
+           "read_state", "remove_stale", "wait_for"]
