@@ -36,16 +36,20 @@ fi
 # running kernel ships none, link Debian's newest generic headers instead.
 kver=$(uname -r)
 moddir=/lib/modules/$kver
-if [ ! -e "$moddir/build/include" ]; then
+if [ ! -e "$moddir/build/include" ] || [ ! -e "$moddir/source/include/linux/kconfig.h" ]; then
     hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
     if [ -z "$hdr" ]; then
         echo "setup: no kernel headers found under /usr/src; install linux-headers-amd64" >&2
         exit 1
     fi
-    echo "setup: linking $hdr as $moddir/build and $moddir/source"
+    # Debian splits headers: the arch part (-amd64, generated files) is "build",
+    # the shared part (-common, include/linux/...) is "source"; bcc needs both.
+    common=${hdr%-amd64}-common
+    [ -d "$common" ] || common=$hdr
+    echo "setup: linking $hdr as $moddir/build and $common as $moddir/source"
     mkdir -p "$moddir"
     ln -sfn "$hdr" "$moddir/build"
-    ln -sfn "$hdr" "$moddir/source"
+    ln -sfn "$common" "$moddir/source"
 fi
 
 # The venv must see Debian's bcc module, so it is made by the system python

@@ -1,0 +1,219 @@
+/* balancer.c: the XDP entry of l4lb, read top to bottom.
+ *
+ * parse -> VIP? -> conn table hit? -> else Maglev ring -> forward (DR or TUN).
+ * Everything not for a VIP leaves with XDP_PASS, untouched.
+ */
+#include <uapi/linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/icmp.h>
+#include <linux/icmpv6.h>
+#include <linux/in.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+
+#include "maps.h"
+#include "parse.h"
+#include "csum.h"
+#include "encap.h"
+
+#define ONE_SECOND_NS 1000000000ULL
+
+static __always_inline void count(__u32 reason)
+{
+    __u64 *c = stats_global.lookup(&reason);
+    if (c)
+        *c += 1;
+}
+
+static __always_inline void count_flow(struct counters *c, __u32 bytes, int new_flow)
+{
+    if (!c)
+        return;
+    c->packets += 1;
+    c->bytes += bytes;
+    c->new_flows += new_flow;
+}
+
+static __always_inline __u32 mix32(__u32 h)
+{
+    h ^= h >> 16;
+    h *= 0x7feb352d;
+    h ^= h >> 15;
+    h *= 0x846ca68b;
+    h ^= h >> 16;
+    return h;
+}
+
+/* Stable across nodes and restarts: a flow lands on the same real whichever
+ * balancer carries it (both build identical rings from the same config). */
+static __always_inline __u32 flow_hash(const struct flow_key *k, int src_only)
+{
+    const __u32 *s = (const __u32 *)k->src;
+    const __u32 *d = (const __u32 *)k->dst;
+    __u32 h = mix32(0x9e3779b9 ^ s[0]);
+    if (k->family == FAMILY_V6) {
+        h = mix32(h ^ s[1]);
+        h = mix32(h ^ s[2]);
+        h = mix32(h ^ s[3]);
+    }
+    if (src_only)
+        return h;
+    h = mix32(h ^ d[0]);
+    if (k->family == FAMILY_V6) {
+        h = mix32(h ^ d[1]);
+        h = mix32(h ^ d[2]);
+        h = mix32(h ^ d[3]);
+    }
+    return mix32(h ^ (((__u32)k->sport << 16) | k->dport) ^ ((__u32)k->proto << 24));
+}
+
+static __always_inline struct vip_meta *find_vip(const struct flow_key *k)
+{
+    struct vip_key vk = {};
+    __builtin_memcpy(vk.addr, k->dst, 16);
+    vk.port = k->dport;
+    vk.proto = k->proto;
+    vk.family = k->family;
+    struct vip_meta *m = vips.lookup(&vk);
+    if (m)
+        return m;
+    vk.port = 0; /* a port-0 VIP serves every port of its address */
+    return vips.lookup(&vk);
+}
+
+static __always_inline int is_vip_addr(const struct flow_key *k)
+{
+    struct vip_key vk = {};
+    __builtin_memcpy(vk.addr, k->dst, 16);
+    vk.family = k->family;
+    return vip_addrs.lookup(&vk) != 0;
+}
+
+/* Pick the real from the VIP's live ring; 0 when the ring is empty. */
+static __always_inline __u32 ring_pick(const struct vip_meta *vip, __u32 hash)
+{
+    if (vip->ring_size == 0 || vip->ring_slot >= RING_SLOTS)
+        return 0;
+    __u32 idx = vip->ring_slot * RING_MAX + hash % vip->ring_size;
+    __u32 *id = rings.lookup(&idx);
+    return id ? *id : 0;
+}
+
+static __always_inline void push_flow_event(const struct flow_key *k, __u32 real_id,
+                                            __u32 vip_id, __u64 now)
+{
+    struct flow_event *ev = flow_events.ringbuf_reserve(sizeof(*ev));
+    if (!ev) {
+        count(ST_FLOW_EVENT_LOST);
+        return;
+    }
+    __builtin_memcpy(&ev->key, k, sizeof(*k));
+    ev->real_id = real_id;
+    ev->vip_id = vip_id;
+    ev->ts_ns = now;
+    flow_events.ringbuf_submit(ev, 0);
+}
+
+int xdp_balancer(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct packet p = {};
+
+    int rc = parse_packet(data, data_end, &p);
+    switch (rc) {
+    case P_OK:
+        break;
+    case P_NOT_IP:
+        count(ST_PASS_NON_IP);
+        return XDP_PASS;
+    case P_BAD_L3:
+        count(ST_PASS_MALFORMED_L3);
+        return XDP_PASS;
+    default:
+        /* Not a flow we can steer: drop it only when it is for a VIP address
+         * (so the VIP never leaks to the local stack half-handled). */
+        if (!is_vip_addr(&p.key)) {
+            count(ST_PASS_NON_VIP);
+            return XDP_PASS;
+        }
+        if (rc == P_OTHER_L4) {
+            count(ST_PASS_ICMP); /* pings to the VIP, NDP: the balancer answers */
+            return XDP_PASS;
+        }
+        count(rc == P_FRAGMENT ? ST_DROP_FRAGMENT
+              : rc == P_IP_OPTIONS ? ST_DROP_IP_OPTIONS
+              : rc == P_IPV6_EXT ? ST_DROP_IPV6_EXT : ST_DROP_MALFORMED_L4);
+        return XDP_DROP;
+    }
+
+    struct vip_meta *vip = find_vip(&p.key);
+    if (!vip) {
+        count(p.is_icmp_err ? ST_PASS_ICMP : ST_PASS_NON_VIP);
+        return XDP_PASS;
+    }
+
+    __u32 zero = 0;
+    struct lb_config *cfg = config.lookup(&zero);
+    if (!cfg)
+        return XDP_PASS;
+    __u32 vip_id = vip->vip_id;
+    __u32 hash = flow_hash(&p.key, vip->flags & VIP_F_HASH_SRC);
+    __u64 now = bpf_ktime_get_coarse_ns();
+    int new_flow = 0;
+    __u32 real_id = 0;
+    struct real_def *real = 0;
+
+    struct conn_val *cv = conns.lookup(&p.key);
+    if (cv) {
+        real_id = cv->real_id;
+        real = reals.lookup(&real_id);
+        int stale = cfg->conn_timeout_ns && now - cv->last_seen_ns > cfg->conn_timeout_ns;
+        if (real && real->family && !(real->flags & REAL_F_DOWN) && !stale) {
+            count(ST_CONN_HIT);
+            if (now - cv->last_seen_ns > ONE_SECOND_NS)
+                cv->last_seen_ns = now; /* avoid dirtying the entry on every packet */
+        } else {
+            real = 0; /* its real went down, or the flow idled out: reschedule */
+            if (!p.is_icmp_err)
+                count(ST_CONN_RESCHEDULED);
+        }
+    }
+    if (!real) {
+        real_id = ring_pick(vip, hash);
+        real = real_id ? reals.lookup(&real_id) : 0;
+        if (!real || !real->family) {
+            count(ST_DROP_NO_REAL);
+            return XDP_DROP;
+        }
+        /* ICMP errors follow their flow but never create one. */
+        if (!p.is_icmp_err) {
+            struct conn_val nv = {.real_id = real_id, .vip_id = vip_id, .last_seen_ns = now};
+            conns.update(&p.key, &nv);
+            new_flow = 1;
+            count(ST_CONN_MISS);
+            if (cfg->flags & CFG_F_FLOW_EVENTS)
+                push_flow_event(&p.key, real_id, vip_id, now);
+        }
+    }
+    if (p.is_icmp_err)
+        count(ST_ICMP_FORWARDED);
+
+    __u32 bytes = (__u32)(data_end - data);
+    count_flow(stats_vip.lookup(&vip_id), bytes, new_flow);
+    count_flow(stats_real.lookup(&real_id), bytes, new_flow);
+
+    if (vip->flags & VIP_F_TUN) {
+        int act = forward_tun(ctx, &p, real, cfg, hash);
+        if (act < 0) {
+            count(ST_DROP_ENCAP);
+            return XDP_DROP;
+        }
+        count(ST_TX_TUN);
+        return act;
+    }
+    count(ST_TX_DR);
+    return forward_dr(ctx, real);
+}

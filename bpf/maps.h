@@ -1,0 +1,143 @@
+/* maps.h: every map and struct the XDP balancer shares with user space.
+ *
+ * l4lb/dataplane/maps.py is the one Python mirror of these layouts; change both
+ * together and bump LAYOUT_VERSION there (pins live under .../v<LAYOUT_VERSION>/,
+ * because bcc reopens a pinned map without checking its layout).
+ */
+#pragma once
+
+#ifndef MAX_VIPS
+#define MAX_VIPS 64
+#endif
+#ifndef MAX_REALS
+#define MAX_REALS 4096
+#endif
+#ifndef RING_MAX
+#define RING_MAX 65537
+#endif
+#ifndef CONN_TABLE_SIZE
+#define CONN_TABLE_SIZE 1048576
+#endif
+#ifndef CONN_TABLE_FLAGS
+#define CONN_TABLE_FLAGS 0 /* BPF_F_NO_COMMON_LRU (2) for per-CPU LRU lists */
+#endif
+/* Two ring slots per VIP: the control plane fills the idle one, then flips the
+ * VIP's ring_slot in one map update, so lookups never see a half-written ring. */
+#define RING_SLOTS (2 * MAX_VIPS)
+
+/* Pinned maps survive a restart of the control plane (and keep the conn table);
+ * tests compile without PIN_DIR and get private maps. */
+#ifdef PIN_DIR
+#define L4LB_MAP(type, key, val, name, size, flags) \
+    BPF_TABLE_PINNED(type, key, val, name, size, PIN_DIR "/" #name, flags)
+#else
+#define L4LB_MAP(type, key, val, name, size, flags) \
+    BPF_F_TABLE(type, key, val, name, size, flags)
+#endif
+
+#define FAMILY_V4 4
+#define FAMILY_V6 6
+
+/* A virtual service: address (IPv4 in the first 4 bytes, rest zero), port in
+ * network order (0 = every port), IP protocol, family. */
+struct vip_key {
+    __u8 addr[16];
+    __be16 port;
+    __u8 proto;
+    __u8 family;
+};
+
+#define VIP_F_HASH_SRC 0x1 /* Maglev index from the client address only */
+#define VIP_F_TUN      0x2 /* IP-in-IP / IP6-in-IP6 instead of MAC rewrite */
+
+struct vip_meta {
+    __u32 vip_id;    /* index into stats_vip */
+    __u32 flags;     /* VIP_F_* */
+    __u32 ring_slot; /* which of rings' slots is live */
+    __u32 ring_size; /* M, prime, <= RING_MAX */
+};
+
+#define REAL_F_DOWN 0x1 /* failed health check: its flows are rescheduled */
+
+/* A real server of one VIP (ids are per VIP and real address). mac is the
+ * next hop: the real itself in DR mode, the real or a router in tunnel mode. */
+struct real_def {
+    __u8 addr[16];
+    __u8 mac[6];
+    __u8 family;
+    __u8 flags;
+};
+
+/* The conn-table key: the packet's 5-tuple as seen by the balancer. */
+struct flow_key {
+    __u8 src[16];
+    __u8 dst[16];
+    __be16 sport;
+    __be16 dport;
+    __u8 proto;
+    __u8 family;
+    __u8 pad[2];
+};
+
+struct conn_val {
+    __u32 real_id;
+    __u32 vip_id;
+    __u64 last_seen_ns; /* coarse clock, refreshed at most once a second */
+};
+
+#define CFG_F_FLOW_EVENTS 0x1 /* push new flows to the ring buffer (sync) */
+
+struct lb_config {
+    __u8 tun_src6[16];       /* outer source of IP6IP6 / IPv4-in-IPv6 */
+    __be32 tun_src4;         /* outer source of IPIP */
+    __u32 flags;             /* CFG_F_* */
+    __u64 conn_timeout_ns;   /* idle flows older than this are rescheduled; 0 = never */
+};
+
+struct counters {
+    __u64 packets;
+    __u64 bytes;
+    __u64 new_flows;
+};
+
+/* Verdicts and reasons, counted per CPU in stats_global. */
+enum stat_reason {
+    ST_PASS_NON_IP = 0,    /* not IPv4/IPv6 (ARP, LLDP, ...) */
+    ST_PASS_NON_VIP,       /* IP, but not for a VIP */
+    ST_PASS_MALFORMED_L3,  /* IP header truncated or inconsistent: left to the kernel */
+    ST_PASS_ICMP,          /* ICMP to a VIP address that is not about a VIP flow */
+    ST_TX_DR,
+    ST_TX_TUN,
+    ST_DROP_MALFORMED_L4,  /* for a VIP address, transport header truncated */
+    ST_DROP_FRAGMENT,      /* IPv4 fragment for a VIP address */
+    ST_DROP_IP_OPTIONS,    /* IPv4 options for a VIP address */
+    ST_DROP_IPV6_EXT,      /* IPv6 extension headers for a VIP address */
+    ST_DROP_NO_REAL,       /* empty ring (all reals drained or down) */
+    ST_DROP_ENCAP,         /* could not grow the packet for the tunnel header */
+    ST_CONN_HIT,
+    ST_CONN_MISS,          /* new flow: picked from the ring */
+    ST_CONN_RESCHEDULED,   /* known flow whose real went down or timed out */
+    ST_ICMP_FORWARDED,     /* frag-needed / packet-too-big sent after its flow */
+    ST_FLOW_EVENT_LOST,    /* ring buffer full */
+    ST_MAX,
+};
+
+struct flow_event {
+    struct flow_key key;
+    __u32 real_id;
+    __u32 vip_id;
+    __u64 ts_ns;
+};
+
+L4LB_MAP("hash", struct vip_key, struct vip_meta, vips, 2 * MAX_VIPS, 0);
+/* VIP addresses (port 0, proto 0): lets fragments and malformed packets for a
+ * VIP get a defined verdict although they carry no usable port. */
+L4LB_MAP("hash", struct vip_key, __u32, vip_addrs, 2 * MAX_VIPS, 0);
+L4LB_MAP("array", __u32, struct real_def, reals, MAX_REALS, 0);
+L4LB_MAP("array", __u32, __u32, rings, RING_SLOTS * RING_MAX, 0);
+L4LB_MAP("lru_hash", struct flow_key, struct conn_val, conns, CONN_TABLE_SIZE, CONN_TABLE_FLAGS);
+L4LB_MAP("array", __u32, struct lb_config, config, 1, 0);
+L4LB_MAP("percpu_array", __u32, struct counters, stats_vip, MAX_VIPS, 0);
+L4LB_MAP("percpu_array", __u32, struct counters, stats_real, MAX_REALS, 0);
+L4LB_MAP("percpu_array", __u32, __u64, stats_global, ST_MAX, 0);
+BPF_RINGBUF_OUTPUT(flow_events, 256);

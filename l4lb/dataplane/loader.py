@@ -1,0 +1,164 @@
+"""Compile bpf/ with bcc, attach and detach XDP, pin maps: the only module that knows bcc."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from l4lb.dataplane import maps as M
+
+BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
+BPFFS = "/sys/fs/bpf"
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
+BPF_F_NO_COMMON_LRU = 1 << 1
+
+
+class DataplaneError(Exception):
+    """The data plane could not be built or attached; the message says why."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    max_vips: int = M.DEFAULT_MAX_VIPS
+    max_reals: int = M.DEFAULT_MAX_REALS
+    ring_max: int = M.DEFAULT_RING_MAX
+    conn_table_size: int = M.DEFAULT_CONN_TABLE_SIZE
+    per_cpu_lru: bool = False
+    pin_dir: str | None = None  # None: private maps (tests); else pinned here
+
+    def cflags(self) -> list[str]:
+        f = [f"-I{BPF_DIR}", f"-DMAX_VIPS={self.max_vips}", f"-DMAX_REALS={self.max_reals}",
+             f"-DRING_MAX={self.ring_max}", f"-DCONN_TABLE_SIZE={self.conn_table_size}",
+             f"-DCONN_TABLE_FLAGS={BPF_F_NO_COMMON_LRU if self.per_cpu_lru else 0}",
+             "-Wno-macro-redefined", "-Wno-compare-distinct-pointer-types"]
+        if self.pin_dir:
+            f.append(f'-DPIN_DIR="{self.pin_dir}"')
+        return f
+
+
+def pin_dir_for(pin_path: str, node: str) -> str:
+    """Where a node's maps are pinned: the layout version is part of the path."""
+    return f"{pin_path.rstrip('/')}/{node}/v{M.LAYOUT_VERSION}"
+
+
+def ensure_bpffs(path: str = BPFFS) -> None:
+    """Pinning needs bpffs; mount it when the host has not (a fresh VM often has not)."""
+    with open("/proc/mounts") as f:
+        if any(line.split()[1] == path and line.split()[2] == "bpf" for line in f):
+            return
+    os.makedirs(path, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "bpf", "bpf", path], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise DataplaneError(f"cannot mount bpffs on {path}: {r.stderr.strip()}; "
+                             "run: mount -t bpf bpf /sys/fs/bpf")
+
+
+def _bcc():
+    try:
+        import bcc  # noqa: PLC0415 - only the loader imports bcc
+    except ImportError as e:
+        raise DataplaneError("bcc is not importable: install Debian's python3-bpfcc and use a "
+                             "venv made with --system-site-packages (`make setup` does both)"
+                             ) from e
+    return bcc
+
+
+class Program:
+    """One compiled XDP program with its maps."""
+
+    def __init__(self, source: str, func: str, cflags: list[str]):
+        bcc = _bcc()
+        self._bcc = bcc
+        try:
+            self.bpf = bcc.BPF(src_file=str(BPF_DIR / source).encode(), cflags=cflags)
+        except Exception as e:  # bcc raises bare Exception on compile errors
+            raise DataplaneError(f"compiling bpf/{source} failed: {e}") from e
+        self.fn = self.bpf.load_func(func.encode(), bcc.BPF.XDP)
+        self.attached: dict[str, int] = {}
+
+    @property
+    def fd(self) -> int:
+        return self.fn.fd
+
+    def map(self, name: str):
+        return self.bpf[name.encode()]
+
+    def attach(self, ifname: str, mode: str = "native") -> None:
+        """Attach (or atomically replace) this program on `ifname`."""
+        try:
+            self._bcc.BPF.attach_xdp(ifname.encode(), self.fn, XDP_MODES[mode])
+        except Exception as e:
+            raise DataplaneError(f"attaching XDP ({mode}) to {ifname} failed: {e}") from e
+        self.attached[ifname] = XDP_MODES[mode]
+
+    def detach(self, ifname: str | None = None) -> None:
+        for name in [ifname] if ifname else list(self.attached):
+            flags = self.attached.pop(name, XDP_FLAGS_SKB_MODE)
+            detach_xdp(name, flags)
+
+    def close(self) -> None:
+        """Free the program and map handles (attached XDP and pins stay)."""
+        self.bpf.cleanup()
+
+
+def detach_xdp(ifname: str, flags: int | None = None) -> None:
+    """Remove whatever XDP program `ifname` carries, in either mode."""
+    bcc = _bcc()
+    for f in ([flags] if flags is not None else [XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE]):
+        try:
+            bcc.BPF.remove_xdp(ifname.encode(), f)
+        except Exception:  # noqa: BLE001 - nothing attached in that mode
+            pass
+
+
+def compile_balancer(opts: BuildOptions) -> Program:
+    if opts.pin_dir:
+        ensure_bpffs()
+        os.makedirs(opts.pin_dir, exist_ok=True)
+    return Program("balancer.c", "xdp_balancer", opts.cflags())
+
+
+def compile_decap() -> Program:
+    return Program("decap.c", "xdp_decap", [f"-I{BPF_DIR}"])
+
+
+def compile_pass() -> Program:
+    """A trivial XDP_PASS program: the benchmark baseline, and what a veth peer needs
+    so that native XDP_TX frames reach it (DESIGN.md §5)."""
+    return Program("baseline.c", "xdp_pass", [f"-I{BPF_DIR}"])
+
+
+def compile_swap() -> Program:
+    return Program("baseline.c", "xdp_tx_swap", [f"-I{BPF_DIR}"])
+
+
+def remove_pins(pin_dir: str) -> None:
+    shutil.rmtree(pin_dir, ignore_errors=True)
+
+
+def cpu_count() -> int:
+    return os.cpu_count() or 1
+
+
+def percpu_sum(values, fields=None):
+    """Sum a bcc per-CPU value list (ctypes structs or ints)."""
+    if fields is None:
+        return sum(int(v) for v in values)
+    return {f: sum(getattr(v, f) for v in values) for f in fields}
+
+
+def batch_update(table, keys_ct, vals_ct) -> None:
+    """Update many entries in one syscall (array maps support batch ops)."""
+    table.items_update_batch(keys_ct, vals_ct)
+
+
+def uint_array(values) -> ct.Array:
+    """A ctypes uint32 array over an array('I') / numpy buffer without copying per item."""
+    return (ct.c_uint32 * len(values)).from_buffer_copy(memoryview(values).cast("B"))

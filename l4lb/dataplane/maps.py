@@ -1,0 +1,172 @@
+"""ctypes mirrors of bpf/maps.h: the one place in Python that knows byte layouts.
+
+Change a struct here and in maps.h together, and bump LAYOUT_VERSION: pinned maps
+live under <pin_path>/<node>/v<LAYOUT_VERSION>/ because bcc reopens a pinned map
+without checking that its layout still matches.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+import socket
+from enum import IntEnum
+
+LAYOUT_VERSION = 1
+
+FAMILY_V4 = 4
+FAMILY_V6 = 6
+PROTO = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+PROTO_NAME = {v: k for k, v in PROTO.items()}
+
+VIP_F_HASH_SRC = 0x1
+VIP_F_TUN = 0x2
+REAL_F_DOWN = 0x1
+CFG_F_FLOW_EVENTS = 0x1
+
+# Compile-time sizes (passed to the compiler as -D; the defaults match maps.h).
+DEFAULT_MAX_VIPS = 64
+DEFAULT_MAX_REALS = 4096
+DEFAULT_RING_MAX = 65537
+DEFAULT_CONN_TABLE_SIZE = 1 << 20
+
+
+class StatReason(IntEnum):
+    """enum stat_reason in maps.h, in the same order."""
+
+    PASS_NON_IP = 0
+    PASS_NON_VIP = 1
+    PASS_MALFORMED_L3 = 2
+    PASS_ICMP = 3
+    TX_DR = 4
+    TX_TUN = 5
+    DROP_MALFORMED_L4 = 6
+    DROP_FRAGMENT = 7
+    DROP_IP_OPTIONS = 8
+    DROP_IPV6_EXT = 9
+    DROP_NO_REAL = 10
+    DROP_ENCAP = 11
+    CONN_HIT = 12
+    CONN_MISS = 13
+    CONN_RESCHEDULED = 14
+    ICMP_FORWARDED = 15
+    FLOW_EVENT_LOST = 16
+
+
+ST_MAX = len(StatReason)
+
+
+class VipKey(ct.Structure):
+    _fields_ = [("addr", ct.c_ubyte * 16), ("port", ct.c_uint16), ("proto", ct.c_uint8),
+                ("family", ct.c_uint8)]
+
+
+class VipMeta(ct.Structure):
+    _fields_ = [("vip_id", ct.c_uint32), ("flags", ct.c_uint32), ("ring_slot", ct.c_uint32),
+                ("ring_size", ct.c_uint32)]
+
+
+class RealDef(ct.Structure):
+    _fields_ = [("addr", ct.c_ubyte * 16), ("mac", ct.c_ubyte * 6), ("family", ct.c_uint8),
+                ("flags", ct.c_uint8)]
+
+
+class FlowKey(ct.Structure):
+    _fields_ = [("src", ct.c_ubyte * 16), ("dst", ct.c_ubyte * 16), ("sport", ct.c_uint16),
+                ("dport", ct.c_uint16), ("proto", ct.c_uint8), ("family", ct.c_uint8),
+                ("pad", ct.c_uint8 * 2)]
+
+
+class ConnVal(ct.Structure):
+    _fields_ = [("real_id", ct.c_uint32), ("vip_id", ct.c_uint32), ("last_seen_ns", ct.c_uint64)]
+
+
+class LbConfig(ct.Structure):
+    _fields_ = [("tun_src6", ct.c_ubyte * 16), ("tun_src4", ct.c_ubyte * 4),
+                ("flags", ct.c_uint32), ("conn_timeout_ns", ct.c_uint64)]
+
+
+class Counters(ct.Structure):
+    _fields_ = [("packets", ct.c_uint64), ("bytes", ct.c_uint64), ("new_flows", ct.c_uint64)]
+
+
+class FlowEvent(ct.Structure):
+    _fields_ = [("key", FlowKey), ("real_id", ct.c_uint32), ("vip_id", ct.c_uint32),
+                ("ts_ns", ct.c_uint64)]
+
+
+# Sizes must match the C side exactly; a mismatch is a bug caught at import.
+for _s, _n in ((VipKey, 20), (VipMeta, 16), (RealDef, 24), (FlowKey, 40), (ConnVal, 16),
+               (LbConfig, 32), (Counters, 24), (FlowEvent, 56)):
+    assert ct.sizeof(_s) == _n, (_s.__name__, ct.sizeof(_s))
+
+
+def addr16(addr) -> tuple[bytes, int]:
+    """An address as the 16 bytes the maps hold (IPv4 first, zero-padded), and its family."""
+    ip = ipaddress.ip_address(addr)
+    if ip.version == 4:
+        return ip.packed + bytes(12), FAMILY_V4
+    return ip.packed, FAMILY_V6
+
+
+def addr_from16(raw, family: int):
+    b = bytes(raw)
+    return ipaddress.ip_address(b[:4] if family == FAMILY_V4 else b)
+
+
+def mac_bytes(mac: str) -> bytes:
+    parts = mac.split(":")
+    if len(parts) != 6:
+        raise ValueError(f"bad MAC address {mac!r}")
+    return bytes(int(p, 16) for p in parts)
+
+
+def mac_str(raw) -> str:
+    return ":".join(f"{b:02x}" for b in bytes(raw))
+
+
+def vip_key(addr, port: int, proto: str | int) -> VipKey:
+    raw, fam = addr16(addr)
+    k = VipKey()
+    k.addr[:] = raw
+    k.port = socket.htons(port)
+    k.proto = PROTO[proto] if isinstance(proto, str) else proto
+    k.family = fam
+    return k
+
+
+def vip_addr_key(addr) -> VipKey:
+    raw, fam = addr16(addr)
+    k = VipKey()
+    k.addr[:] = raw
+    k.family = fam
+    return k
+
+
+def real_def(addr, mac: str | bytes, down: bool = False) -> RealDef:
+    raw, fam = addr16(addr)
+    r = RealDef()
+    r.addr[:] = raw
+    r.mac[:] = mac if isinstance(mac, bytes) else mac_bytes(mac)
+    r.family = fam
+    r.flags = REAL_F_DOWN if down else 0
+    return r
+
+
+def flow_key(src, sport: int, dst, dport: int, proto: str | int) -> FlowKey:
+    s, fam = addr16(src)
+    d, _ = addr16(dst)
+    k = FlowKey()
+    k.src[:] = s
+    k.dst[:] = d
+    k.sport = socket.htons(sport)
+    k.dport = socket.htons(dport)
+    k.proto = PROTO[proto] if isinstance(proto, str) else proto
+    k.family = fam
+    return k
+
+
+def flow_tuple(k: FlowKey) -> tuple:
+    """(src, sport, dst, dport, proto) of a conn-table key, addresses as ipaddress objects."""
+    return (addr_from16(k.src, k.family), socket.ntohs(k.sport), addr_from16(k.dst, k.family),
+            socket.ntohs(k.dport), k.proto)

@@ -1,0 +1,327 @@
+"""Service tables: VIPs, reals and Maglev rings as the XDP program sees them.
+
+Owns the id spaces (VIP ids, ring slots, real ids) and writes the maps through
+the loaded Program. Real ids are per (VIP, real address) and stable for the life
+of that real, because the conn table records them. The id assignment is kept in
+a JSON file beside the pinned maps, so a restarted control plane reattaches
+with the same ids and existing flows keep their reals.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+import json
+import os
+import socket
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from l4lb import maglev
+from l4lb.dataplane import maps as M
+from l4lb.dataplane.loader import BuildOptions, Program
+
+
+class TablesError(Exception):
+    pass
+
+
+@dataclass
+class RealState:
+    address: str
+    real_id: int
+    mac: str
+    weight: int
+    down: bool = False
+
+
+@dataclass
+class VipState:
+    address: str
+    port: int
+    proto: str
+    vip_id: int
+    mode: str = "dr"          # dr | tun
+    hash: str = "5tuple"      # 5tuple | source
+    ring_size: int = maglev.DEFAULT_RING_SIZE
+    all_down: str = "keep"    # keep | drop
+    slot: int = 0             # 0/1: which of the VIP's two ring slots is live
+    reals: dict[str, RealState] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        a = ipaddress.ip_address(self.address)
+        host = f"[{a}]" if a.version == 6 else str(a)
+        return f"{host}:{self.port}/{self.proto}"
+
+    @property
+    def flags(self) -> int:
+        return (M.VIP_F_TUN if self.mode == "tun" else 0) | \
+            (M.VIP_F_HASH_SRC if self.hash == "source" else 0)
+
+
+def canon(addr) -> str:
+    return str(ipaddress.ip_address(addr))
+
+
+class ServiceTables:
+    """Desired VIP/real state in, map updates out."""
+
+    def __init__(self, prog: Program, opts: BuildOptions, state_file: str | None = None):
+        self.prog = prog
+        self.opts = opts
+        self.state_file = Path(state_file) if state_file else None
+        self.vips: dict[str, VipState] = {}
+        self._vips_map = prog.map("vips")
+        self._addrs_map = prog.map("vip_addrs")
+        self._reals_map = prog.map("reals")
+        self._rings_map = prog.map("rings")
+        self._config_map = prog.map("config")
+        self._stats_vip = prog.map("stats_vip")
+        self._stats_real = prog.map("stats_real")
+        self._stats_global = prog.map("stats_global")
+        self.conns = prog.map("conns")
+        self._free_vip_ids = deque(range(opts.max_vips))
+        self._free_real_ids = deque(range(1, opts.max_reals))  # 0 = "no real"
+        self._last_ring: dict[str, object] = {}
+        if self.state_file and self.state_file.exists():
+            self._restore()
+
+    # ----------------------------------------------------------- persistence
+    def _restore(self) -> None:
+        """Take over ids from a previous run whose pinned maps we reopened."""
+        data = json.loads(self.state_file.read_text())
+        for v in data.get("vips", []):
+            reals = {r["address"]: RealState(**r) for r in v.pop("reals")}
+            vs = VipState(**v, reals=reals)
+            self.vips[vs.key] = vs
+            self._free_vip_ids.remove(vs.vip_id)
+            for r in reals.values():
+                self._free_real_ids.remove(r.real_id)
+
+    def _save(self) -> None:
+        if not self.state_file:
+            return
+        data = {"layout": M.LAYOUT_VERSION,
+                "vips": [dict(v.__dict__, reals=[r.__dict__ for r in v.reals.values()])
+                         for v in self.vips.values()]}
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, self.state_file)
+
+    # --------------------------------------------------------------- config
+    def set_config(self, tun_src4: str | None = None, tun_src6: str | None = None,
+                   flow_events: bool = False, conn_timeout_s: float = 0) -> None:
+        c = M.LbConfig()
+        if tun_src4:
+            c.tun_src4[:] = ipaddress.IPv4Address(tun_src4).packed
+        if tun_src6:
+            c.tun_src6[:] = ipaddress.IPv6Address(tun_src6).packed
+        c.flags = M.CFG_F_FLOW_EVENTS if flow_events else 0
+        c.conn_timeout_ns = int(conn_timeout_s * 1e9)
+        self._config_map[ct.c_uint32(0)] = c
+
+    # ----------------------------------------------------------------- VIPs
+    def upsert_vip(self, address, port: int, proto: str = "tcp", mode: str = "dr",
+                   hash: str = "5tuple", ring_size: int = maglev.DEFAULT_RING_SIZE,
+                   all_down: str = "keep") -> VipState:
+        if ring_size > self.opts.ring_max:
+            raise TablesError(f"ring_size {ring_size} exceeds the compiled maximum "
+                              f"{self.opts.ring_max}")
+        probe = VipState(canon(address), port, proto, -1)
+        vs = self.vips.get(probe.key)
+        if vs is None:
+            if not self._free_vip_ids:
+                raise TablesError(f"no free VIP slot (max {self.opts.max_vips})")
+            vs = probe
+            vs.vip_id = self._free_vip_ids.popleft()
+            self._zero_counters(self._stats_vip, vs.vip_id)
+            self.vips[vs.key] = vs
+            self._sync_vip_addrs()
+        vs.mode, vs.hash, vs.all_down = mode, hash, all_down
+        vs.ring_size = ring_size
+        self._publish_ring(vs)
+        self._save()
+        return vs
+
+    def delete_vip(self, key: str) -> None:
+        vs = self.vips.pop(key, None)
+        if vs is None:
+            raise TablesError(f"no VIP {key}")
+        del self._vips_map[M.vip_key(vs.address, vs.port, vs.proto)]
+        for r in vs.reals.values():
+            self._free_real(r)
+        self._free_vip_ids.append(vs.vip_id)
+        self._last_ring.pop(key, None)
+        self._sync_vip_addrs()
+        self._save()
+
+    def _sync_vip_addrs(self) -> None:
+        want = {canon(v.address) for v in self.vips.values()}
+        have = set()
+        for k, _ in list(self._addrs_map.items()):
+            have.add(str(M.addr_from16(k.addr, k.family)))
+        for a in want - have:
+            self._addrs_map[M.vip_addr_key(a)] = ct.c_uint32(1)
+        for a in have - want:
+            del self._addrs_map[M.vip_addr_key(a)]
+
+    # ---------------------------------------------------------------- reals
+    def set_reals(self, key: str, reals: list[tuple[str, str, int]]) -> VipState:
+        """Make the VIP's reals exactly `reals` = [(address, mac, weight)]; health state of
+        reals that stay is kept. New rings are published atomically."""
+        vs = self._vip(key)
+        want = {canon(a): (mac, w) for a, mac, w in reals}
+        for addr in list(vs.reals):
+            if addr not in want:
+                self._free_real(vs.reals.pop(addr))
+        for addr, (mac, w) in want.items():
+            r = vs.reals.get(addr)
+            if r is None:
+                if not self._free_real_ids:
+                    raise TablesError(f"no free real id (max {self.opts.max_reals - 1})")
+                r = RealState(addr, self._free_real_ids.popleft(), mac, w)
+                self._zero_counters(self._stats_real, r.real_id)
+                vs.reals[addr] = r
+            r.mac, r.weight = mac, w
+            self._write_real(r)
+        self._publish_ring(vs)
+        self._save()
+        return vs
+
+    def set_weight(self, key: str, address, weight: int) -> None:
+        r = self._real(key, address)
+        r.weight = weight
+        self._publish_ring(self.vips[key])
+        self._save()
+
+    def set_down(self, key: str, address, down: bool) -> bool:
+        """Health state of one real; True when it changed. A down real leaves the ring and
+        the data plane moves its flows (REAL_F_DOWN)."""
+        r = self._real(key, address)
+        if r.down == down:
+            return False
+        r.down = down
+        self._write_real(r)
+        self._publish_ring(self.vips[key])
+        self._save()
+        return True
+
+    def _vip(self, key: str) -> VipState:
+        try:
+            return self.vips[key]
+        except KeyError:
+            raise TablesError(f"no VIP {key} (VIPs: {', '.join(self.vips) or 'none'})") from None
+
+    def _real(self, key: str, address) -> RealState:
+        vs = self._vip(key)
+        try:
+            return vs.reals[canon(address)]
+        except KeyError:
+            raise TablesError(f"VIP {key} has no real {address}") from None
+
+    def _write_real(self, r: RealState) -> None:
+        self._reals_map[ct.c_uint32(r.real_id)] = M.real_def(r.address, r.mac, r.down)
+
+    def _free_real(self, r: RealState) -> None:
+        # family 0 marks the id unused: flows still naming it are rescheduled.
+        self._reals_map[ct.c_uint32(r.real_id)] = M.RealDef()
+        self._free_real_ids.append(r.real_id)  # FIFO: an id is reused as late as possible
+
+    # ---------------------------------------------------------------- rings
+    def ring_for(self, vs: VipState):
+        live = [maglev.Backend(r.real_id, r.address, r.weight)
+                for r in vs.reals.values() if not r.down]
+        ring = maglev.build_ring(live, vs.ring_size)
+        if vs.all_down == "keep" and vs.reals and not any(b.weight for b in live) \
+                and vs.key in self._last_ring:
+            # Every real down (not merely drained): keep serving from the last ring
+            # rather than dropping everything, like keepalived's quorum-less default.
+            if any(r.down for r in vs.reals.values()):
+                return self._last_ring[vs.key]
+        return ring
+
+    def _publish_ring(self, vs: VipState) -> None:
+        ring = self.ring_for(vs)
+        new_slot = vs.slot ^ 1 if self._vip_present(vs) else vs.slot
+        slot_index = 2 * vs.vip_id + new_slot
+        base = slot_index * self.opts.ring_max
+        n = len(ring)
+        keys = (ct.c_uint32 * n)(*range(base, base + n))
+        vals = (ct.c_uint32 * n).from_buffer_copy(memoryview(ring).cast("B"))
+        self._rings_map.items_update_batch(keys, vals)
+        meta = M.VipMeta(vip_id=vs.vip_id, flags=vs.flags, ring_slot=slot_index, ring_size=n)
+        # One map update flips the VIP to the complete new ring.
+        self._vips_map[M.vip_key(vs.address, vs.port, vs.proto)] = meta
+        vs.slot = new_slot
+        self._last_ring[vs.key] = ring
+
+    def _vip_present(self, vs: VipState) -> bool:
+        try:
+            self._vips_map[M.vip_key(vs.address, vs.port, vs.proto)]
+            return True
+        except KeyError:
+            return False
+
+    def live_ring(self, key: str) -> list[int]:
+        vs = self._vip(key)
+        meta = self._vips_map[M.vip_key(vs.address, vs.port, vs.proto)]
+        base = meta.ring_slot * self.opts.ring_max
+        return [self._rings_map[ct.c_uint32(base + i)].value for i in range(meta.ring_size)]
+
+    # ---------------------------------------------------------------- stats
+    def _zero_counters(self, table, idx: int) -> None:
+        zero = table.Leaf()
+        table[ct.c_uint32(idx)] = (type(zero) * len(table[ct.c_uint32(idx)]))()
+
+    @staticmethod
+    def _sum(table, idx: int) -> dict[str, int]:
+        vals = table[ct.c_uint32(idx)]
+        return {f: sum(getattr(v, f) for v in vals) for f in ("packets", "bytes", "new_flows")}
+
+    def vip_counters(self, key: str) -> dict[str, int]:
+        return self._sum(self._stats_vip, self._vip(key).vip_id)
+
+    def real_counters(self, key: str, address) -> dict[str, int]:
+        return self._sum(self._stats_real, self._real(key, address).real_id)
+
+    def global_counters(self) -> dict[str, int]:
+        out = {}
+        for reason in M.StatReason:
+            vals = self._stats_global[ct.c_uint32(reason)]
+            out[reason.name.lower()] = sum(int(v) for v in vals)
+        return out
+
+    # ----------------------------------------------------------- conn table
+    def real_by_id(self) -> dict[int, tuple[str, str]]:
+        """real id -> (VIP key, real address)."""
+        return {r.real_id: (v.key, r.address) for v in self.vips.values()
+                for r in v.reals.values()}
+
+    def conn_entries(self, limit: int | None = None):
+        """Yield (client, cport, vip, vport, proto, real id) from the conn table."""
+        n = 0
+        for k, v in self.conns.items():
+            src, sport, dst, dport, proto = M.flow_tuple(k)
+            yield (str(src), sport, str(dst), dport, M.PROTO_NAME.get(proto, str(proto)),
+                   v.real_id)
+            n += 1
+            if limit is not None and n >= limit:
+                return
+
+    def install_conn(self, src, sport, dst, dport, proto, real_id: int, vip_id: int,
+                     now_ns: int) -> None:
+        self.conns[M.flow_key(src, sport, dst, dport, proto)] = M.ConnVal(
+            real_id=real_id, vip_id=vip_id, last_seen_ns=now_ns)
+
+    def conn_count(self) -> int:
+        return sum(1 for _ in self.conns.keys())
+
+
+def coarse_now_ns() -> int:
+    """The clock bpf_ktime_get_coarse_ns reads (CLOCK_MONOTONIC_COARSE)."""
+    return int(os.clock_gettime(6) * 1e9)
+
+
+__all__ = ["ServiceTables", "TablesError", "VipState", "RealState", "coarse_now_ns", "socket"]
