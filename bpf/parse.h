@@ -35,12 +35,16 @@ struct packet {
 };
 
 static __always_inline int parse_ports(void *l4, void *data_end, __u8 proto,
-                                       __be16 *sport, __be16 *dport)
+                                       __be16 *sport, __be16 *dport, int ports_only)
 {
-    /* TCP and UDP both start with the two ports. */
+    /* TCP and UDP both start with the two ports. An ICMP error quotes only the
+     * first 8 bytes of the transport header (RFC 792), so there ports suffice. */
     if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
         return P_OTHER_L4;
-    if (proto == IPPROTO_TCP) {
+    if (ports_only) {
+        if (l4 + 4 > data_end)
+            return P_BAD_L4;
+    } else if (proto == IPPROTO_TCP) {
         if (l4 + sizeof(struct tcphdr) > data_end)
             return P_BAD_L4;
     } else if (l4 + sizeof(struct udphdr) > data_end) {
@@ -67,7 +71,7 @@ static __always_inline int parse_icmp4_inner(void *icmp, void *data_end, struct 
     if (in->ihl != 5)
         return P_OTHER_L4;
     __be16 sport, dport;
-    int rc = parse_ports((void *)(in + 1), data_end, in->protocol, &sport, &dport);
+    int rc = parse_ports((void *)(in + 1), data_end, in->protocol, &sport, &dport, 1);
     if (rc != P_OK)
         return rc;
     __builtin_memset(&p->key, 0, sizeof(p->key));
@@ -92,7 +96,7 @@ static __always_inline int parse_icmp6_inner(void *icmp, void *data_end, struct 
     if ((void *)(in + 1) > data_end)
         return P_BAD_L4;
     __be16 sport, dport;
-    int rc = parse_ports((void *)(in + 1), data_end, in->nexthdr, &sport, &dport);
+    int rc = parse_ports((void *)(in + 1), data_end, in->nexthdr, &sport, &dport, 1);
     if (rc != P_OK)
         return rc;
     __builtin_memcpy(p->key.src, &in->daddr, 16);
@@ -128,7 +132,7 @@ static __always_inline int parse_ipv4(void *l3, void *data_end, struct packet *p
         return P_FRAGMENT;
     if (iph->protocol == IPPROTO_ICMP)
         return parse_icmp4_inner((void *)(iph + 1), data_end, p);
-    return parse_ports((void *)(iph + 1), data_end, iph->protocol, &p->key.sport, &p->key.dport);
+    return parse_ports((void *)(iph + 1), data_end, iph->protocol, &p->key.sport, &p->key.dport, 0);
 }
 
 static __always_inline int parse_ipv6(void *l3, void *data_end, struct packet *p)
@@ -151,7 +155,7 @@ static __always_inline int parse_ipv6(void *l3, void *data_end, struct packet *p
     case IPPROTO_TCP:
     case IPPROTO_UDP:
         return parse_ports((void *)(ip6 + 1), data_end, ip6->nexthdr,
-                           &p->key.sport, &p->key.dport);
+                           &p->key.sport, &p->key.dport, 0);
     case IPPROTO_ICMPV6:
         return parse_icmp6_inner((void *)(ip6 + 1), data_end, p);
     case 0: case 43: case 44: case 50: case 51: case 60: case 135: case 139: case 140:

@@ -286,6 +286,10 @@ class ServiceTables:
     def real_counters(self, key: str, address) -> dict[str, int]:
         return self._sum(self._stats_real, self._real(key, address).real_id)
 
+    def reset_global_counters(self) -> None:
+        for reason in M.StatReason:
+            self._zero_counters(self._stats_global, int(reason))
+
     def global_counters(self) -> dict[str, int]:
         out = {}
         for reason in M.StatReason:
