@@ -1,0 +1,86 @@
+"""Helpers shared by the benches: run metadata, plain-text and Markdown tables, JSON output.
+
+Pure Python, no BPF and no root: the unit tests import this directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def command_line(argv: list[str] | None = None, executable: str | None = None) -> str:
+    """The command that ran this bench, as one could paste it from the repository root."""
+    argv = list(sys.argv if argv is None else argv)
+    exe = Path(executable or sys.executable)
+    parts = []
+    for p in [str(exe)] + argv:
+        path = Path(p)
+        if path.is_absolute():
+            try:
+                p = str(path.relative_to(ROOT))
+            except ValueError:
+                pass
+        parts.append(p)
+    return shlex.join(parts)
+
+
+def run_meta(quick: bool, argv: list[str] | None = None) -> dict:
+    """kernel, command, quick, timestamp: the keys every bench's JSON carries."""
+    return {
+        "kernel": platform.release(),
+        "command": command_line(argv),
+        "quick": bool(quick),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _cells(rows) -> list[list[str]]:
+    return [[str(c) for c in r] for r in rows]
+
+
+def text_table(headers: list[str], rows, right: set[int] | None = None) -> str:
+    """A fixed-width table; columns in `right` (indices) are right-aligned."""
+    right = set(range(1, len(headers))) if right is None else right
+    body = _cells(rows)
+    widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    out = [line(headers), line(["-" * w for w in widths])]
+    out += [line(r) for r in body]
+    return "\n".join(out)
+
+
+def markdown_table(headers: list[str], rows, right: set[int] | None = None) -> str:
+    right = set(range(1, len(headers))) if right is None else right
+    sep = ["---:" if i in right else "---" for i in range(len(headers))]
+    out = ["| " + " | ".join(headers) + " |", "| " + " | ".join(sep) + " |"]
+    out += ["| " + " | ".join(r) + " |" for r in _cells(rows)]
+    return "\n".join(out)
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """Write `data` as indented JSON, atomically (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text if text.endswith("\n") else text + "\n")
+    os.replace(tmp, path)

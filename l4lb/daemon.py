@@ -1,0 +1,389 @@
+"""`l4lb start`: one balancer node in one asyncio loop.
+
+Loads the data plane (pinned maps: a restarted daemon reattaches and keeps the
+conn table), programs VIPs and reals from the config, health-checks the reals,
+and serves the local API and the metrics endpoint. VRRP, when configured, decides
+whether this node holds the VIPs; without it the node holds them itself.
+
+Every change, from the API or a reload, is a new validated Config handed to
+`apply()`, which diffs it into the maps; an invalid change is refused whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+from l4lb import netutil
+from l4lb.config import Config, ConfigError, check_system, config_from_dict, config_to_dict, \
+    load_config
+from l4lb.dataplane import loader
+from l4lb.dataplane import maps as M
+from l4lb.dataplane.tables import ServiceTables, TablesError
+from l4lb.health import HealthChecker
+
+log = logging.getLogger("l4lb")
+NO_MAC = "00:00:00:00:00:00"
+STATE_ROOT = "/run/l4lb"
+
+
+class DaemonError(Exception):
+    pass
+
+
+def build_options(cfg: Config) -> loader.BuildOptions:
+    ring_max = max([65537] + [v.ring_size for v in cfg.vips])
+    return loader.BuildOptions(conn_table_size=cfg.node.conn_table_size, ring_max=ring_max,
+                               pin_dir=pin_dir(cfg, ring_max))
+
+
+def pin_dir(cfg: Config, ring_max: int = 65537) -> str:
+    # Sizes are part of the path: a pinned map of another size is another layout.
+    base = loader.pin_dir_for(cfg.node.pin_path, cfg.node.name)
+    return f"{base}-r{ring_max}-c{cfg.node.conn_table_size}"
+
+
+def state_dir(cfg: Config) -> Path:
+    return Path(STATE_ROOT) / cfg.node.name
+
+
+def sd_notify(msg: str) -> None:
+    """systemd Type=notify readiness (no-op outside systemd)."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(addr)
+            s.sendall(msg.encode())
+        except OSError as e:
+            log.warning("sd_notify failed: %s", e)
+
+
+class Daemon:
+    def __init__(self, cfg: Config, config_path: str | None = None):
+        self.cfg = cfg
+        self.config_path = config_path
+        self.started = time.time()
+        self.prog: loader.Program | None = None
+        self.tables: ServiceTables | None = None
+        self.health = HealthChecker(self._on_health)
+        self.macs: dict[str, str] = {}
+        self.stop_event = asyncio.Event()
+        self.full_stop = False  # `l4lb stop`: detach and remove pins too
+        self.held_vips: set[str] = set()
+        self.vrrp = []  # VrrpAgent instances
+        self.sync = None
+        self.metrics_server = None
+        self.api_server = None
+        self.reloads = 0
+        self._lock = asyncio.Lock()
+
+    # ------------------------------------------------------------ lifecycle
+    async def run(self) -> int:
+        if self.cfg.node.pin_path.startswith(loader.BPFFS + "/"):
+            loader.ensure_bpffs()  # a fresh host often has none mounted
+        errs = check_system(self.cfg)
+        if errs:
+            raise DaemonError("; ".join(errs))
+        opts = build_options(self.cfg)
+        sdir = state_dir(self.cfg)
+        sdir.mkdir(parents=True, exist_ok=True)
+        reattach = Path(opts.pin_dir).exists() and (sdir / "tables.json").exists()
+        # Sockets first: a port in use fails the start before anything is attached.
+        from l4lb import api, metrics  # noqa: PLC0415 - keep import of prometheus lazy
+        self.api_server = await api.serve(self)
+        if self.cfg.metrics.enabled:
+            try:
+                self.metrics_server = await metrics.serve(self)
+            except RuntimeError:
+                self.api_server.close()
+                Path(self.cfg.node.api_socket).unlink(missing_ok=True)
+                raise
+        log.info("compiling the XDP program (%s)", "reattaching to pinned maps" if reattach
+                 else "fresh maps")
+        self.prog = await asyncio.to_thread(loader.compile_balancer, opts)
+        self.tables = ServiceTables(self.prog, opts, state_file=str(sdir / "tables.json"))
+        await self._set_dp_config()
+        await self.apply(self.cfg, initial=True)
+        for ifname in self.cfg.node.interfaces:
+            self.prog.attach(ifname, self.cfg.node.xdp_mode)
+            log.info("XDP attached to %s (%s mode)", ifname, self.cfg.node.xdp_mode)
+        await self._start_ha()
+        if not self.vrrp:
+            await self._hold_vips(True)
+        tasks = [asyncio.create_task(self._resolver_loop())]
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGINT, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        sd_notify("READY=1")
+        log.info("l4lb %s ready: %d VIPs on %s", self.cfg.node.name, len(self.cfg.vips),
+                 ",".join(self.cfg.node.interfaces))
+        await self.stop_event.wait()
+        sd_notify("STOPPING=1")
+        for t in tasks:
+            t.cancel()
+        await self.shutdown()
+        return 0
+
+    async def _start_ha(self) -> None:
+        """VRRP and sync, when configured (wired by their modules)."""
+        if self.cfg.vrrp:
+            from l4lb.vrrp.agent import VrrpAgent  # noqa: PLC0415
+            for inst in self.cfg.vrrp:
+                agent = VrrpAgent(inst, on_state=self._on_vrrp_state)
+                self.vrrp.append(agent)
+                await agent.start()
+
+    def _on_vrrp_state(self, old, new) -> None:
+        log.info("vrrp: %s -> %s", old, new)
+
+    async def shutdown(self) -> None:
+        self.health.stop()
+        for agent in self.vrrp:
+            try:
+                await agent.stop(graceful=True)
+            except Exception as e:  # noqa: BLE001 - stopping anyway
+                log.warning("vrrp stop: %s", e)
+        if self.api_server:
+            self.api_server.close()
+            Path(self.cfg.node.api_socket).unlink(missing_ok=True)
+        if self.metrics_server:
+            self.metrics_server.close()
+        if self.full_stop:
+            await self._hold_vips(False)
+            for ifname in self.cfg.node.interfaces:
+                loader.detach_xdp(ifname)
+            loader.remove_pins(self.tables.opts.pin_dir if self.tables else pin_dir(self.cfg))
+            for f in state_dir(self.cfg).glob("*"):
+                f.unlink()
+            log.info("stopped: XDP detached, pins and VIP addresses removed")
+        else:
+            # SIGTERM (restart, upgrade): the XDP program keeps forwarding from the
+            # pinned maps until the next `l4lb start` takes over.
+            log.info("stopped; XDP stays attached and pinned (use `l4lb stop` to remove it)")
+        if self.prog:
+            self.prog.close()
+
+    # ---------------------------------------------------------- the program
+    async def _set_dp_config(self) -> None:
+        src4 = src6 = None
+        for ifname in self.cfg.node.interfaces:
+            for ip in await asyncio.to_thread(netutil.iface_addresses, ifname):
+                if ip.version == 4 and not src4:
+                    src4 = str(ip)
+                if ip.version == 6 and not src6:
+                    src6 = str(ip)
+        self.tables.set_config(tun_src4=src4, tun_src6=src6,
+                               flow_events=self.cfg.sync.enabled,
+                               conn_timeout_s=self.cfg.node.conn_timeout_s)
+
+    def _mac_for(self, real) -> str:
+        if real.mac:
+            return real.mac
+        return self.macs.get(str(real.address), NO_MAC)
+
+    async def _resolve_macs(self, cfg: Config) -> None:
+        todo = {str(r.address) for v in cfg.vips for r in v.reals if not r.mac}
+        todo -= {a for a, m in self.macs.items() if m != NO_MAC}
+        if not todo:
+            return
+        results = await asyncio.gather(*(asyncio.to_thread(netutil.resolve_mac, a, 1.0)
+                                         for a in todo))
+        for addr, mac in zip(todo, results):
+            if mac:
+                self.macs[addr] = mac
+            else:
+                log.warning("cannot resolve the MAC of real %s: it stays out of the ring until "
+                            "it answers ARP/ND (or set vip.real.mac)", addr)
+
+    async def apply(self, cfg: Config, initial: bool = False) -> None:
+        """Make the maps match `cfg` (validated already)."""
+        async with self._lock:
+            await self._resolve_macs(cfg)
+            t = self.tables
+            want = {v.key: v for v in cfg.vips}
+            for key in list(t.vips):
+                if key not in want:
+                    t.delete_vip(key)
+                    log.info("VIP %s removed", key)
+            for key, v in want.items():
+                t.upsert_vip(v.address, v.port, v.protocol, mode=v.mode, hash=v.hash,
+                             ring_size=v.ring_size, all_down=v.all_down)
+                t.set_reals(key, [(r.address, self._mac_for(r), r.weight) for r in v.reals])
+            old_vips = {str(v.address) for v in self.cfg.vips}
+            self.cfg = cfg
+            self.health.sync({(v.key, str(r.address)): r.healthcheck
+                              for v in cfg.vips for r in v.reals})
+            self._refresh_down()
+            if not self.vrrp and not initial:
+                now = {str(v.address) for v in cfg.vips}
+                for a in old_vips - now:
+                    await self._hold_vip(a, False)
+                await self._hold_vips(True)
+
+    def _refresh_down(self) -> None:
+        for v in self.cfg.vips:
+            for r in v.reals:
+                down = not self.health.is_up(v.key, str(r.address)) or \
+                    self._mac_for(r) == NO_MAC
+                self.tables.set_down(v.key, r.address, down)
+
+    async def _on_health(self, vip: str, real: str, up: bool, detail: str) -> None:
+        async with self._lock:
+            try:
+                r = self.cfg.vip_by_key(vip).real_by_address(real)
+            except KeyError:
+                return
+            self.tables.set_down(vip, real, (not up) or self._mac_for(r) == NO_MAC)
+
+    async def _resolver_loop(self) -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            missing = [r for v in self.cfg.vips for r in v.reals if self._mac_for(r) == NO_MAC]
+            if missing:
+                await self.apply(self.cfg)
+
+    # ----------------------------------------------------------------- VIPs
+    def _vip_iface(self) -> str:
+        return self.cfg.node.interfaces[0]
+
+    # pyroute2's IPRoute runs its own event loop: call it from a thread.
+    async def _hold_vip(self, addr: str, hold: bool) -> None:
+        if hold:
+            await asyncio.to_thread(netutil.add_address, self._vip_iface(), addr)
+            self.held_vips.add(addr)
+        else:
+            await asyncio.to_thread(netutil.del_address, self._vip_iface(), addr)
+            self.held_vips.discard(addr)
+
+    async def _hold_vips(self, hold: bool) -> None:
+        for addr in {str(v.address) for v in self.cfg.vips} | set(self.held_vips):
+            await self._hold_vip(addr, hold)
+
+    # ------------------------------------------------------- runtime change
+    async def change(self, mutate) -> Config:
+        """Apply `mutate(dict)` to the running config; refuse it whole if invalid."""
+        data = copy.deepcopy(config_to_dict(self.cfg))
+        mutate(data)
+        cfg = config_from_dict(data, source="api")
+        errs = check_system(cfg)
+        if errs:
+            raise ConfigError(errs)
+        await self.apply(cfg)
+        return cfg
+
+    async def reload(self) -> dict:
+        if not self.config_path:
+            raise ConfigError(["no config file to reload (started without -c)"])
+        cfg = load_config(self.config_path)  # raises ConfigError: nothing applied
+        errs = check_system(cfg)
+        if errs:
+            raise ConfigError(errs)
+        if cfg.node != self.cfg.node:
+            raise ConfigError(["[node] changed: interfaces, XDP mode and table sizes need a "
+                               "restart (`systemctl restart l4lb`)"])
+        before = {v.key for v in self.cfg.vips}
+        await self.apply(cfg)
+        self.reloads += 1
+        after = {v.key for v in cfg.vips}
+        log.info("reloaded %s: +%d -%d VIPs", self.config_path, len(after - before),
+                 len(before - after))
+        return {"added": sorted(after - before), "removed": sorted(before - after),
+                "vips": len(after)}
+
+    # --------------------------------------------------------------- status
+    def status(self) -> dict:
+        t = self.tables
+        vips = []
+        for v in self.cfg.vips:
+            vs = t.vips.get(v.key)
+            reals = []
+            for r in v.reals:
+                rs = vs.reals.get(str(r.address)) if vs else None
+                chk = self.health.checks.get((v.key, str(r.address)))
+                reals.append({
+                    "address": str(r.address), "weight": r.weight,
+                    "mac": self._mac_for(r), "id": rs.real_id if rs else None,
+                    "up": self.health.is_up(v.key, str(r.address)),
+                    "in_ring": bool(rs and not rs.down and r.weight > 0),
+                    "health": r.healthcheck.type,
+                    "last_check": (chk.last.detail or "ok") if chk and chk.last else None,
+                })
+            vips.append({"vip": v.key, "mode": v.mode, "hash": v.hash,
+                         "ring_size": v.ring_size, "reals": reals})
+        return {
+            "node": self.cfg.node.name, "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 1),
+            "interfaces": list(self.cfg.node.interfaces), "xdp_mode": self.cfg.node.xdp_mode,
+            "pin_dir": t.opts.pin_dir, "held_vips": sorted(self.held_vips),
+            "vips": vips,
+            "vrrp": [a.status() for a in self.vrrp],
+            "sync": self.sync.status() if self.sync else None,
+            "config": self.config_path, "reloads": self.reloads,
+        }
+
+    def stats(self) -> dict:
+        t = self.tables
+        out = []
+        for v in self.cfg.vips:
+            if v.key not in t.vips:
+                continue
+            reals = [dict(address=str(r.address), **t.real_counters(v.key, r.address))
+                     for r in v.reals]
+            out.append(dict(vip=v.key, **t.vip_counters(v.key), reals=reals))
+        return {"vips": out, "global": t.global_counters(), "time": time.time()}
+
+    def conns(self, vip: str | None, limit: int) -> list[dict]:
+        names = self.tables.real_by_id()
+        out = []
+        want = None
+        if vip:
+            v = self.cfg.vip_by_key(vip)
+            want = (str(v.address), v.port, v.protocol)
+        for src, sport, dst, dport, proto, rid in self.tables.conn_entries():
+            if want and (dst, dport if want[1] else 0, proto) != (want[0], want[1], want[2]):
+                continue
+            vkey, real = names.get(rid, ("?", f"id {rid}"))
+            out.append({"client": src, "cport": sport, "vip": dst, "vport": dport,
+                        "proto": proto, "real": real})
+            if len(out) >= limit:
+                break
+        return out
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def offline_stop(cfg: Config) -> list[str]:
+    """`l4lb stop` when no daemon answers: detach XDP, remove VIPs, pins and state."""
+    done = []
+    for ifname in cfg.node.interfaces:
+        loader.detach_xdp(ifname)
+        done.append(f"XDP detached from {ifname}")
+        for v in cfg.vips:
+            if netutil.del_address(ifname, v.address):
+                done.append(f"VIP {v.address} removed from {ifname}")
+    pd = pin_dir(cfg, max([65537] + [v.ring_size for v in cfg.vips]))
+    if Path(pd).exists():
+        loader.remove_pins(pd)
+        done.append(f"pins removed: {pd}")
+    sdir = state_dir(cfg)
+    for f in sdir.glob("*"):
+        f.unlink()
+    return done
+
+
+__all__ = ["Daemon", "DaemonError", "ConfigError", "TablesError", "M", "configure_logging",
+           "offline_stop"]

@@ -1,0 +1,441 @@
+"""Maglev consistent hashing: a VIP's weighted reals -> its lookup table (ring).
+
+Maglev (Eisenbud et al., NSDI 2016, section 3.4): every real has its own
+permutation of the M ring slots, ``slot(p) = (offset + p * skip) mod M`` with M
+prime, and the reals take turns claiming their most preferred free slot until
+the ring is full.  Each real ends up with its share of the slots, and a change
+of the real set moves few of them, so most flows keep their real even on a node
+that has no conn-table entry for them (e.g. the standby after a failover).
+
+The ring must be byte-identical on every node given the same config, whatever
+ids the reals got there and whatever order they are listed in.  So everything
+that decides the table -- the permutations, the turn order, the tie-breaks --
+depends only on each real's ``key`` (its address) and ``weight``; ids are only
+written into the finished table.  The hash is BLAKE2b, never ``hash()``, which
+is salted per process.
+
+How the table is filled (the specification both implementations follow):
+
+1. Reals with weight 0 are left out (draining: no new flows).  The others are
+   ranked by key.
+2. Turns: real i's k-th turn (k = 0, 1, ...) comes at time
+   ``(k + 1/2) / weight_i``; turns are ordered by (time, rank) and the first M
+   are dealt out, one per slot.  With equal weights this is Maglev's round
+   robin; with weights, a real of twice the weight takes turns twice as often,
+   evenly spread, and gets its share to within about one slot (Sainte-Lague).
+   A turn's time depends on its own real's weight only, so adding, removing or
+   reweighting one real leaves the order of everybody else's turns alone.
+3. Filling, in rounds: every real with r turns still unserved proposes its r
+   most preferred free slots; a slot proposed by several reals goes to the
+   proposal with the earliest turn (a real's j-th proposal carries its j-th
+   unserved turn); reals with turns left propose again in the next round,
+   until every turn is served.
+
+Step 3 is Maglev's fill done in parallel rounds rather than one turn at a time,
+which is what lets numpy fill a ring in about a dozen rounds of array
+operations instead of ~M Python steps.  Its tables differ from strictly
+sequential Maglev's but have the same shares and about the same churn: at
+M=65537, removing 1 of 100 equal reals moves ~1.6% of the slots (sequential
+Maglev: ~1.5%; the floor is 1%), removing 1 of 1000 ~0.8% (0.7%; floor 0.1%).
+
+``_fill_numpy`` is the fast path; ``_fill_python`` is the readable reference,
+used when numpy is not installed.  They give identical tables (the tests check),
+so nodes with and without numpy still agree.
+"""
+
+from __future__ import annotations
+
+import array
+import functools
+import hashlib
+import operator
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+try:
+    import numpy as np
+except ImportError:  # pragma: no cover - exercised only where numpy is missing
+    np = None
+
+__all__ = [
+    "DEFAULT_RING_SIZE",
+    "MAX_REAL_ID",
+    "MAX_RING_SIZE",
+    "MAX_WEIGHT",
+    "NO_REAL",
+    "Backend",
+    "build_ring",
+    "ring_changes",
+    "ring_shares",
+]
+
+DEFAULT_RING_SIZE = 65537
+MAX_RING_SIZE = 1 << 24  # 64 MiB of uint32 per VIP is already far more than a BPF map wants
+NO_REAL = 0  # ring entry meaning "no real": real ids start at 1
+MAX_WEIGHT = 65535
+MAX_REAL_ID = 0xFFFFFFFF  # ids are stored as uint32
+
+# Largest combined turn priority the numpy path packs into int64 (a constant so
+# that the tests can force the other branch).
+_PRIO_LIMIT = 1 << 62
+# Personalisation of the key hash.  Part of the table's definition, like the
+# fill algorithm: change either and every node must be upgraded together.
+_HASH_PERSON = b"l4lb-maglev-v1"
+
+if array.array("I").itemsize != 4:  # pragma: no cover - true on every Linux ABI
+    raise ImportError("l4lb.maglev needs array typecode 'I' to be 32 bits")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One real as Maglev sees it.
+
+    ``key`` is the real's identity for hashing (its address, spelled the same
+    on every node); ``id`` is what the ring stores (>= 1); ``weight`` is
+    0..65535, 0 meaning drain.
+    """
+
+    id: int
+    key: str
+    weight: int
+
+
+def build_ring(backends: Sequence[Backend], size: int = DEFAULT_RING_SIZE) -> array.array:
+    """Return the Maglev table: ``array('I')`` of ``size`` real ids.
+
+    Reals with weight 0 get no entries; if no real has a positive weight every
+    entry is NO_REAL.  Raises ValueError on a non-prime size, a weight outside
+    0..65535, an id outside 1..2**32-1, a duplicate key or id, or more live
+    reals than slots.
+    """
+    live = _validate(backends, size)
+    if not live:
+        return array.array("I", bytes(4 * size))
+    perms = [_permutation(key, size) for key, _, _ in live]
+    weights = [w for _, _, w in live]
+    ids = [rid for _, rid, _ in live]
+    if np is not None:
+        owner = _fill_numpy(perms, weights, size)
+        return array.array("I", np.asarray(ids, dtype=np.uint32)[owner].tobytes())
+    owner = _fill_python(perms, weights, size)
+    return array.array("I", [ids[i] for i in owner])
+
+
+def ring_changes(old: Sequence[int], new: Sequence[int]) -> int:
+    """Number of entries that differ between two rings of the same size."""
+    if len(old) != len(new):
+        raise ValueError(f"rings differ in size: {len(old)} vs {len(new)}")
+    if np is not None:
+        return int(np.count_nonzero(np.asarray(old) != np.asarray(new)))
+    return sum(1 for a, b in zip(old, new, strict=True) if a != b)
+
+
+def ring_shares(ring: Iterable[int]) -> dict[int, int]:
+    """Entries per id (NO_REAL included if present), in ascending id order."""
+    return dict(sorted(Counter(ring).items()))
+
+
+# --------------------------------------------------------------- validation
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    f = 3
+    while f * f <= n:  # n <= 2**24: at most ~2000 divisions
+        if n % f == 0:
+            return False
+        f += 2
+    return True
+
+
+def _as_int(value: object, what: str) -> int:
+    if type(value) is int:  # the common case, fast
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be an integer, not {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{what} must be an integer, not {value!r}") from None
+
+
+def _validate(backends: Sequence[Backend], size: int) -> list[tuple[str, int, int]]:
+    """Check the input; return (key, id, weight) of reals with weight > 0, by key."""
+    size = _as_int(size, "ring size")
+    if not 2 <= size <= MAX_RING_SIZE or not _is_prime(size):
+        raise ValueError(f"ring size {size} is not a prime number in 2..{MAX_RING_SIZE}")
+    keys: set[str] = set()
+    ids: set[int] = set()
+    live = []
+    for b in backends:
+        key = b.key
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"real key must be a non-empty string, not {key!r}")
+        rid = _as_int(b.id, f"id of real {key!r}")
+        weight = _as_int(b.weight, f"weight of real {key!r}")
+        if not 1 <= rid <= MAX_REAL_ID:
+            raise ValueError(f"real {key!r}: id {rid} out of range 1..{MAX_REAL_ID}")
+        if not 0 <= weight <= MAX_WEIGHT:
+            raise ValueError(f"real {key!r}: weight {weight} out of range 0..{MAX_WEIGHT}")
+        if key in keys:
+            raise ValueError(f"duplicate real key {key!r}")
+        if rid in ids:
+            raise ValueError(f"duplicate real id {rid} (real {key!r})")
+        keys.add(key)
+        ids.add(rid)
+        if weight:
+            live.append((key, rid, weight))
+    if len(live) > size:
+        raise ValueError(f"{len(live)} reals with weight > 0 do not fit a ring of size {size}")
+    live.sort()  # keys are unique, so this is by key alone
+    return live
+
+
+# ---------------------------------------------------- permutations and turns
+
+
+@functools.lru_cache(maxsize=1 << 16)  # rebuilds mostly see the same reals again
+def _permutation(key: str, size: int) -> tuple[int, int]:
+    """(offset, skip) of a real's permutation, from its key alone.
+
+    One 16-byte BLAKE2b digest gives two independent 64-bit numbers.  skip is in
+    1..size-1, hence coprime with the prime size: the walk visits every slot.
+    """
+    raw = hashlib.blake2b(
+        key.encode("utf-8", "surrogatepass"), digest_size=16, person=_HASH_PERSON
+    ).digest()
+    offset = int.from_bytes(raw[:8], "big") % size
+    skip = int.from_bytes(raw[8:], "big") % (size - 1) + 1 if size > 2 else 1
+    return offset, skip
+
+
+# Turn order (step 2).  The time of real i's k-th turn, (2k+1) / (2 w_i), is
+# compared exactly as the integer (2k+1) * wmax**2 // w_i: two different times
+# differ by at least 1 / (2 wmax**2), so the floors keep them apart, and equal
+# times give equal keys (then rank decides).  Floats would not be exact here.
+# Real i can hold at most (size + n) * w_i / sum(w) + 1 of the first `size`
+# turns, so that many candidates (+1 spare) are generated per real.
+
+
+def _turn_candidates(weights: Sequence[int], size: int) -> list[int]:
+    total = sum(weights)
+    return [(size + len(weights)) * w // total + 2 for w in weights]
+
+
+def _turn_order_python(weights: Sequence[int], size: int) -> list[int]:
+    """The real (rank) taking each of the first ``size`` turns, in order."""
+    wmax2 = max(weights) ** 2
+    turns = [
+        ((2 * k + 1) * wmax2 // w, i)
+        for i, (w, c) in enumerate(zip(weights, _turn_candidates(weights, size), strict=True))
+        for k in range(c)
+    ]
+    turns.sort()
+    return [i for _, i in turns[:size]]
+
+
+def _turn_order_numpy(weights: Sequence[int], size: int):
+    """The same order as _turn_order_python, as (turns, prio, first).
+
+    ``turns[i]`` is real i's number of turns; ``prio[first[i] + k]`` orders
+    real i's k-th turn among all turns (lower is earlier).  It is not the
+    turn's position, which would cost a full sort, but it compares the same.
+    """
+    n = len(weights)
+    w = np.asarray(weights, dtype=np.int64)
+    count = np.asarray(_turn_candidates(weights, size), dtype=np.int64)
+    first = np.cumsum(count) - count
+    real = np.repeat(np.arange(n, dtype=np.int64), count)
+    k = np.arange(real.size, dtype=np.int64) - np.repeat(first, count)
+    key = (2 * k + 1) * (int(w.max()) ** 2) // w[real]  # < 2**58: exact in int64
+    if int(key.max()) < _PRIO_LIMIT // n:
+        prio = key * n + real  # (time, rank) as one unique integer
+    else:  # huge rings with extreme weights: rank the keys instead
+        order = np.argsort(key, kind="stable")  # candidates are in rank order
+        prio = np.empty(real.size, dtype=np.int64)
+        prio[order] = np.arange(real.size, dtype=np.int64)
+    last = np.partition(prio, size - 1)[size - 1]  # the size-th turn
+    turns = np.bincount(real[prio <= last], minlength=n)
+    return turns, prio, first
+
+
+# ---------------------------------------------------- pure-Python reference
+
+
+def _fill_python(perms: Sequence[tuple[int, int]], weights: Sequence[int], size: int) -> list[int]:
+    """Reference implementation of the fill (step 3 of the module docstring).
+
+    Returns, per slot, the rank of the real owning it.
+    """
+    n = len(perms)
+    turn_no: list[list[int]] = [[] for _ in range(n)]  # real -> its turns' positions
+    for t, i in enumerate(_turn_order_python(weights, size)):
+        turn_no[i].append(t)
+    owner = [-1] * size
+    nxt = [0] * n  # next permutation position to look at; all before it are taken
+    served = [0] * n
+    pending = [i for i in range(n) if turn_no[i]]
+    while pending:
+        best: dict[int, tuple[int, int]] = {}  # slot -> (turn, real) of the best proposal
+        for i in pending:
+            offset, skip = perms[i]
+            pos = nxt[i]
+            slot = (offset + pos * skip) % size
+            turns, base = turn_no[i], served[i]
+            need, found = len(turns) - base, 0
+            while found < need:
+                if owner[slot] < 0:
+                    t = turns[base + found]
+                    cur = best.get(slot)
+                    if cur is None or t < cur[0]:
+                        best[slot] = (t, i)
+                    found += 1
+                pos += 1
+                slot += skip
+                if slot >= size:
+                    slot -= size
+            # Every proposed slot is taken by somebody this round, so all the
+            # positions walked so far are taken.
+            nxt[i] = pos
+        for slot, (_, i) in best.items():
+            owner[slot] = i
+            served[i] += 1
+        pending = [i for i in pending if served[i] < len(turn_no[i])]
+    return owner
+
+
+# --------------------------------------------------------------- numpy path
+
+
+def _fill_numpy(perms: Sequence[tuple[int, int]], weights: Sequence[int], size: int):
+    """Same result as _fill_python, one array pass per round of proposals."""
+    m = size
+    n = len(perms)
+    offset = np.asarray([p[0] for p in perms], dtype=np.int64)
+    skip = np.asarray([p[1] for p in perms], dtype=np.int64)
+    # skip**-1 mod m maps a slot back to its position in a real's permutation
+    # (used once few slots are free).
+    inverse = np.asarray([pow(p[1], -1, m) if m > 2 else 1 for p in perms], dtype=np.int64)
+    turns, prio, first = _turn_order_numpy(weights, size)
+
+    owner = np.full(m, -1, dtype=np.int64)
+    taken = np.zeros(m, dtype=bool)
+    unset = np.iinfo(np.int64).max
+    best = np.full(m, unset, dtype=np.int64)  # per slot: earliest turn proposing it
+    nfree = m
+    nxt = np.zeros(n, dtype=np.int64)
+    served = np.zeros(n, dtype=np.int64)
+    pending = np.flatnonzero(turns)
+    while pending.size:
+        need = turns[pending] - served[pending]
+        # Walking costs ~need * m / nfree positions per real, inverting ~nfree.
+        if nfree * nfree <= int(need.mean() * m) + 16 * nfree:
+            real, slot, j, new_nxt = _propose_by_inverse(pending, need, offset, inverse, taken, m)
+        else:
+            real, slot, j, new_nxt = _propose_by_walk(
+                pending, need, nxt, offset, skip, taken, m, nfree
+            )
+        turn = prio[first[real] + served[real] + j]
+        np.minimum.at(best, slot, turn)  # earliest turn wins each slot
+        win = np.flatnonzero(best[slot] == turn)
+        best[slot] = unset
+        owner[slot[win]] = real[win]
+        taken[slot[win]] = True
+        nfree -= win.size
+        served += np.bincount(real[win], minlength=n)
+        nxt[pending] = new_nxt
+        pending = pending[served[pending] < turns[pending]]
+    return owner
+
+
+def _propose_by_walk(pending, need, nxt, offset, skip, taken, m, nfree):
+    """Each pending real's ``need`` most preferred free slots, found by walking
+    its permutation from ``nxt``.
+
+    Returns (real, slot, j, new_nxt): per proposal the real, the slot and its
+    index j among that real's proposals; per pending real the position after
+    its last proposal.
+    """
+    reals, slots, js = [], [], []
+    new_nxt = np.empty(pending.size, dtype=np.int64)
+    rows = np.arange(pending.size)  # pending reals not done yet
+    start = nxt[pending]
+    need = need.copy()
+    got = np.zeros(pending.size, dtype=np.int64)
+    while rows.size:
+        # Expect need * m / nfree positions to hold `need` free slots; add a
+        # margin so that few rows need a second go.  Rows are walked in groups
+        # of similar width (a power of two) so that one heavy real needing
+        # thousands of slots does not widen everybody's block.
+        width = np.minimum(need * m * 5 // (4 * nfree) + 16, m)
+        width = np.minimum(np.left_shift(1, np.ceil(np.log2(width)).astype(np.int64)), m)
+        next_rows, next_start, next_need, next_got = [], [], [], []
+        for w in np.unique(width).tolist():
+            sel = np.flatnonzero(width == w)
+            b = pending[rows[sel]]
+            row, slot, nth, count, end = _walk_block(
+                b, start[sel], need[sel], w, offset, skip, taken, m
+            )
+            reals.append(b[row])
+            slots.append(slot)
+            js.append(got[sel][row] + nth - 1)
+            new_nxt[rows[sel]] = end
+            short = count < need[sel]
+            next_rows.append(rows[sel][short])
+            next_start.append(end[short])
+            next_need.append((need[sel] - count)[short])
+            next_got.append((got[sel] + count)[short])
+        rows = np.concatenate(next_rows)
+        start = np.concatenate(next_start)
+        need = np.concatenate(next_need)
+        got = np.concatenate(next_got)
+    return np.concatenate(reals), np.concatenate(slots), np.concatenate(js), new_nxt
+
+
+def _walk_block(reals, start, need, width, offset, skip, taken, m):
+    """Look at ``width`` positions from ``start`` of each real's permutation.
+
+    Returns per hit (free slot within the real's first ``need``) its row, slot
+    and n-th (1-based); per row the hits and the position to continue from.
+    """
+    base = (offset[reals] + start * skip[reals]) % m
+    # uint32 is several times faster than int64 here; fall back if it could wrap.
+    dt = np.uint32 if m * (width + 1) < 1 << 32 else np.uint64
+    cand = (
+        base.astype(dt)[:, None] + np.arange(width, dtype=dt) * skip[reals].astype(dt)[:, None]
+    ) % dt(m)
+    free = ~np.take(taken, cand)
+    cum = free.cumsum(axis=1, dtype=np.int32)  # int32: 10x faster than int64 here
+    hit = np.flatnonzero(free & (cum <= need[:, None]))
+    row, col = np.divmod(hit, width)
+    count = np.minimum(cum[:, -1], need)
+    done = count == need
+    end = start + width
+    # A done row continues after its last hit: col of its count-th hit.
+    end[done] = start[done] + col[(np.cumsum(count) - 1)[done]] + 1
+    return row, cand.ravel()[hit].astype(np.int64), cum.ravel()[hit], count, end
+
+
+def _propose_by_inverse(pending, need, offset, inverse, taken, m):
+    """Same result as _propose_by_walk, computed from the free slots' side:
+    the position of every free slot in every pending real's permutation, then
+    the ``need`` smallest per real.  Cheaper once few slots are free (a walk
+    steps over ~m / nfree taken slots per hit).
+    """
+    free = np.flatnonzero(~taken)
+    # All slots before a real's nxt are taken, so these positions are >= nxt.
+    pos = (free[None, :] - offset[pending][:, None]) % m * inverse[pending][:, None] % m
+    width = int(need.max())  # <= free.size: there are as many free slots as unserved turns
+    if width == 1:
+        col = np.argmin(pos, axis=1)[:, None]
+    else:
+        col = np.argsort(pos, axis=1)[:, :width]
+    pos = np.take_along_axis(pos, col, axis=1)
+    hit = np.flatnonzero(np.arange(width)[None, :] < need[:, None])
+    row, j = np.divmod(hit, width)
+    new_nxt = pos[np.arange(pending.size), need - 1] + 1
+    return pending[row], free[col.ravel()[hit]], j, new_nxt

@@ -1,0 +1,717 @@
+"""Conn-table sync state machines (sans-I/O): no sockets, no asyncio, no clock.
+
+Every method takes ``now`` (float seconds) from the caller. Pass the same clock
+on both nodes, wall time (``time.time()``), so that the receiver's lag
+(``now`` minus the batch's creation time carried in the message) means
+something; timers here survive the clock stepping backwards (they fire early
+instead of stalling).
+
+Sender (one per node, whatever its role)::
+
+    s = Sender("lb1", key, now)          # role "backup": hello + heartbeats only
+    s.set_role("master", now)            # from VRRP; makes a full walk due
+    s.add_new_flows(entries, now)        # from the data plane's new-flow ring buffer
+    if s.full_due(now):
+        s.start_full(table_walk(), now)  # lazy iterable, pulled a few chunks per poll
+    for datagram in s.poll(now):
+        sock.sendto(datagram, peer)
+    # sleep until s.next_deadline(now), or until new flows arrive
+
+Receiver (one per node)::
+
+    r = Receiver(key, {"lb2"}, max_size)
+    for action in r.on_datagram(data, addr, now):
+        InstallEntries -> translate real addresses to local ids, update the conn table
+        PeerUp / PeerRole(role="backup") while master -> s.request_full()
+    for action in r.poll(now):           # PeerDown
+        ...
+
+Rejected datagrams give no action; ``r.counters[reason]`` counts them.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+
+from .codec import (
+    DEFAULT_MAX_PAYLOAD,
+    MAX_DATAGRAM,
+    MAX_SENDER_LEN,
+    REASONS,
+    ROLES,
+    Entries,
+    FullChunk,
+    Heartbeat,
+    Hello,
+    SyncDecodeError,
+    SyncEntry,
+    check_entry,
+    decode,
+    encode,
+    entry_capacity,
+    pack_entries,
+)
+
+__all__ = [
+    "MIN_KEY_LEN",
+    "REJECT_REASONS",
+    "Sender",
+    "Receiver",
+    "InstallEntries",
+    "PeerUp",
+    "PeerRole",
+    "PeerDown",
+    "Action",
+]
+
+MIN_KEY_LEN = 16
+#: Every key of Receiver.counters (reasons a datagram was rejected).
+REJECT_REASONS = (*REASONS, "unknown_peer", "replay")
+_U64 = 1 << 64
+
+
+def _check_key(key: bytes) -> bytes:
+    if not isinstance(key, (bytes, bytearray)) or len(key) < MIN_KEY_LEN:
+        raise ValueError(f"sync key must be at least {MIN_KEY_LEN} bytes")
+    return bytes(key)
+
+
+def _check_role(role: str) -> str:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+    return role
+
+
+# =========================================================================== sender
+
+
+class _FullWalk:
+    """A full-table walk in progress: pulls from the table iterator lazily."""
+
+    def __init__(self, full_id: int, it: Iterator, cap: int) -> None:
+        self.full_id = full_id
+        self.it = it
+        self.cap = cap  # most entries one chunk can hold (smallest record shape)
+        self.pending: list = []
+        self.exhausted = False
+        self.chunk = 0
+        self.entries = 0
+
+    def fill(self) -> None:
+        # One entry of lookahead so that the chunk carrying the table's last
+        # entry is flagged ``last`` (no empty trailing chunk).
+        need = self.cap + 1 - len(self.pending)
+        if need > 0 and not self.exhausted:
+            got = list(islice(self.it, need))
+            if len(got) < need:
+                self.exhausted = True
+            self.pending += got
+
+    def close(self) -> None:
+        close = getattr(self.it, "close", None)
+        if close is not None:
+            close()
+
+
+class Sender:
+    """Builds the datagrams a node sends: hello, heartbeats and (master) entries.
+
+    Incremental batches go out when ``max_batch_entries`` are buffered or the
+    oldest buffered entry is ``max_delay_s`` old. A full walk is sent in chunks,
+    at most ``full_chunks_per_poll`` per poll and ``full_rate`` chunks/s, always
+    after the poll's incremental batch, so the walk never delays new flows.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        key: bytes,
+        now: float,
+        max_batch_entries: int = 64,
+        max_delay_s: float = 0.005,
+        full_interval_s: float | None = 300.0,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        *,
+        heartbeat_interval_s: float = 1.0,
+        full_chunks_per_poll: int = 16,
+        full_rate: float | None = 2000.0,
+        role: str = "backup",
+        session: int | None = None,
+    ) -> None:
+        if type(node_id) is not str or not 0 < len(node_id.encode()) <= MAX_SENDER_LEN:
+            raise ValueError(f"node_id must be 1..{MAX_SENDER_LEN} UTF-8 bytes")
+        if not 256 <= max_payload <= MAX_DATAGRAM:
+            raise ValueError(f"max_payload must be 256..{MAX_DATAGRAM}")
+        if max_batch_entries < 1 or max_delay_s < 0 or heartbeat_interval_s <= 0:
+            raise ValueError("bad batching/heartbeat parameters")
+        if full_chunks_per_poll < 1 or (full_rate is not None and full_rate <= 0):
+            raise ValueError("bad full-walk pacing parameters")
+        self.node_id = node_id
+        self._key = _check_key(key)
+        self.max_batch_entries = max_batch_entries
+        self.max_delay_s = max_delay_s
+        self.full_interval_s = full_interval_s
+        self.max_payload = max_payload
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.full_chunks_per_poll = full_chunks_per_poll
+        self.full_rate = full_rate
+        self._role = _check_role(role)
+        self.session = secrets.randbits(64) if session is None else session
+        if not 0 <= self.session < _U64:
+            raise ValueError("session must be a uint64")
+        self._seq = 0
+        self._buf: list = []
+        self._buf_since: float | None = None
+        self._hello_pending = True
+        self._last_hb = now
+        self._walk: _FullWalk | None = None
+        self._full_id = 0
+        self._last_full_start: float | None = now if role == "master" else None
+        self._full_requested = role == "master"
+        self._tokens = float(full_chunks_per_poll)
+        self._tokens_at = now
+        self._cap = entry_capacity(max_payload, node_id)
+        self.stats = {
+            "messages": 0,
+            "bytes": 0,
+            "entries_messages": 0,
+            "entries": 0,
+            "full_messages": 0,
+            "full_entries": 0,
+            "full_started": 0,
+            "full_completed": 0,
+            "full_aborted": 0,
+            "hello": 0,
+            "heartbeat": 0,
+            "dropped_not_master": 0,
+            "invalid_entries": 0,
+            "full_failed": 0,
+        }
+        self.last_full_error: BaseException | None = None
+
+    # ----------------------------------------------------------------- role
+
+    @property
+    def role(self) -> str:
+        return self._role
+
+    def set_role(self, role: str, now: float) -> None:
+        """Follow VRRP. Becoming master makes a full walk due at once; becoming
+        backup drops buffered entries and aborts a walk in progress."""
+        role = _check_role(role)
+        if role == self._role:
+            return
+        self._role = role
+        self._hello_pending = True
+        if role == "master":
+            self._full_requested = True
+        else:
+            self.stats["dropped_not_master"] += len(self._buf)
+            self._buf = []
+            self._buf_since = None
+            self._full_requested = False
+            self._abort_walk()
+
+    # ----------------------------------------------------------------- incremental
+
+    def add_new_flows(self, entries: Iterable[SyncEntry], now: float) -> None:
+        """Buffer new flows (validated at send time; bad ones are counted and
+        dropped). Ignored unless master."""
+        if self._role != "master":
+            if not isinstance(entries, list):
+                entries = list(entries)
+            self.stats["dropped_not_master"] += len(entries)
+            return
+        before = len(self._buf)
+        self._buf.extend(entries)
+        if self._buf_since is None and len(self._buf) > before:
+            self._buf_since = now
+
+    @property
+    def pending_entries(self) -> int:
+        return len(self._buf)
+
+    # ----------------------------------------------------------------- full walk
+
+    def request_full(self) -> None:
+        """Make a full walk due now (e.g. the peer restarted or became backup).
+        A walk already in progress will be replaced by the next start_full."""
+        self._full_requested = True
+
+    def full_due(self, now: float) -> bool:
+        """True when the agent should call start_full (master only)."""
+        if self._role != "master":
+            return False
+        if self._full_requested:
+            return True
+        if self._walk is not None or self.full_interval_s is None:
+            return False
+        last = self._last_full_start
+        return last is None or now - last >= self.full_interval_s or now < last
+
+    @property
+    def full_in_progress(self) -> bool:
+        return self._walk is not None
+
+    def start_full(self, entries: Iterable[SyncEntry], now: float) -> int:
+        """Begin a full walk over ``entries`` (consumed lazily by poll, a few
+        chunks at a time: a generator over BPF batch lookups is fine). Replaces
+        a walk in progress. Returns the walk's full_id."""
+        if self._role != "master":
+            raise RuntimeError("start_full while not master")
+        self._abort_walk()
+        self._full_id = (self._full_id + 1) % _U64
+        self._walk = _FullWalk(self._full_id, iter(entries), self._cap)
+        self._full_requested = False
+        self._last_full_start = now
+        self.stats["full_started"] += 1
+        return self._full_id
+
+    def _abort_walk(self) -> None:
+        if self._walk is not None:
+            self._walk.close()
+            self._walk = None
+            self.stats["full_aborted"] += 1
+
+    # ----------------------------------------------------------------- output
+
+    def _next_seq(self) -> int:
+        self._seq += 1  # uint64: 584,000 years at a million messages/s
+        return self._seq
+
+    def _account(self, data: bytes, out: list[bytes]) -> None:
+        if len(data) > self.max_payload:  # a sizing bug, never expected
+            raise AssertionError(f"sync datagram {len(data)} > {self.max_payload}")
+        self.stats["messages"] += 1
+        self.stats["bytes"] += len(data)
+        out.append(data)
+
+    def _encode_batches(self, entries: list, make) -> list[bytes]:
+        """Encode ``entries`` split to fit, one ``make(batch)`` message each.
+        On an invalid entry, drops (and counts) the invalid ones and retries,
+        reusing the sequence numbers so the peer sees no gap."""
+        seq0 = self._seq
+        try:
+            return [
+                encode(make(b), self._key)
+                for b in pack_entries(entries, self.max_payload, self.node_id)
+            ]
+        except ValueError:
+            self._seq = seq0
+            good = [e for e in entries if check_entry(e)]
+            self.stats["invalid_entries"] += len(entries) - len(good)
+            entries[:] = good
+            return [
+                encode(make(b), self._key)
+                for b in pack_entries(entries, self.max_payload, self.node_id)
+            ]
+
+    def _flush_due(self, now: float) -> bool:
+        since = self._buf_since
+        return bool(self._buf) and (
+            len(self._buf) >= self.max_batch_entries
+            or now - since >= self.max_delay_s
+            or now < since
+        )
+
+    def _flush(self, out: list[bytes]) -> None:
+        buf, since = self._buf, self._buf_since
+        self._buf, self._buf_since = [], None
+        nid, sess = self.node_id, self.session
+        msgs = self._encode_batches(
+            buf, lambda b: Entries(nid, sess, self._next_seq(), since, b)
+        )  # drops invalid entries from buf
+        for data in msgs:
+            self._account(data, out)
+        self.stats["entries_messages"] += len(msgs)
+        self.stats["entries"] += len(buf)
+
+    def _refill_tokens(self, now: float) -> None:
+        burst = float(self.full_chunks_per_poll)
+        if self.full_rate is None:
+            self._tokens = burst
+        else:
+            dt = max(0.0, now - self._tokens_at)
+            self._tokens = min(burst, self._tokens + dt * self.full_rate)
+        self._tokens_at = now
+
+    def _full_chunks(self, now: float, out: list[bytes]) -> None:
+        self._refill_tokens(now)
+        nid, sess, mp = self.node_id, self.session, self.max_payload
+        while self._walk is not None and self._tokens >= 1.0:
+            walk = self._walk
+            try:
+                walk.fill()
+            except Exception as exc:  # the table walk broke (BPF error...): drop
+                # this walk, keep the incremental stream going; retried when due.
+                self.last_full_error = exc
+                self.stats["full_failed"] += 1
+                self._walk = None
+                walk.close()
+                break
+            head = walk.pending[: walk.cap]
+            seq0 = self._seq
+            try:
+                batch = pack_entries(head, mp, nid)[0] if head else head
+                last = walk.exhausted and len(walk.pending) == len(batch)
+                seq = self._next_seq()
+                msg = FullChunk(nid, sess, seq, now, walk.full_id, walk.chunk, last, batch)
+                data = encode(msg, self._key)
+            except ValueError:  # an invalid entry: drop those in head, try again
+                self._seq = seq0
+                good = [e for e in head if check_entry(e)]
+                if len(good) == len(head):
+                    raise
+                self.stats["invalid_entries"] += len(head) - len(good)
+                walk.pending[: len(head)] = good
+                continue
+            self._account(data, out)
+            del walk.pending[: len(batch)]
+            walk.chunk += 1
+            walk.entries += len(batch)
+            self.stats["full_messages"] += 1
+            self.stats["full_entries"] += len(batch)
+            self._tokens -= 1.0
+            if last:
+                self._walk = None
+                self.stats["full_completed"] += 1
+
+    def _status_msg(self, cls, now: float, out: list[bytes]) -> None:
+        msg = cls(self.node_id, self.session, self._next_seq(), now, self._role)
+        self._account(encode(msg, self._key), out)
+        self._last_hb = now
+
+    def poll(self, now: float) -> list[bytes]:
+        """Datagrams to send now, in order: hello (start, role change), the
+        pending incremental batch, up to ``full_chunks_per_poll`` full-walk
+        chunks, heartbeat."""
+        out: list[bytes] = []
+        if self._hello_pending:
+            self._hello_pending = False
+            self._status_msg(Hello, now, out)
+            self.stats["hello"] += 1
+        if self._role == "master":
+            if self._flush_due(now):
+                self._flush(out)
+            if self._walk is not None:
+                self._full_chunks(now, out)
+        last = self._last_hb
+        if now - last >= self.heartbeat_interval_s or now < last:
+            self._status_msg(Heartbeat, now, out)
+            self.stats["heartbeat"] += 1
+        return out
+
+    def flush(self, now: float) -> list[bytes]:
+        """Send the buffered incremental entries now, whatever their age."""
+        out: list[bytes] = []
+        if self._role == "master" and self._buf:
+            self._flush(out)
+        return out
+
+    def next_deadline(self, now: float) -> float:
+        """When poll (or full_due) next has something to do: the agent sleeps
+        until then, or until new flows arrive. May be <= now."""
+        t = self._last_hb + self.heartbeat_interval_s
+        if self._hello_pending or now < self._last_hb:
+            return now
+        if self._role == "master":
+            if self._buf:
+                if len(self._buf) >= self.max_batch_entries or now < self._buf_since:
+                    return now
+                t = min(t, self._buf_since + self.max_delay_s)
+            if self._full_requested:
+                return now
+            if self._walk is not None:
+                if self.full_rate is None:
+                    return now
+                # Wake for a burst's worth of chunks, or after 10 ms, but not
+                # before one chunk may go.
+                self._refill_tokens(now)
+                rate, tokens = self.full_rate, self._tokens
+                one = max(0.0, 1.0 - tokens) / rate
+                burst = max(0.0, self.full_chunks_per_poll - tokens) / rate
+                t = min(t, now + max(one, min(burst, 0.01)))
+            elif self.full_interval_s is not None and self._last_full_start is not None:
+                t = min(t, self._last_full_start + self.full_interval_s)
+        return t
+
+    def status(self) -> dict:
+        return {
+            "node_id": self.node_id,
+            "role": self._role,
+            "session": self.session,
+            "seq": self._seq,
+            "pending_entries": len(self._buf),
+            "full_in_progress": self._walk is not None,
+            "full_id": self._full_id,
+            "last_full_start": self._last_full_start,
+            **self.stats,
+        }
+
+
+# =========================================================================== receiver
+
+
+@dataclass(frozen=True, slots=True)
+class InstallEntries:
+    """Entries to install, unchanged from the wire (real by address: the agent
+    translates to local real ids and counts unknown reals). ``full_id`` is None
+    for incremental batches; for a full-walk chunk, ``last`` marks its end."""
+
+    sender: str
+    entries: list[SyncEntry]
+    full_id: int | None = None
+    chunk: int | None = None
+    last: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PeerUp:
+    """First authenticated message of a peer's session: it appeared, came back
+    after PeerDown, or restarted (``restarted``: a new session replaced one we
+    knew). A master should then request a full walk (Sender.request_full)."""
+
+    sender: str
+    session: int
+    role: str
+    addr: object
+    restarted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRole:
+    """A live peer announced another role (hello/heartbeat)."""
+
+    sender: str
+    role: str
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDown:
+    """No valid message from the peer for ``peer_timeout_s`` (from Receiver.poll)."""
+
+    sender: str
+    last_seen: float
+
+
+Action = InstallEntries | PeerUp | PeerRole | PeerDown
+
+
+class _Peer:
+    __slots__ = (
+        "name", "session", "top", "window", "role", "alive", "addr", "last_seen",
+        "retired", "messages", "entries", "lost", "lag_s",
+        "full_id", "full_chunks", "full_complete", "full_incomplete", "last_full_complete",
+    )  # fmt: skip
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.session: int | None = None
+        self.top = 0  # highest seq seen in this session
+        self.window = 0  # bit i set: seq top - i seen
+        self.role: str | None = None
+        self.alive = False
+        self.addr: object = None
+        self.last_seen: float | None = None
+        self.retired: OrderedDict[int, None] = OrderedDict()
+        self.messages = 0
+        self.entries = 0
+        self.lost = 0  # sequence gaps (estimate; reordered arrivals give back)
+        self.lag_s: float | None = None
+        self.full_id: int | None = None
+        self.full_chunks = 0
+        self.full_complete = 0
+        self.full_incomplete = 0
+        self.last_full_complete: float | None = None
+
+
+class Receiver:
+    """Checks and parses datagrams from the peer(s); returns actions.
+
+    Rejects (counted in ``counters`` by reason, see REJECT_REASONS): truncated,
+    oversize, version, malformed, bad_mac, unknown_peer (sender not in
+    allowed_peers), replay (seq already seen or older than the window, or a
+    retired session). A rejected datagram yields no action and changes no
+    state except its counter. A new session from a known sender (restart) is
+    adopted only once its message has been authenticated and validated; the
+    last ``retired_sessions`` sessions of a sender are refused afterwards, so
+    replaying an old session's messages cannot roll the tracking back.
+    """
+
+    def __init__(
+        self,
+        key: bytes,
+        allowed_peers: Iterable[str],
+        max_size: int = DEFAULT_MAX_PAYLOAD,
+        replay_window: int = 64,
+        *,
+        peer_timeout_s: float = 3.5,
+        retired_sessions: int = 16,
+    ) -> None:
+        if replay_window < 1:
+            raise ValueError("replay_window must be >= 1 (1: strictly increasing)")
+        self._key = _check_key(key)
+        self.allowed_peers = frozenset(allowed_peers)
+        self.max_size = max_size
+        self.replay_window = replay_window
+        self._mask = (1 << replay_window) - 1
+        self.peer_timeout_s = peer_timeout_s
+        self.retired_sessions = retired_sessions
+        self.counters: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
+        self.stats = {
+            "messages": 0,
+            "entries": 0,
+            "entries_messages": 0,
+            "full_messages": 0,
+            "full_entries": 0,
+            "last_message_at": None,
+            "lag_s": None,  # now - ts of the last incremental batch
+            "max_lag_s": 0.0,
+        }
+        self.last_reject: tuple[str, object, float] | None = None
+        self._peers: dict[str, _Peer] = {}
+
+    def _reject(self, reason: str, addr: object, now: float) -> list:
+        self.counters[reason] += 1
+        self.last_reject = (reason, addr, now)
+        return []
+
+    def on_datagram(self, data: bytes, src_addr: object, now: float) -> list[Action]:
+        try:
+            msg = decode(data, self._key, self.max_size)
+        except SyncDecodeError as exc:
+            return self._reject(exc.reason, src_addr, now)
+        name = msg.sender
+        if name not in self.allowed_peers:
+            return self._reject("unknown_peer", src_addr, now)
+        peer = self._peers.get(name)
+        if peer is None:
+            peer = self._peers[name] = _Peer(name)
+        seq = msg.seq
+        actions: list[Action] = []
+        if msg.session != peer.session:
+            if msg.session in peer.retired:
+                return self._reject("replay", src_addr, now)
+            restarted = peer.session is not None
+            if restarted:
+                peer.retired[peer.session] = None
+                while len(peer.retired) > self.retired_sessions:
+                    peer.retired.popitem(last=False)
+            peer.session, peer.top, peer.window = msg.session, seq, 1
+            peer.full_id = None
+            peer.alive = True
+            role = getattr(msg, "role", "master")  # entries come from a master
+            peer.role = role
+            actions.append(PeerUp(name, msg.session, role, src_addr, restarted))
+        else:
+            top = peer.top
+            if seq > top:
+                shift = seq - top
+                peer.lost += shift - 1
+                if shift >= self.replay_window:  # (no giant shifts on a seq jump)
+                    peer.window = 1
+                else:
+                    peer.window = ((peer.window << shift) | 1) & self._mask
+                peer.top = seq
+            else:
+                back = top - seq
+                if back >= self.replay_window or (peer.window >> back) & 1:
+                    return self._reject("replay", src_addr, now)
+                peer.window |= 1 << back
+                if peer.lost:
+                    peer.lost -= 1  # a reordered message, not a lost one
+            if not peer.alive:
+                peer.alive = True
+                role = getattr(msg, "role", None) or peer.role or "master"
+                peer.role = role
+                actions.append(PeerUp(name, msg.session, role, src_addr, False))
+        peer.addr = src_addr
+        peer.last_seen = now
+        peer.messages += 1
+        st = self.stats
+        st["messages"] += 1
+        st["last_message_at"] = now
+        kind = msg.kind
+        if kind == "entries":
+            lag = now - msg.ts
+            st["lag_s"] = peer.lag_s = lag
+            if lag > st["max_lag_s"]:
+                st["max_lag_s"] = lag
+            st["entries_messages"] += 1
+            st["entries"] += len(msg.entries)
+            peer.entries += len(msg.entries)
+            if msg.entries:
+                actions.append(InstallEntries(name, msg.entries))
+        elif kind == "full":
+            st["full_messages"] += 1
+            st["full_entries"] += len(msg.entries)
+            st["entries"] += len(msg.entries)
+            peer.entries += len(msg.entries)
+            self._track_full(peer, msg, now)
+            actions.append(InstallEntries(name, msg.entries, msg.full_id, msg.chunk, msg.last))
+        else:  # hello / heartbeat
+            if msg.role != peer.role:
+                peer.role = msg.role
+                if not actions:
+                    actions.append(PeerRole(name, msg.role))
+        return actions
+
+    @staticmethod
+    def _track_full(peer: _Peer, msg: FullChunk, now: float) -> None:
+        if msg.full_id != peer.full_id:
+            peer.full_id = msg.full_id
+            peer.full_chunks = 0
+        peer.full_chunks += 1
+        if msg.last:
+            if peer.full_chunks == msg.chunk + 1:
+                peer.full_complete += 1
+                peer.last_full_complete = now
+            else:
+                peer.full_incomplete += 1
+            peer.full_id = None
+
+    def poll(self, now: float) -> list[Action]:
+        """PeerDown for each live peer silent for more than peer_timeout_s."""
+        out: list[Action] = []
+        for p in self._peers.values():
+            if p.alive and p.last_seen is not None and now - p.last_seen > self.peer_timeout_s:
+                p.alive = False
+                out.append(PeerDown(p.name, p.last_seen))
+        return out
+
+    def next_deadline(self, now: float) -> float | None:
+        """When poll may next report a PeerDown (None: no live peer)."""
+        times = [p.last_seen for p in self._peers.values() if p.alive and p.last_seen is not None]
+        return min(times) + self.peer_timeout_s if times else None
+
+    def peer(self, name: str) -> dict | None:
+        p = self._peers.get(name)
+        if p is None:
+            return None
+        return {
+            "session": p.session,
+            "seq": p.top,
+            "role": p.role,
+            "alive": p.alive,
+            "addr": p.addr,
+            "last_seen": p.last_seen,
+            "messages": p.messages,
+            "entries": p.entries,
+            "lost": p.lost,
+            "lag_s": p.lag_s,
+            "full_complete": p.full_complete,
+            "full_incomplete": p.full_incomplete,
+            "last_full_complete": p.last_full_complete,
+        }
+
+    def status(self) -> dict:
+        return {
+            **self.stats,
+            "rejects": dict(self.counters),
+            "last_reject": self.last_reject,
+            "peers": {name: self.peer(name) for name in self._peers},
+        }

@@ -1,0 +1,568 @@
+"""Conn-table sync sender/receiver state machines (sans-I/O)."""
+
+from __future__ import annotations
+
+import hmac
+import struct
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from l4lb.sync.codec import (
+    VERSION,
+    Entries,
+    FullChunk,
+    Heartbeat,
+    Hello,
+    SyncEntry,
+    decode,
+    encode,
+    entry_capacity,
+)
+from l4lb.sync.machine import (
+    REJECT_REASONS,
+    InstallEntries,
+    PeerDown,
+    PeerRole,
+    PeerUp,
+    Receiver,
+    Sender,
+)
+
+KEY = b"0123456789abcdef0123456789abcdef"
+T0 = 1_700_000_000.0
+V4 = bytes([10, 0, 0, 1])
+REAL = bytes([10, 1, 0, 2])
+
+
+def ent(i: int) -> SyncEntry:
+    return SyncEntry(i.to_bytes(4, "big"), 1024 + i % 60000, V4, 80, 6, REAL)
+
+
+def ents(a: int, b: int) -> list[SyncEntry]:
+    return [ent(i) for i in range(a, b)]
+
+
+def master(now: float = T0, **kw) -> Sender:
+    kw.setdefault("full_interval_s", None)
+    kw.setdefault("heartbeat_interval_s", 3600.0)  # tests that want heartbeats say so
+    s = Sender("lb1", KEY, now, role="master", **kw)
+    if s.full_due(now):  # becoming master makes a walk due: start with an empty table
+        s.start_full([], now)
+    s.poll(now)  # hello + the empty walk
+    return s
+
+
+def receiver(**kw) -> Receiver:
+    return Receiver(KEY, {"lb1", "lb2"}, max_size=65507, **kw)
+
+
+def kinds(datagrams: list[bytes]) -> list[str]:
+    return [decode(d, KEY, 65507).kind for d in datagrams]
+
+
+class Standby:
+    """A receiver plus the conn table it keeps (what the agent would do)."""
+
+    def __init__(self, **kw) -> None:
+        self.rx = receiver(**kw)
+        self.installed: dict[tuple, bytes] = {}
+        self.actions: list = []
+
+    def feed(self, datagrams, now: float = T0, addr=("192.0.2.1", 7777)) -> list:
+        out = []
+        for d in datagrams:
+            acts = self.rx.on_datagram(d, addr, now)
+            for a in acts:
+                if isinstance(a, InstallEntries):
+                    for e in a.entries:
+                        self.installed[e[:5]] = e.real
+            out += acts
+        self.actions += out
+        return out
+
+
+def entries_of(datagrams) -> list[SyncEntry]:
+    out = []
+    for d in datagrams:
+        m = decode(d, KEY, 65507)
+        out += getattr(m, "entries", [])
+    return out
+
+
+# =========================================================================== sender
+
+
+def test_round_trip_incremental() -> None:
+    s, sb = master(), Standby()
+    s.add_new_flows(ents(0, 10), T0)
+    dgs = s.poll(T0 + 0.01)
+    assert kinds(dgs) == ["entries"]
+    acts = sb.feed(dgs, T0 + 0.012)
+    assert isinstance(acts[0], PeerUp) and acts[0].sender == "lb1" and acts[0].role == "master"
+    inst = [a for a in acts if isinstance(a, InstallEntries)]
+    assert inst == [InstallEntries("lb1", ents(0, 10))]  # unchanged, full_id None
+    assert sb.rx.stats["entries"] == 10 and sb.rx.stats["lag_s"] == pytest.approx(0.012, abs=1e-6)
+    assert sb.rx.counters == dict.fromkeys(REJECT_REASONS, 0)
+
+
+def test_batch_by_count() -> None:
+    s = master(max_batch_entries=8, max_delay_s=1.0)
+    s.add_new_flows(ents(0, 7), T0)
+    assert s.poll(T0) == []
+    assert s.next_deadline(T0) == pytest.approx(T0 + 1.0)
+    s.add_new_flows([ent(7)], T0)
+    assert s.next_deadline(T0) == T0
+    dgs = s.poll(T0)
+    assert kinds(dgs) == ["entries"] and entries_of(dgs) == ents(0, 8)
+    assert s.pending_entries == 0 and s.poll(T0) == []
+
+
+def test_batch_by_time() -> None:
+    s = master(max_batch_entries=1000, max_delay_s=0.005)
+    s.add_new_flows([ent(1)], T0)
+    s.add_new_flows([ent(2)], T0 + 0.003)  # the batch's age counts from its oldest entry
+    assert s.poll(T0 + 0.004) == []
+    assert s.next_deadline(T0 + 0.004) == pytest.approx(T0 + 0.005)
+    dgs = s.poll(T0 + 0.005)
+    assert entries_of(dgs) == [ent(1), ent(2)]
+    assert decode(dgs[0], KEY, 65507).ts == T0  # carries creation time, for the lag
+
+
+def test_big_batch_splits_into_datagrams() -> None:
+    for payload in (512, 1400, 9000):
+        s = master(max_payload=payload)
+        s.add_new_flows(ents(0, 5000), T0)
+        dgs = s.poll(T0)
+        assert max(map(len, dgs)) <= payload
+        assert len(dgs) == -(-5000 // entry_capacity(payload, "lb1"))
+        assert entries_of(dgs) == ents(0, 5000)
+        seqs = [decode(d, KEY, 65507).seq for d in dgs]
+        assert seqs == list(range(seqs[0], seqs[0] + len(dgs)))
+
+
+def test_backup_sends_no_entries() -> None:
+    s = Sender("lb2", KEY, T0)  # backup by default
+    assert s.role == "backup" and not s.full_due(T0)
+    s.add_new_flows(ents(0, 100), T0)
+    assert kinds(s.poll(T0)) == ["hello"]
+    assert s.poll(T0 + 0.5) == []
+    assert kinds(s.poll(T0 + 1.0)) == ["heartbeat"]
+    assert s.stats["dropped_not_master"] == 100 and s.stats["entries"] == 0
+    with pytest.raises(RuntimeError):
+        s.start_full([], T0)
+
+
+def test_role_changes() -> None:
+    s = Sender("lb1", KEY, T0)
+    s.poll(T0)
+    s.set_role("master", T0 + 1)
+    assert s.full_due(T0 + 1)  # the peer may have missed anything: walk now
+    dgs = s.poll(T0 + 1)
+    m = decode(dgs[0], KEY, 65507)
+    assert isinstance(m, Hello) and m.role == "master"
+    s.start_full(ents(0, 1000), T0 + 1)
+    s.add_new_flows(ents(5000, 5010), T0 + 1)
+    s.set_role("backup", T0 + 1)  # demoted: stop sending, drop what is queued
+    assert not s.full_in_progress and s.pending_entries == 0
+    assert s.stats["dropped_not_master"] == 10 and s.stats["full_aborted"] == 1
+    assert kinds(s.poll(T0 + 1)) == ["hello"]
+    with pytest.raises(ValueError):
+        s.set_role("leader", T0)
+
+
+def test_heartbeat_interval_and_clock_step_back() -> None:
+    s = master(heartbeat_interval_s=1.0)
+    assert s.next_deadline(T0) == pytest.approx(T0 + 1.0)
+    assert kinds(s.poll(T0 + 1.0)) == ["heartbeat"]
+    assert s.poll(T0 + 1.5) == []
+    # Wall clock steps back an hour: timers fire rather than stall for an hour.
+    s.add_new_flows([ent(1)], T0 + 1.6)
+    back = T0 - 3600
+    assert s.next_deadline(back) == back
+    assert kinds(s.poll(back)) == ["entries", "heartbeat"]
+    assert kinds(s.poll(back + 1.0)) == ["heartbeat"]
+
+
+def test_invalid_entries_dropped_without_seq_gap() -> None:
+    s, sb = master(), Standby()
+    bad = [SyncEntry(V4, 1, V4, 80, 1, REAL), SyncEntry(b"\x01", 1, V4, 80, 6, REAL)]
+    s.add_new_flows([ent(1), bad[0], ent(2), bad[1], ent(3)], T0)
+    dgs = s.poll(T0 + 1)
+    assert entries_of(dgs) == [ent(1), ent(2), ent(3)]
+    assert s.stats["invalid_entries"] == 2 and s.stats["entries"] == 3
+    sb.feed(s.poll(T0 + 0.5) + dgs)
+    s.add_new_flows([ent(4)], T0 + 1)
+    sb.feed(s.poll(T0 + 1.1))
+    assert sb.rx.peer("lb1")["lost"] == 0
+
+
+# =========================================================================== full walk
+
+
+def test_full_walk_complete_and_lazy() -> None:
+    s, sb = master(full_chunks_per_poll=4, full_rate=None), Standby()
+    sb.feed(s.poll(T0))
+    pulled = 0
+
+    def table():
+        nonlocal pulled
+        for i in range(1000):
+            pulled += 1
+            yield ent(i)
+
+    fid = s.start_full(table(), T0)
+    cap = entry_capacity(1400, "lb1")
+    dgs = s.poll(T0)
+    assert kinds(dgs) == ["full"] * 4
+    assert pulled <= 4 * cap + 1  # pulled a few chunks' worth, not the whole table
+    all_dgs = list(dgs)
+    t = T0
+    while s.full_in_progress:
+        t += 0.001
+        all_dgs += s.poll(t)
+    chunks = [decode(d, KEY, 65507) for d in all_dgs if decode(d, KEY, 65507).kind == "full"]
+    assert [c.chunk for c in chunks] == list(range(len(chunks)))
+    assert [c.last for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert {c.full_id for c in chunks} == {fid}
+    assert len(chunks) == -(-1000 // cap)  # no empty trailing chunk
+    sb.feed(all_dgs, t)
+    assert len(sb.installed) == 1000
+    assert sb.rx.peer("lb1")["full_complete"] == 1
+    assert s.stats["full_completed"] == 2  # with master()'s walk of an empty table
+    assert s.stats["full_entries"] == 1000
+
+
+def test_full_walk_of_empty_table() -> None:
+    s = master()
+    s.start_full(iter(()), T0)
+    (d,) = s.poll(T0)
+    m = decode(d, KEY, 65507)
+    assert isinstance(m, FullChunk) and m.chunk == 0 and m.last and m.entries == []
+    assert not s.full_in_progress
+
+
+def test_full_walk_interleaved_never_delays_incremental() -> None:
+    s = master(max_batch_entries=1000, max_delay_s=0.005, full_chunks_per_poll=3, full_rate=None)
+    sb = Standby()
+    s.start_full((ent(i) for i in range(100_000, 105_000)), T0)
+    t, n, polls = T0, 0, 0
+    while s.full_in_progress:
+        t += 0.005
+        new = ents(n, n + 5)
+        n += 5
+        s.add_new_flows(new, t - 0.005)  # due at this poll
+        dgs = s.poll(t)
+        polls += 1
+        ks = kinds(dgs)
+        # Every poll sends the new flows first, then at most 3 walk chunks.
+        assert ks[0] == "entries" and entries_of(dgs[:1]) == new
+        assert set(ks[1:]) <= {"full"} and len(ks[1:]) <= 3
+        sb.feed(dgs, t)
+        assert all(e[:5] in sb.installed for e in new)  # installed at once, mid-walk
+    assert polls > 5
+    assert len(sb.installed) == 5000 + n
+    assert sb.rx.peer("lb1")["lost"] == 0
+
+
+def test_full_walk_pacing() -> None:
+    s = master(full_chunks_per_poll=8, full_rate=100.0)
+    t = T0 + 1
+    s.start_full(ents(0, 100_000), t)
+    assert kinds(s.poll(t)).count("full") == 8  # the burst
+    assert s.poll(t) == []
+    assert s.next_deadline(t) == pytest.approx(t + 0.01)
+    assert kinds(s.poll(t + 0.0505)).count("full") == 5  # 100 chunks/s
+    assert kinds(s.poll(t + 10)).count("full") == 8  # never more than a burst per poll
+
+
+def test_full_due_periodic_and_on_request() -> None:
+    s = Sender("lb1", KEY, T0, full_interval_s=60.0)
+    assert not s.full_due(T0)  # backup
+    s.set_role("master", T0)
+    assert s.full_due(T0) and s.next_deadline(T0) == T0
+    s.start_full(ents(0, 10), T0)
+    assert not s.full_due(T0)
+    s.poll(T0)
+    assert not s.full_in_progress and not s.full_due(T0 + 59)
+    assert s.next_deadline(T0 + 59) == pytest.approx(T0 + 60)
+    assert s.full_due(T0 + 60)
+    s.start_full(ents(0, 5000), T0 + 60)
+    s.request_full()  # the peer restarted mid-walk: start over
+    assert s.full_due(T0 + 60.1)
+    fid = s.start_full(ents(0, 5000), T0 + 60.1)
+    assert s.stats["full_aborted"] == 1
+    ids = {decode(d, KEY, 65507).full_id for d in s.poll(T0 + 61) if len(d) > 200}
+    assert ids == {fid}
+
+
+def test_full_walk_failure_keeps_incremental_stream() -> None:
+    s, sb = master(full_rate=None, full_interval_s=30.0), Standby()
+
+    def broken_table():
+        yield from ents(1000, 1100)
+        raise OSError("bpf batch lookup failed")
+
+    s.start_full(broken_table(), T0)
+    s.add_new_flows(ents(0, 3), T0)
+    dgs = s.poll(T0 + 1)  # walk breaks inside this poll
+    assert entries_of(dgs[:1]) == ents(0, 3)
+    sb.feed(dgs)
+    assert all(e[:5] in sb.installed for e in ents(0, 3))
+    assert not s.full_in_progress and s.stats["full_failed"] == 1
+    assert isinstance(s.last_full_error, OSError)
+    assert not s.full_due(T0 + 29) and s.full_due(T0 + 30)  # retried at the next interval
+
+
+def test_pacing_wakeups_are_batched() -> None:
+    s = master(full_chunks_per_poll=16, full_rate=2000.0)
+    t = T0 + 1
+    s.start_full(ents(0, 100_000), t)
+    assert kinds(s.poll(t)).count("full") == 16
+    # Sleep until a burst (16 chunks at 2000/s = 8 ms) is ready, not 0.5 ms.
+    assert s.next_deadline(t) == pytest.approx(t + 0.008)
+    assert kinds(s.poll(t + 0.0081)).count("full") == 16
+
+
+def test_full_walk_skips_invalid_entries() -> None:
+    s, sb = master(full_rate=None), Standby()
+    table = ents(0, 200) + [SyncEntry(V4, 1, V4, 80, 99, REAL)] + ents(200, 300)
+    s.start_full(table, T0)
+    dgs = []
+    while s.full_in_progress:
+        dgs += s.poll(T0)
+    sb.feed(dgs)
+    assert len(sb.installed) == 300 and s.stats["invalid_entries"] == 1
+    assert sb.rx.peer("lb1")["full_complete"] == 1
+
+
+# =========================================================================== receiver rejects
+
+
+def test_replay_rejected() -> None:
+    s, sb = master(), Standby()
+    s.add_new_flows([ent(1)], T0)
+    (d,) = s.poll(T0 + 1)
+    sb.feed([d])
+    sb.installed.clear()
+    assert sb.feed([d]) == []
+    assert sb.rx.counters["replay"] == 1 and sb.installed == {}
+
+
+def test_reordering_within_window_accepted() -> None:
+    s, sb = master(), Standby(replay_window=8)
+    dgs = []
+    for i in range(12):
+        s.add_new_flows([ent(i)], T0)
+        dgs += s.poll(T0 + 1)
+    sb.feed([dgs[0]])
+    sb.feed(dgs[3:12])  # top = seq of dgs[11]
+    assert sb.rx.peer("lb1")["lost"] == 2
+    sb.feed([dgs[2], dgs[1]])  # late but inside the window (8)
+    assert sb.rx.counters["replay"] == 2  # dgs[1], dgs[2] are 10 and 9 behind: too old
+    assert sb.rx.peer("lb1")["lost"] == 2
+    s2, sb2 = master(), Standby(replay_window=8)
+    d2 = []
+    for i in range(6):
+        s2.add_new_flows([ent(i)], T0)
+        d2 += s2.poll(T0 + 1)
+    sb2.feed([d2[0], d2[3], d2[5], d2[1], d2[4], d2[2]])
+    assert sb2.rx.counters["replay"] == 0 and len(sb2.installed) == 6
+    assert sb2.rx.peer("lb1")["lost"] == 0
+    sb2.feed([d2[4]])
+    assert sb2.rx.counters["replay"] == 1
+
+
+def test_seq_jump_is_cheap_and_safe() -> None:
+    s = master(session=42)
+    sb = Standby(replay_window=64)
+    s.add_new_flows([ent(1)], T0)
+    old = s.poll(T0 + 1)
+    sb.feed(old)
+    s._seq = 2**63  # a peer's seq jumps far ahead (bug, or a long-lived session)
+    s.add_new_flows([ent(2)], T0)
+    sb.feed(s.poll(T0 + 1))
+    assert ent(2)[:5] in sb.installed and sb.rx.peer("lb1")["seq"] == 2**63 + 1
+    assert sb.feed(old) == [] and sb.rx.counters["replay"] == 1
+
+
+def test_replay_window_one_is_strict() -> None:
+    s, sb = master(), Standby(replay_window=1)
+    dgs = []
+    for i in range(3):
+        s.add_new_flows([ent(i)], T0)
+        dgs += s.poll(T0 + 1)
+    sb.feed([dgs[0], dgs[2], dgs[1]])
+    assert sb.rx.counters["replay"] == 1 and ent(1)[:5] not in sb.installed
+
+
+def _reject_cases():
+    """(name, datagram) pairs that must each be rejected with that reason."""
+    s = master()
+    s.add_new_flows(ents(0, 20), T0)
+    (good,) = s.poll(T0 + 1)
+    body = good[8:-32]
+    forged = bytearray(good)
+    forged[20] ^= 1
+    other_key = Sender("lb1", b"K" * 32, T0, role="master", full_interval_s=None)
+    other_key.add_new_flows(ents(0, 5), T0)
+    version = struct.pack("!3sBI", b"L4S", VERSION + 1, len(body)) + body
+    intruder = Sender("mallory", KEY, T0, role="master", full_interval_s=None)
+    intruder.add_new_flows(ents(100, 105), T0)
+    bad_body = msgpack.packb([1, "lb1", s.session, 99, 0.0, [0, b"\x00" * 16 + b"\x06"]])
+    bad_head = struct.pack("!3sBI", b"L4S", VERSION, len(bad_body)) + bad_body
+    return [
+        ("bad_mac", bytes(forged)),
+        ("bad_mac", other_key.poll(T0 + 1)[-1]),
+        ("version", version + hmac.digest(KEY, version, "sha256")),
+        ("truncated", good[:-1]),
+        ("truncated", good[:5]),
+        ("oversize", good + bytes(70000)),
+        ("malformed", bad_head + hmac.digest(KEY, bad_head, "sha256")),
+        ("unknown_peer", intruder.poll(T0 + 1)[-1]),
+    ], good
+
+
+def test_each_reject_counted_and_conn_table_untouched() -> None:
+    cases, good = _reject_cases()
+    sb = Standby()
+    for reason, data in cases:
+        before = dict(sb.rx.counters)
+        assert sb.feed([data]) == [], reason
+        assert sb.installed == {}, reason
+        assert sb.rx.counters[reason] == before[reason] + 1, reason
+        assert sb.rx.last_reject[0] == reason
+    assert sb.rx.stats["messages"] == 0 and sb.rx.peer("lb1") is None
+    assert sb.rx.peer("mallory") is None  # no state for unknown peers
+    # The genuine message is still accepted afterwards: no reject consumed its seq.
+    sb.feed([good])
+    assert len(sb.installed) == 20
+
+
+def test_oversize_by_receiver_max_size() -> None:
+    s = master(max_payload=9000)
+    s.add_new_flows(ents(0, 300), T0)
+    dgs = s.poll(T0 + 1)
+    rx = Receiver(KEY, {"lb1"}, max_size=1400)
+    assert all(rx.on_datagram(d, None, T0) == [] for d in dgs)
+    assert rx.counters["oversize"] == len(dgs)
+
+
+# =========================================================================== sessions & peers
+
+
+def test_sender_restart_new_session_accepted() -> None:
+    s1, sb = master(), Standby()
+    s1.add_new_flows(ents(0, 3), T0)
+    old = s1.poll(T0 + 1)
+    for _ in range(5):
+        s1.add_new_flows([ent(9)], T0)
+        old += s1.poll(T0 + 1)
+    sb.feed(old)
+    s2 = master(T0 + 10)  # restarted process: seq starts again at 1, new session
+    assert s2.session != s1.session
+    s2.add_new_flows(ents(10, 13), T0 + 10)
+    new = s2.poll(T0 + 11)
+    assert decode(new[0], KEY, 65507).seq < decode(old[-1], KEY, 65507).seq
+    acts = sb.feed(new, T0 + 11)
+    up = [a for a in acts if isinstance(a, PeerUp)]
+    assert up == [PeerUp("lb1", s2.session, "master", ("192.0.2.1", 7777), True)]
+    assert all(e[:5] in sb.installed for e in ents(10, 13))
+    # Replaying the old session now must not roll the tracking back.
+    assert sb.feed(old) == []
+    assert sb.rx.counters["replay"] == len(old)
+    assert sb.rx.peer("lb1")["session"] == s2.session
+
+
+def test_forged_new_session_does_not_reset_tracking() -> None:
+    s, sb = master(), Standby()
+    s.add_new_flows([ent(1)], T0)
+    (d,) = s.poll(T0 + 1)
+    sb.feed([d])
+    fake = Sender("lb1", b"not the key, but 32 bytes long..", T0, role="master")
+    fake.add_new_flows([ent(666)], T0)
+    sb.feed(fake.poll(T0 + 1))
+    assert sb.rx.counters["bad_mac"] >= 1 and sb.rx.peer("lb1")["session"] == s.session
+    assert sb.feed([d]) == [] and sb.rx.counters["replay"] == 1
+    assert ent(666)[:5] not in sb.installed
+
+
+def test_peer_role_hello_and_down_up() -> None:
+    peer = Sender("lb2", KEY, T0, heartbeat_interval_s=1.0)  # a backup
+    rx = Receiver(KEY, {"lb2"}, peer_timeout_s=3.0)
+    acts = [a for d in peer.poll(T0) for a in rx.on_datagram(d, "a", T0)]
+    assert acts == [PeerUp("lb2", peer.session, "backup", "a", False)]
+    assert [a for d in peer.poll(T0 + 1) for a in rx.on_datagram(d, "a", T0 + 1)] == []
+    peer.set_role("master", T0 + 1.5)
+    acts = [a for d in peer.poll(T0 + 1.5) for a in rx.on_datagram(d, "a", T0 + 1.5)]
+    assert acts == [PeerRole("lb2", "master")]
+    assert rx.poll(T0 + 4) == [] and rx.next_deadline(T0 + 4) == pytest.approx(T0 + 4.5)
+    assert rx.poll(T0 + 4.6) == [PeerDown("lb2", T0 + 1.5)]
+    assert rx.poll(T0 + 5) == [] and rx.next_deadline(T0 + 5) is None
+    hb = peer.poll(T0 + 6)
+    assert isinstance(decode(hb[-1], KEY, 65507), Heartbeat)
+    acts = [a for d in hb for a in rx.on_datagram(d, "b", T0 + 6)]
+    assert acts == [PeerUp("lb2", peer.session, "master", "b", False)]
+    st_ = rx.status()
+    assert st_["peers"]["lb2"]["addr"] == "b" and st_["peers"]["lb2"]["alive"]
+
+
+def test_status_and_counters_shape() -> None:
+    s, sb = master(), Standby()
+    s.add_new_flows(ents(0, 5), T0)
+    sb.feed(s.poll(T0 + 0.01), T0 + 0.02)
+    st_ = sb.rx.status()
+    assert set(st_["rejects"]) == set(REJECT_REASONS)
+    assert st_["entries"] == 5 and st_["last_message_at"] == T0 + 0.02
+    assert st_["lag_s"] == pytest.approx(0.02, abs=1e-6)
+    assert st_["max_lag_s"] == pytest.approx(0.02, abs=1e-6)
+    ss = s.status()
+    assert ss["role"] == "master" and ss["entries"] == 5 and ss["session"] == s.session
+
+
+def test_constructor_checks() -> None:
+    with pytest.raises(ValueError):
+        Sender("lb1", b"short", T0)
+    with pytest.raises(ValueError):
+        Sender("", KEY, T0)
+    with pytest.raises(ValueError):
+        Sender("lb1", KEY, T0, max_payload=100)
+    with pytest.raises(ValueError):
+        Receiver(b"short", {"lb1"})
+    with pytest.raises(ValueError):
+        Receiver(KEY, {"lb1"}, replay_window=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_fuzz_shuffled_duplicated_stream(data) -> None:
+    """Any order and duplication of a session's datagrams (within the window):
+    each is accepted once, every entry is installed, nothing else."""
+    s = master(max_batch_entries=3)
+    dgs = []
+    n = data.draw(st.integers(1, 40))
+    for i in range(n):
+        s.add_new_flows([ent(i)], T0)
+        dgs += s.poll(T0 + 1)
+    stream = data.draw(st.permutations(dgs + data.draw(st.lists(st.sampled_from(dgs)))))
+    noise = data.draw(st.lists(st.binary(max_size=60), max_size=5))
+    sb = Standby(replay_window=64)
+    sb.feed(list(stream) + noise)
+    assert set(sb.installed) == {e[:5] for e in ents(0, n)}
+    assert sb.rx.stats["messages"] == len(dgs)
+    assert sb.rx.counters["replay"] == len(stream) - len(dgs)
+
+
+def test_messages_are_hello_first_then_typed() -> None:
+    s = Sender("lb1", KEY, T0, role="master")
+    msgs = [decode(d, KEY, 65507) for d in s.poll(T0)]
+    assert isinstance(msgs[0], Hello) and msgs[0].seq == 1
+    s.start_full([], T0)
+    s.add_new_flows([ent(1)], T0)
+    msgs = [decode(d, KEY, 65507) for d in s.poll(T0 + 1)]
+    assert [type(m) for m in msgs] == [Entries, FullChunk, Heartbeat]
+    assert [m.seq for m in msgs] == [2, 3, 4]
+    assert all(m.session == s.session for m in msgs)
+    assert decode(encode(msgs[0], KEY), KEY, 1400) == msgs[0]  # decoded messages re-encode
