@@ -62,7 +62,12 @@ fi
 stamp=.venv/.installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "setup: installing l4lb into .venv (editable, with test and bench extras)"
-    .venv/bin/pip install -q --upgrade pip >/dev/null
-    .venv/bin/pip install -q -e '.[test,bench]'
+    log=$(mktemp)
+    if ! { .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[test,bench]'; } >"$log" 2>&1; then
+        cat "$log" >&2; rm -f "$log"
+        echo "setup: pip install failed (see above)" >&2
+        exit 1
+    fi
+    rm -f "$log"
     touch "$stamp"
 fi

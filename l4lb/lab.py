@@ -19,6 +19,7 @@ exceptions and Ctrl-C.
 
 from __future__ import annotations
 
+import glob
 import ipaddress
 import json
 import os
@@ -35,6 +36,7 @@ from pathlib import Path
 from pyroute2 import NetNS, netns
 
 STATE_DIR = Path("/run/l4lb/lab")
+PIN_ROOT = "/sys/fs/bpf/l4lb"
 NETNS_DIR = Path("/run/netns")
 SUBNET4 = ipaddress.IPv4Network("10.99.0.0/24")
 SUBNET6 = ipaddress.IPv6Network("fd99::/64")
@@ -184,6 +186,13 @@ def destroy(prefix: str) -> list[str]:
             netns.remove(n)
         except OSError:
             pass
+    # Balancers of this lab pin maps and keep state under their node names.
+    for pattern in (f"{PIN_ROOT}/{prefix}-*", f"/run/l4lb/{prefix}-*"):
+        for path in glob.glob(pattern):
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                Path(path).unlink(missing_ok=True)
     _state_path(prefix).unlink(missing_ok=True)
     return names
 
@@ -429,6 +438,85 @@ http {{
 
     def status(self) -> dict:
         return read_state(self.prefix) or {}
+
+    # ------------------------------------------------------------- l4lb
+    def l4lb_name(self, name: str) -> str:
+        """The balancer's node name in its config: unique across labs (pin paths)."""
+        return f"{self.prefix}-{name}"
+
+    def api_socket(self, name: str) -> str:
+        return f"/run/l4lb/{self.l4lb_name(name)}.sock"
+
+    def balancer_config(self, name: str, vips: list[dict], xdp_mode: str = "generic",
+                        healthcheck: dict | None = None, **sections) -> dict:
+        """A config dict for `l4lb start` on a balancer node of this lab."""
+        cfg = {"node": {"name": self.l4lb_name(name), "interfaces": ["eth0"],
+                        "xdp_mode": xdp_mode, "api_socket": self.api_socket(name),
+                        "conn_table_size": 65536},
+               "healthcheck": healthcheck or {"type": "tcp", "interval_s": 0.5,
+                                              "timeout_s": 0.4, "rise": 2, "fall": 2},
+               "metrics": {"listen": "127.0.0.1:9541"},
+               "vip": vips}
+        cfg.update(sections)
+        return cfg
+
+    def write_config(self, name: str, cfg: dict) -> Path:
+        from l4lb.config import dumps_toml  # noqa: PLC0415
+
+        path = self.workdir / f"{name}.toml"
+        path.write_text(dumps_toml(cfg))
+        return path
+
+    def start_l4lb(self, name: str, cfg: dict, timeout: float = 60.0) -> Service:
+        """`l4lb start` in a balancer node; returns once its API answers."""
+        path = self.write_config(name, cfg)
+        svc = self.popen(name, [sys.executable, "-m", "l4lb.cli", "start", "-c", str(path)],
+                         log_name=f"{name}-l4lb-{len(self.services)}.log")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not svc.alive:
+                raise LabError(f"{name}: l4lb start exited: {svc.output()[-2000:]}")
+            r = self.l4lb(name, ["status", "--json"], check=False)
+            if r.returncode == 0:
+                return svc
+            time.sleep(0.2)
+        raise LabError(f"{name}: l4lb did not become ready in {timeout}s: {svc.output()[-2000:]}")
+
+    def l4lb(self, name: str, args: list[str], check: bool = True,
+             timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run the l4lb CLI in a node against that node's daemon."""
+        argv = [sys.executable, "-m", "l4lb.cli", *args]
+        if args and args[0] not in ("start", "check", "decap", "lab") and "--socket" not in args:
+            argv += ["--socket", self.api_socket(name)]
+        return self.run(name, argv, check=check, timeout=timeout)
+
+    def l4lb_json(self, name: str, args: list[str]):
+        return json.loads(self.l4lb(name, [*args, "--json"]).stdout)
+
+    def decap(self, name: str, mode: str = "generic") -> None:
+        """Attach the tunnel decapsulator to a real's eth0."""
+        self.run(name, [sys.executable, "-m", "l4lb.cli", "decap", "--iface", "eth0",
+                        "--mode", mode])
+
+    def prepare_native(self, name: str) -> None:
+        """Make native XDP_TX from a node reach the bridge (DESIGN.md §5): an XDP_PASS
+        program on the node's bridge port, and tx checksum offload off there."""
+        port = self.node(name).port
+        self.run_ns(self.brns, [sys.executable, "-c",
+                                "import sys; from l4lb.dataplane import loader; "
+                                "loader.compile_pass().attach(sys.argv[1], 'native')", port])
+        self.run_ns(self.brns, ["ethtool", "-K", port, "tx", "off"])
+
+    def run_ns(self, nsname: str, argv: list[str], timeout: float = 60) -> None:
+        res = subprocess.run(["nsenter", f"--net={NETNS_DIR / nsname}", *argv],
+                             capture_output=True, text=True, timeout=timeout)
+        if res.returncode != 0:
+            raise LabError(f"{nsname}: {' '.join(argv)} failed: {res.stderr.strip()[-500:]}")
+
+    def client(self, name: str, args: list[str], timeout: float = 120) -> dict:
+        """Run l4lb.labclient in a node and return its JSON report."""
+        r = self.run(name, [sys.executable, "-m", "l4lb.labclient", *args], timeout=timeout)
+        return json.loads(r.stdout)
 
 
 def _listening(pid: int, port: int, proto: str) -> bool:

@@ -154,7 +154,7 @@ class Sender:
         self._key = _check_key(key)
         self.max_batch_entries = max_batch_entries
         self.max_delay_s = max_delay_s
-        self.full_interval_s = full_interval_s
+        self.full_interval_s = full_interval_s or None  # None/0: only when requested
         self.max_payload = max_payload
         self.heartbeat_interval_s = heartbeat_interval_s
         self.full_chunks_per_poll = full_chunks_per_poll
@@ -534,7 +534,7 @@ class Receiver:
 
     Rejects (counted in ``counters`` by reason, see REJECT_REASONS): truncated,
     oversize, version, malformed, bad_mac, unknown_peer (sender not in
-    allowed_peers), replay (seq already seen or older than the window, or a
+    allowed_peers, or our own node_id), replay (seq already seen or older than the window, or a
     retired session). A rejected datagram yields no action and changes no
     state except its counter. A new session from a known sender (restart) is
     adopted only once its message has been authenticated and validated; the
@@ -545,17 +545,23 @@ class Receiver:
     def __init__(
         self,
         key: bytes,
-        allowed_peers: Iterable[str],
+        allowed_peers: Iterable[str] | None,
         max_size: int = DEFAULT_MAX_PAYLOAD,
         replay_window: int = 64,
         *,
+        node_id: str | None = None,
         peer_timeout_s: float = 3.5,
         retired_sessions: int = 16,
+        max_peers: int = 16,
     ) -> None:
         if replay_window < 1:
             raise ValueError("replay_window must be >= 1 (1: strictly increasing)")
         self._key = _check_key(key)
-        self.allowed_peers = frozenset(allowed_peers)
+        # None: any sender id (the key alone authenticates), at most max_peers
+        # of them; our own node_id is refused either way (reflected datagrams).
+        self.allowed_peers = None if allowed_peers is None else frozenset(allowed_peers)
+        self.node_id = node_id
+        self.max_peers = max_peers
         self.max_size = max_size
         self.replay_window = replay_window
         self._mask = (1 << replay_window) - 1
@@ -586,10 +592,14 @@ class Receiver:
         except SyncDecodeError as exc:
             return self._reject(exc.reason, src_addr, now)
         name = msg.sender
-        if name not in self.allowed_peers:
-            return self._reject("unknown_peer", src_addr, now)
         peer = self._peers.get(name)
         if peer is None:
+            if (
+                name == self.node_id
+                or (self.allowed_peers is not None and name not in self.allowed_peers)
+                or len(self._peers) >= self.max_peers
+            ):
+                return self._reject("unknown_peer", src_addr, now)
             peer = self._peers[name] = _Peer(name)
         seq = msg.seq
         actions: list[Action] = []

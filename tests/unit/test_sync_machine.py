@@ -453,6 +453,23 @@ def test_oversize_by_receiver_max_size() -> None:
 # =========================================================================== sessions & peers
 
 
+def test_any_peer_mode_refuses_self_and_caps_peers() -> None:
+    rx = Receiver(KEY, None, node_id="lb1", max_peers=2)
+    for name in ("lb1", "lb2", "lb3", "lb4"):
+        for d in Sender(name, KEY, T0).poll(T0):
+            rx.on_datagram(d, None, T0)
+    assert rx.peer("lb1") is None  # our own datagrams, reflected
+    assert rx.peer("lb2") and rx.peer("lb3") and rx.peer("lb4") is None
+    assert rx.counters["unknown_peer"] == 2
+
+
+def test_full_interval_zero_means_on_request_only() -> None:
+    s = master(full_interval_s=0)
+    assert not s.full_due(T0 + 10_000)
+    s.request_full()
+    assert s.full_due(T0 + 10_000)
+
+
 def test_sender_restart_new_session_accepted() -> None:
     s1, sb = master(), Standby()
     s1.add_new_flows(ents(0, 3), T0)
