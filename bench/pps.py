@@ -199,7 +199,9 @@ def flow_frames(src_base: str, dst: str, dport: int, count: int, flags: int) -> 
 
 def client_base(family: int, series: int) -> str:
     """Client source addresses of one flow series (series keep the cases' flows apart)."""
-    return f"10.{210 + series}.0.1" if family == 4 else f"fd00:{210 + series}::1"
+    if not 0 <= series < 250:
+        raise ValueError("series must be in 0..249")
+    return f"10.{series + 1}.0.1" if family == 4 else f"fd00:{series + 1:x}::1"
 
 
 def real_list(family: int) -> list[tuple[str, str, int]]:

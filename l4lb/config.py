@@ -895,15 +895,12 @@ def _parse_vip(ctx: _Ctx, path: str, tbl: dict, hc_base: _HcLayer) -> VipConfig 
     reals: list[RealConfig] = []
     ok = None not in (address, port, protocol, mode, hash_, ring_size, all_down)
     rpath = _join(path, "real")
-    if "real" not in tbl:
-        ctx.err(rpath, 'required; add at least one [[vip.real]] table with address = "..."')
-        ok = False
-    else:
+    # A VIP may start with no reals (like `ipvsadm -A` before `-a`): it drops new
+    # flows until `l4lb real add` gives it one.
+    if "real" in tbl:
         raw = tbl["real"]
         items = _tables(ctx, rpath, raw, "vip.real")
-        if isinstance(raw, list) and not raw:
-            ctx.err(rpath, 'is empty; add at least one [[vip.real]] table with address = "..."')
-        if not isinstance(raw, list) or not raw or len(items) != len(raw):
+        if not isinstance(raw, list) or len(items) != len(raw):
             ok = False
         seen: dict[IPAddress, str] = {}
         for p, rt in items:

@@ -247,8 +247,13 @@ class Daemon:
             self.tables.set_down(vip, real, (not up) or self._mac_for(r) == NO_MAC)
 
     async def _resolver_loop(self) -> None:
+        n = 0
         while True:
             await asyncio.sleep(2.0)
+            n += 1
+            if n % 15 == 0:  # every 30 s: forget deleted reals nobody uses any more
+                async with self._lock:
+                    await asyncio.to_thread(self.tables.collect_retired)
             missing = [r for v in self.cfg.vips for r in v.reals if self._mac_for(r) == NO_MAC]
             if missing:
                 await self.apply(self.cfg)

@@ -48,6 +48,10 @@ class VipState:
     all_down: str = "keep"    # keep | drop
     slot: int = 0             # 0/1: which of the VIP's two ring slots is live
     reals: dict[str, RealState] = field(default_factory=dict)
+    # Reals deleted while flows may still use them: out of the ring, but their id
+    # stays programmed so open connections carry on (like IPVS's trash list)
+    # until collect_retired() finds no conn entry naming them.
+    retired: dict[str, RealState] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -94,17 +98,19 @@ class ServiceTables:
         data = json.loads(self.state_file.read_text())
         for v in data.get("vips", []):
             reals = {r["address"]: RealState(**r) for r in v.pop("reals")}
-            vs = VipState(**v, reals=reals)
+            retired = {r["address"]: RealState(**r) for r in v.pop("retired", [])}
+            vs = VipState(**v, reals=reals, retired=retired)
             self.vips[vs.key] = vs
             self._free_vip_ids.remove(vs.vip_id)
-            for r in reals.values():
+            for r in [*reals.values(), *retired.values()]:
                 self._free_real_ids.remove(r.real_id)
 
     def _save(self) -> None:
         if not self.state_file:
             return
         data = {"layout": M.LAYOUT_VERSION,
-                "vips": [dict(v.__dict__, reals=[r.__dict__ for r in v.reals.values()])
+                "vips": [dict(v.__dict__, reals=[r.__dict__ for r in v.reals.values()],
+                              retired=[r.__dict__ for r in v.retired.values()])
                          for v in self.vips.values()]}
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1))
@@ -150,7 +156,7 @@ class ServiceTables:
         if vs is None:
             raise TablesError(f"no VIP {key}")
         del self._vips_map[M.vip_key(vs.address, vs.port, vs.proto)]
-        for r in vs.reals.values():
+        for r in [*vs.reals.values(), *vs.retired.values()]:
             self._free_real(r)
         self._free_vip_ids.append(vs.vip_id)
         self._last_ring.pop(key, None)
@@ -175,10 +181,12 @@ class ServiceTables:
         want = {canon(a): (mac, w) for a, mac, w in reals}
         for addr in list(vs.reals):
             if addr not in want:
-                self._free_real(vs.reals.pop(addr))
+                vs.retired[addr] = vs.reals.pop(addr)
         for addr, (mac, w) in want.items():
-            r = vs.reals.get(addr)
-            if r is None:
+            r = vs.reals.get(addr) or vs.retired.pop(addr, None)
+            if r is not None:
+                vs.reals[addr] = r
+            else:
                 if not self._free_real_ids:
                     raise TablesError(f"no free real id (max {self.opts.max_reals - 1})")
                 r = RealState(addr, self._free_real_ids.popleft(), mac, w)
@@ -189,6 +197,20 @@ class ServiceTables:
         self._publish_ring(vs)
         self._save()
         return vs
+
+    def collect_retired(self) -> int:
+        """Free the ids of deleted reals that no conn entry names any more."""
+        if not any(v.retired for v in self.vips.values()):
+            return 0
+        used = {v.real_id for _, v in self.conns.items()}
+        freed = 0
+        for vs in self.vips.values():
+            for addr in [a for a, r in vs.retired.items() if r.real_id not in used]:
+                self._free_real(vs.retired.pop(addr))
+                freed += 1
+        if freed:
+            self._save()
+        return freed
 
     def set_weight(self, key: str, address, weight: int) -> None:
         r = self._real(key, address)
@@ -301,7 +323,7 @@ class ServiceTables:
     def real_by_id(self) -> dict[int, tuple[str, str]]:
         """real id -> (VIP key, real address)."""
         return {r.real_id: (v.key, r.address) for v in self.vips.values()
-                for r in v.reals.values()}
+                for r in [*v.reals.values(), *v.retired.values()]}
 
     def conn_entries(self, limit: int | None = None):
         """Yield (client, cport, vip, vport, proto, real id) from the conn table."""

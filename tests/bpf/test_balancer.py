@@ -331,3 +331,21 @@ def test_flow_events_for_sync(prog, st):
     evs = [M.FlowEvent.from_buffer_copy(b) for b in got]
     assert sorted(M.flow_tuple(e.key)[1] for e in evs) == list(range(48000, 48005))
     st.set_config(tun_src4="10.99.0.21", flow_events=False)
+
+
+def test_deleted_real_keeps_its_open_flows_until_collected(prog, st):
+    vs = add_vip(st)
+    flows = {}
+    for sport in range(49000, 49060):
+        p = v4(sport=sport)
+        flows[sport] = dr_real(run(prog, p), p)
+    st.set_reals(vs.key, [(a, m, 100) for a, m in REALS4[:2]])  # real3 deleted
+    for sport, mac in flows.items():  # open flows, real3's included, carry on
+        p = v4(sport=sport)
+        assert dr_real(run(prog, p), p) == mac
+    new = {dr_real(run(prog, p), p) for p in (v4(sport=s) for s in range(50000, 50100))}
+    assert REALS4[2][1] not in new
+    assert st.collect_retired() == 0  # still named by conn entries
+    st.conns.clear()
+    assert st.collect_retired() == 1
+    assert not st.vips[vs.key].retired

@@ -200,8 +200,6 @@ FIELD_CASES = [
     (("vip", 0), "ring_size", 1048574, "vip[0].ring_size: 1048574 is out of range 7..1048573"),
     (("vip", 0), "ring_size", "65537", 'vip[0].ring_size: expected an integer, got string "65537"'),
     (("vip", 0), "all_down", "fail", 'vip[0].all_down: "fail" is not one of "keep", "drop"'),
-    (("vip", 0), "real", DEL, "vip[0].real: required; add at least one [[vip.real]]"),
-    (("vip", 0), "real", [], "vip[0].real: is empty; add at least one [[vip.real]]"),
     (("vip", 0), "real", {"address": "10.99.0.11"}, "vip[0].real: expected an array of tables, got a table; write [[vip.real]]"),
     (("vip", 0), "reals", [], "vip[0].reals: unknown key; did you mean 'real'?"),
     # [[vip.real]]
@@ -1006,3 +1004,17 @@ def test_dataclasses_usable_directly():
     cfg = Config(node=node, vips=(vip,))
     assert cfg.vip_by_key("10.99.0.100:0/udp") is vip
     assert isinstance(VrrpConfig(name="a", interface="eth0", vrid=1, vips=()).family, int)
+
+
+def test_vip_without_reals_is_allowed():
+    # like `ipvsadm -A` before any `-a`: reals come later through the API
+    cfg = parse_config(
+        '[node]\nname = "lb1"\ninterfaces = ["eth0"]\n'
+        '[[vip]]\naddress = "10.99.0.100"\nport = 80\n'
+    )
+    assert cfg.vips[0].reals == ()
+    cfg = parse_config(
+        '[node]\nname = "lb1"\ninterfaces = ["eth0"]\n'
+        '[[vip]]\naddress = "10.99.0.100"\nport = 80\nreal = []\n'
+    )
+    assert cfg.vips[0].reals == ()
