@@ -19,6 +19,7 @@ Sections (see configs/*.toml for commented examples): [node], [healthcheck]
 from __future__ import annotations
 
 import dataclasses
+import functools
 import difflib
 import ipaddress
 import json
@@ -511,6 +512,13 @@ def _check_mac(v: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=65536)
+def _parse_ip(text: str) -> IPAddress:
+    # Runtime API changes re-validate the whole config: caching keeps a VIP of
+    # thousands of reals cheap to re-check.
+    return ipaddress.ip_address(text)
+
+
 def _ip(*, allow_unspecified: bool = False) -> Conv:
     def conv(ctx: _Ctx, path: str, v: Any) -> IPAddress | None:
         if not isinstance(v, str):
@@ -520,7 +528,7 @@ def _ip(*, allow_unspecified: bool = False) -> Conv:
             ctx.err(path, f'{_q(v)}: expected a single address, without "/prefix"')
             return None
         try:
-            addr = ipaddress.ip_address(v.strip())
+            addr = _parse_ip(v.strip())
         except ValueError:
             ctx.err(path, f"{_q(v)} is not a valid IPv4 or IPv6 address")
             return None
@@ -822,6 +830,7 @@ def _parse_hc(ctx: _Ctx, path: str, raw: Any, base: _HcLayer) -> _HcLayer:
     return _HcLayer(values, origin, base.bad | bad)
 
 
+@functools.lru_cache(maxsize=4096)
 def _resolve_hc_port(hc: HealthCheckConfig, vip_port: int) -> HealthCheckConfig:
     if hc.port != 0:
         return hc

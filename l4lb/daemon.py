@@ -77,6 +77,7 @@ class Daemon:
         self.tables: ServiceTables | None = None
         self.health = HealthChecker(self._on_health)
         self.macs: dict[str, str] = {}
+        self._macs_changed = False
         self.stop_event = asyncio.Event()
         self.full_stop = False  # `l4lb stop`: detach and remove pins too
         self.held_vips: set[str] = set()
@@ -202,6 +203,7 @@ class Daemon:
         for addr, mac in zip(todo, results):
             if mac:
                 self.macs[addr] = mac
+                self._macs_changed = True
             else:
                 log.warning("cannot resolve the MAC of real %s: it stays out of the ring until "
                             "it answers ARP/ND (or set vip.real.mac)", addr)
@@ -216,10 +218,15 @@ class Daemon:
                 if key not in want:
                     t.delete_vip(key)
                     log.info("VIP %s removed", key)
+            before = {v.key: v for v in self.cfg.vips}
             for key, v in want.items():
+                if not initial and before.get(key) == v and key in t.vips and \
+                        not self._macs_changed:
+                    continue  # unchanged VIP: no ring rebuild
                 t.upsert_vip(v.address, v.port, v.protocol, mode=v.mode, hash=v.hash,
                              ring_size=v.ring_size, all_down=v.all_down)
                 t.set_reals(key, [(r.address, self._mac_for(r), r.weight) for r in v.reals])
+            self._macs_changed = False
             old_vips = {str(v.address) for v in self.cfg.vips}
             self.cfg = cfg
             self.health.sync({(v.key, str(r.address)): r.healthcheck

@@ -10,13 +10,18 @@ with the same ids and existing flows keep their reals.
 from __future__ import annotations
 
 import ctypes as ct
+import errno
 import ipaddress
 import json
 import os
 import socket
+import struct
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from l4lb import maglev
 from l4lb.dataplane import maps as M
@@ -89,6 +94,8 @@ class ServiceTables:
         self._free_vip_ids = deque(range(opts.max_vips))
         self._free_real_ids = deque(range(1, opts.max_reals))  # 0 = "no real"
         self._last_ring: dict[str, object] = {}
+        self._written: set[int] = set()  # real ids whose map entry this process wrote
+        self._published: set[int] = set()  # VIP ids whose ring this process wrote
         if self.state_file and self.state_file.exists():
             self._restore()
 
@@ -145,8 +152,11 @@ class ServiceTables:
             self._zero_counters(self._stats_vip, vs.vip_id)
             self.vips[vs.key] = vs
             self._sync_vip_addrs()
-        vs.mode, vs.hash, vs.all_down = mode, hash, all_down
-        vs.ring_size = ring_size
+        params = (mode, hash, all_down, ring_size)
+        if vs.vip_id in self._published and (vs.mode, vs.hash, vs.all_down,
+                                               vs.ring_size) == params:
+            return vs  # nothing but reals can have changed: set_reals publishes
+        vs.mode, vs.hash, vs.all_down, vs.ring_size = params
         self._publish_ring(vs)
         self._save()
         return vs
@@ -159,6 +169,7 @@ class ServiceTables:
         for r in [*vs.reals.values(), *vs.retired.values()]:
             self._free_real(r)
         self._free_vip_ids.append(vs.vip_id)
+        self._published.discard(vs.vip_id)
         self._last_ring.pop(key, None)
         self._sync_vip_addrs()
         self._save()
@@ -192,8 +203,10 @@ class ServiceTables:
                 r = RealState(addr, self._free_real_ids.popleft(), mac, w)
                 self._zero_counters(self._stats_real, r.real_id)
                 vs.reals[addr] = r
-            r.mac, r.weight = mac, w
-            self._write_real(r)
+            if r.mac != mac or r.real_id not in self._written:
+                r.mac = mac
+                self._write_real(r)
+            r.weight = w
         self._publish_ring(vs)
         self._save()
         return vs
@@ -245,10 +258,12 @@ class ServiceTables:
 
     def _write_real(self, r: RealState) -> None:
         self._reals_map[ct.c_uint32(r.real_id)] = M.real_def(r.address, r.mac, r.down)
+        self._written.add(r.real_id)
 
     def _free_real(self, r: RealState) -> None:
         # family 0 marks the id unused: flows still naming it are rescheduled.
         self._reals_map[ct.c_uint32(r.real_id)] = M.RealDef()
+        self._written.discard(r.real_id)
         self._free_real_ids.append(r.real_id)  # FIFO: an id is reused as late as possible
 
     # ---------------------------------------------------------------- rings
@@ -270,7 +285,7 @@ class ServiceTables:
         slot_index = 2 * vs.vip_id + new_slot
         base = slot_index * self.opts.ring_max
         n = len(ring)
-        keys = (ct.c_uint32 * n)(*range(base, base + n))
+        keys = (ct.c_uint32 * n).from_buffer(np.arange(base, base + n, dtype=np.uint32))
         vals = (ct.c_uint32 * n).from_buffer_copy(memoryview(ring).cast("B"))
         self._rings_map.items_update_batch(keys, vals)
         meta = M.VipMeta(vip_id=vs.vip_id, flags=vs.flags, ring_slot=slot_index, ring_size=n)
@@ -278,6 +293,7 @@ class ServiceTables:
         self._vips_map[M.vip_key(vs.address, vs.port, vs.proto)] = meta
         vs.slot = new_slot
         self._last_ring[vs.key] = ring
+        self._published.add(vs.vip_id)
 
     def _vip_present(self, vs: VipState) -> bool:
         try:
@@ -344,10 +360,122 @@ class ServiceTables:
     def conn_count(self) -> int:
         return sum(1 for _ in self.conns.keys())
 
+    # The conn table in bulk (sync): raw FlowKey / ConnVal records, CONN_KEY and
+    # CONN_VAL below, one bpf(2) call per batch instead of one per entry.
+    def conn_batches(self, batch: int = 1024):
+        """Walk the conn table with BPF_MAP_LOOKUP_BATCH, ``batch`` entries per call.
+
+        Yields ``(keys, values, n)``: n packed FlowKey records and n ConnVal records
+        (bytes). Lazy: the caller may stop any time. Entries added or removed while
+        the walk runs may be missed or seen twice (a hash walk, by bucket).
+        """
+        yield from _lookup_batches(self.conns.map_fd, CONN_KEY.size, CONN_VAL.size, batch)
+
+    def install_conns(self, keys: bytes, values: bytes, overwrite: bool = True) -> int:
+        """Write packed FlowKey/ConnVal records (as conn_batches yields them) to the
+        conn table; returns how many were written. ``overwrite`` False leaves existing
+        entries alone (BPF_NOEXIST, one call per entry: for small batches only)."""
+        n = len(keys) // CONN_KEY.size
+        if n * CONN_KEY.size != len(keys) or n * CONN_VAL.size != len(values):
+            raise ValueError("keys/values are not whole FlowKey/ConnVal records")
+        if n == 0:
+            return 0
+        fd = self.conns.map_fd
+        if overwrite:
+            _update_batch(fd, keys, values, n)
+            return n
+        return _update_noexist(fd, keys, values, CONN_KEY.size, CONN_VAL.size)
+
 
 def coarse_now_ns() -> int:
     """The clock bpf_ktime_get_coarse_ns reads (CLOCK_MONOTONIC_COARSE)."""
-    return int(os.clock_gettime(6) * 1e9)
+    return time.clock_gettime_ns(6)  # CLOCK_MONOTONIC_COARSE (not in the time module)
 
 
-__all__ = ["ServiceTables", "TablesError", "VipState", "RealState", "coarse_now_ns", "socket"]
+# --------------------------------------------------------------- bulk conn-table I/O
+# struct flow_key and struct conn_val as bytes: addresses zero-padded to 16 bytes,
+# ports in network order (as the data plane stores them), family 4/6.
+CONN_KEY = struct.Struct("!16s16sHHBB2x")
+CONN_VAL = struct.Struct("=IIQ")  # real_id, vip_id, last_seen_ns (host order)
+assert CONN_KEY.size == ct.sizeof(M.FlowKey) and CONN_VAL.size == ct.sizeof(M.ConnVal)
+
+# bcc's own batch helpers read the whole map in one go and share one variable
+# between the batch token and the count; these call bpf(2) directly.
+_SYS_BPF = 321  # x86_64
+_BPF_MAP_UPDATE_ELEM, _BPF_MAP_LOOKUP_BATCH, _BPF_MAP_UPDATE_BATCH = 2, 24, 26
+_BPF_NOEXIST = 1
+_libc = ct.CDLL(None, use_errno=True)
+_libc.syscall.restype = ct.c_long
+
+
+class _BatchAttr(ct.Structure):
+    _fields_ = [("in_batch", ct.c_uint64), ("out_batch", ct.c_uint64), ("keys", ct.c_uint64),
+                ("values", ct.c_uint64), ("count", ct.c_uint32), ("map_fd", ct.c_uint32),
+                ("elem_flags", ct.c_uint64), ("flags", ct.c_uint64)]
+
+
+class _ElemAttr(ct.Structure):
+    _fields_ = [("map_fd", ct.c_uint32), ("_pad", ct.c_uint32), ("key", ct.c_uint64),
+                ("value", ct.c_uint64), ("flags", ct.c_uint64)]
+
+
+def _bpf(cmd: int, attr) -> int:
+    """bpf(2); returns 0 or the errno."""
+    if _libc.syscall(_SYS_BPF, cmd, ct.byref(attr), ct.sizeof(attr)) == 0:
+        return 0
+    return ct.get_errno()
+
+
+def _lookup_batches(fd: int, ksize: int, vsize: int, batch: int):
+    keys = ct.create_string_buffer(ksize * batch)
+    vals = ct.create_string_buffer(vsize * batch)
+    tok_in, tok_out = ct.c_uint64(0), ct.c_uint64(0)  # hash maps: a u32 bucket index
+    first = True
+    while True:
+        attr = _BatchAttr(in_batch=0 if first else ct.addressof(tok_in),
+                          out_batch=ct.addressof(tok_out), keys=ct.addressof(keys),
+                          values=ct.addressof(vals), count=batch, map_fd=fd)
+        err = _bpf(_BPF_MAP_LOOKUP_BATCH, attr)
+        n = attr.count
+        if err == errno.ENOSPC and n == 0:  # one bucket holds more than `batch` entries
+            batch *= 2
+            keys = ct.create_string_buffer(ksize * batch)
+            vals = ct.create_string_buffer(vsize * batch)
+            continue
+        if err not in (0, errno.ENOENT):
+            raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
+        if n:
+            yield ct.string_at(keys, ksize * n), ct.string_at(vals, vsize * n), n
+        if err == errno.ENOENT:  # the walk is complete
+            return
+        tok_in.value = tok_out.value
+        first = False
+
+
+def _update_batch(fd: int, keys: bytes, values: bytes, n: int) -> None:
+    kbuf = ct.create_string_buffer(keys, len(keys))
+    vbuf = ct.create_string_buffer(values, len(values))
+    attr = _BatchAttr(keys=ct.addressof(kbuf), values=ct.addressof(vbuf), count=n, map_fd=fd)
+    err = _bpf(_BPF_MAP_UPDATE_BATCH, attr)
+    if err:
+        raise OSError(err, f"BPF_MAP_UPDATE_BATCH: {os.strerror(err)} after {attr.count} of {n}")
+
+
+def _update_noexist(fd: int, keys: bytes, values: bytes, ksize: int, vsize: int) -> int:
+    kbuf = ct.create_string_buffer(keys, len(keys))
+    vbuf = ct.create_string_buffer(values, len(values))
+    kbase, vbase = ct.addressof(kbuf), ct.addressof(vbuf)
+    written = 0
+    for i in range(len(keys) // ksize):
+        attr = _ElemAttr(map_fd=fd, key=kbase + i * ksize, value=vbase + i * vsize,
+                         flags=_BPF_NOEXIST)
+        err = _bpf(_BPF_MAP_UPDATE_ELEM, attr)
+        if err == 0:
+            written += 1
+        elif err != errno.EEXIST:
+            raise OSError(err, f"BPF_MAP_UPDATE_ELEM: {os.strerror(err)}")
+    return written
+
+
+__all__ = ["ServiceTables", "TablesError", "VipState", "RealState", "coarse_now_ns", "socket",
+           "CONN_KEY", "CONN_VAL"]
