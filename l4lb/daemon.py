@@ -12,7 +12,6 @@ Every change, from the API or a reload, is a new validated Config handed to
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import os
 import signal
@@ -285,7 +284,7 @@ class Daemon:
     # ------------------------------------------------------- runtime change
     async def change(self, mutate) -> Config:
         """Apply `mutate(dict)` to the running config; refuse it whole if invalid."""
-        data = copy.deepcopy(config_to_dict(self.cfg))
+        data = config_to_dict(self.cfg)  # a fresh dict: safe to mutate
         mutate(data)
         cfg = config_from_dict(data, source="api")
         errs = check_system(cfg)
