@@ -19,8 +19,8 @@ Sections (see configs/*.toml for commented examples): [node], [healthcheck]
 from __future__ import annotations
 
 import dataclasses
-import functools
 import difflib
+import functools
 import ipaddress
 import json
 import math

@@ -20,8 +20,14 @@ import time
 from pathlib import Path
 
 from l4lb import netutil
-from l4lb.config import Config, ConfigError, check_system, config_from_dict, config_to_dict, \
-    load_config
+from l4lb.config import (
+    Config,
+    ConfigError,
+    check_system,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+)
 from l4lb.dataplane import loader
 from l4lb.dataplane import maps as M
 from l4lb.dataplane.tables import ServiceTables, TablesError
@@ -193,13 +199,13 @@ class Daemon:
         return self.macs.get(str(real.address), NO_MAC)
 
     async def _resolve_macs(self, cfg: Config) -> None:
-        todo = {str(r.address) for v in cfg.vips for r in v.reals if not r.mac}
-        todo -= {a for a, m in self.macs.items() if m != NO_MAC}
+        known = {a for a, m in self.macs.items() if m != NO_MAC}
+        todo = sorted({str(r.address) for v in cfg.vips for r in v.reals if not r.mac} - known)
         if not todo:
             return
         results = await asyncio.gather(*(asyncio.to_thread(netutil.resolve_mac, a, 1.0)
                                          for a in todo))
-        for addr, mac in zip(todo, results):
+        for addr, mac in zip(todo, results, strict=True):
             if mac:
                 self.macs[addr] = mac
                 self._macs_changed = True

@@ -10,8 +10,8 @@ with the same ids and existing flows keep their reals.
 from __future__ import annotations
 
 import ctypes as ct
-import functools
 import errno
+import functools
 import ipaddress
 import json
 import os
