@@ -83,7 +83,7 @@ runs the config's ``[[vrrp]]`` instances in the foreground, logs one line per
 transition to stderr (``vrrp VI_1: backup -> master (master_down)``), stops
 gracefully on SIGTERM / SIGINT (priority 0, VIPs removed), and rewrites the
 status file (``{"pid": ..., "instances": {name: status()}}``) at start, on
-each transition and at exit.
+each transition, every ``--status-interval`` seconds (0.2) and at exit.
 """
 
 from __future__ import annotations
@@ -596,6 +596,7 @@ class VrrpAgent:
         self._running = True
         self._loop.add_reader(self._sock.fileno(), self._on_readable)
         self._main = asyncio.create_task(self._run(), name=f"vrrp-{cfg.name}")
+        self._main.add_done_callback(self._main_done)
         self._tasks = [asyncio.create_task(self._callback_worker()),
                        asyncio.create_task(self._link_monitor())]
         for i, t in enumerate(cfg.track_scripts):
@@ -646,6 +647,11 @@ class VrrpAgent:
         if self._own_nl and self._nl is not None:
             await self._nl.close()
             self._nl = None
+
+    def _main_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.errors["crash"] += 1
+            log.critical("vrrp %s: the agent loop died: %r", self.cfg.name, task.exception())
 
     def status(self) -> dict[str, Any]:
         cfg, m = self.cfg, self.machine
@@ -804,6 +810,7 @@ class VrrpAgent:
                 elif kind == "stop":
                     if ev[1]:
                         await self._apply(m.shutdown(now))
+                        self._transition(INITIALIZE, "shutdown")  # from fault: no Notify
                     else:
                         self._vips_held = False
                         self._transition(INITIALIZE, "stopped")
@@ -1142,7 +1149,7 @@ def _write_status(path: str, agents: list[VrrpAgent]) -> None:
 
 
 async def _run_agents(cfgs: list[VrrpConfig], status_file: str | None,
-                      vip_lifetime: float | None) -> int:
+                      vip_lifetime: float | None, status_interval: float = 0.2) -> int:
     agents: list[VrrpAgent] = []
 
     def on_state(_old: str, _new: str) -> None:
@@ -1167,7 +1174,11 @@ async def _run_agents(cfgs: list[VrrpConfig], status_file: str | None,
                 return rc
             started.append(a)
         on_state("", "")
-        await stop.wait()
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), status_interval if status_file else None)
+            except asyncio.TimeoutError:
+                on_state("", "")
     finally:
         for a in started:
             await a.stop(graceful=True)
@@ -1187,6 +1198,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run only this instance (repeatable; default: all)")
     ap.add_argument("--status-file", metavar="PATH",
                     help="write the status JSON here at start, on each transition and at exit")
+    ap.add_argument("--status-interval", type=float, default=0.2, metavar="SECONDS",
+                    help="also rewrite the status file this often (default 0.2)")
     ap.add_argument("--vip-lifetime", type=float, default=None, metavar="SECONDS",
                     help="VIP valid lifetime, renewed while master (0 = permanent; default "
                          "max(3, 3 * Master_Down_Interval))")
@@ -1211,7 +1224,8 @@ def main(argv: list[str] | None = None) -> int:
     if not insts:
         print(f"{args.config} has no [[vrrp]] instance", file=sys.stderr)
         return 2
-    return asyncio.run(_run_agents(insts, args.status_file, args.vip_lifetime))
+    return asyncio.run(_run_agents(insts, args.status_file, args.vip_lifetime,
+                                   max(0.01, args.status_interval)))
 
 
 if __name__ == "__main__":

@@ -491,6 +491,7 @@ def test_track_scripts_and_notify_scripts(tmp_path):
         flag.unlink()
         await wait_state(a, "fault", 3.0)
         await a.stop()
+        assert a.state == "initialize"
         await asyncio.sleep(0.5)  # notify scripts run detached
 
     asyncio.run(run())
@@ -500,6 +501,7 @@ def test_track_scripts_and_notify_scripts(tmp_path):
     assert "M INSTANCE VI_1 MASTER" in lines
     assert "ALL INSTANCE VI_1 MASTER 100" in lines
     assert "ALL INSTANCE VI_1 BACKUP 100" in lines
+    assert "ALL INSTANCE VI_1 STOP 100" in lines  # scripts run concurrently: any order
 
 
 def test_ipv6_agent_uses_link_local_and_sends_unsolicited_na():
