@@ -36,6 +36,12 @@ static __always_inline void count_flow(struct counters *c, __u32 bytes, int new_
     c->new_flows += new_flow;
 }
 
+static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
+{
+    return *(const __u32 *)a == *(const __u32 *)b &&
+           *(const __u16 *)(a + 4) == *(const __u16 *)(b + 4);
+}
+
 static __always_inline __u32 mix32(__u32 h)
 {
     h ^= h >> 16;
@@ -154,13 +160,23 @@ int xdp_balancer(struct xdp_md *ctx)
         count(p.is_icmp_err ? ST_PASS_ICMP : ST_PASS_NON_VIP);
         return XDP_PASS;
     }
+    __u32 ifindex = ctx->ingress_ifindex;
+    struct own_mac *own = own_macs.lookup(&ifindex);
+    if (own && !mac_equal(own->mac, ((struct ethhdr *)data)->h_dest)) {
+        count(ST_PASS_NOT_OURS); /* the kernel drops it as PACKET_OTHERHOST */
+        return XDP_PASS;
+    }
 
     __u32 zero = 0;
     struct lb_config *cfg = config.lookup(&zero);
     if (!cfg)
         return XDP_PASS;
     __u32 vip_id = vip->vip_id;
-    __u32 hash = flow_hash(&p.key, vip->flags & VIP_F_HASH_SRC);
+    /* The flow hash is computed only where it is used (ring pick, IPv6 outer flow
+     * label): an established flow in DR mode never needs it. */
+    int src_only = vip->flags & VIP_F_HASH_SRC;
+    __u32 hash = 0;
+    int hashed = 0;
     __u64 now = bpf_ktime_get_coarse_ns();
     int new_flow = 0;
     __u32 real_id = 0;
@@ -182,6 +198,8 @@ int xdp_balancer(struct xdp_md *ctx)
         }
     }
     if (!real) {
+        hash = flow_hash(&p.key, src_only);
+        hashed = 1;
         real_id = ring_pick(vip, hash);
         real = real_id ? reals.lookup(&real_id) : 0;
         if (!real || !real->family) {
@@ -206,6 +224,8 @@ int xdp_balancer(struct xdp_md *ctx)
     count_flow(stats_real.lookup(&real_id), bytes, new_flow);
 
     if (vip->flags & VIP_F_TUN) {
+        if (!hashed && real->family == FAMILY_V6)
+            hash = flow_hash(&p.key, src_only);
         int act = forward_tun(ctx, &p, real, cfg, hash);
         if (act < 0) {
             count(ST_DROP_ENCAP);

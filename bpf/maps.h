@@ -119,6 +119,7 @@ enum stat_reason {
     ST_CONN_RESCHEDULED,   /* known flow whose real went down or timed out */
     ST_ICMP_FORWARDED,     /* frag-needed / packet-too-big sent after its flow */
     ST_FLOW_EVENT_LOST,    /* ring buffer full */
+    ST_PASS_NOT_OURS,      /* VIP packet sent to another host's MAC (flooded by a switch) */
     ST_MAX,
 };
 
@@ -137,6 +138,15 @@ L4LB_MAP("array", __u32, struct real_def, reals, MAX_REALS, 0);
 L4LB_MAP("array", __u32, __u32, rings, RING_SLOTS * RING_MAX, 0);
 L4LB_MAP("lru_hash", struct flow_key, struct conn_val, conns, CONN_TABLE_SIZE, CONN_TABLE_FLAGS);
 L4LB_MAP("array", __u32, struct lb_config, config, 1, 0);
+/* Our MAC per ingress ifindex: a VIP frame addressed to another MAC reached us
+ * only by flooding (a switch that does not know the master's port yet) and must
+ * not be forwarded, or its rewritten source MAC (= the master's) teaches the
+ * switch that the master lives behind our port. */
+struct own_mac {
+    __u8 mac[6];
+    __u8 pad[2];
+};
+L4LB_MAP("hash", __u32, struct own_mac, own_macs, 64, 0);
 L4LB_MAP("percpu_array", __u32, struct counters, stats_vip, MAX_VIPS, 0);
 L4LB_MAP("percpu_array", __u32, struct counters, stats_real, MAX_REALS, 0);
 L4LB_MAP("percpu_array", __u32, __u64, stats_global, ST_MAX, 0);

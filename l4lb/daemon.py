@@ -12,6 +12,7 @@ Every change, from the API or a reload, is a new validated Config handed to
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -143,15 +144,26 @@ class Daemon:
 
     async def _start_ha(self) -> None:
         """VRRP and sync, when configured (wired by their modules)."""
+        if self.cfg.sync.enabled:
+            from l4lb.sync.agent import SyncAgent  # noqa: PLC0415
+            # Sync first, so that VRRP's first transition finds it. Backup until
+            # VRRP says otherwise; without VRRP this node is the master.
+            self.sync = SyncAgent(self.cfg.sync, self.cfg.node.name, self.tables, self.prog,
+                                  role="backup" if self.cfg.vrrp else "master")
+            await self.sync.start()
         if self.cfg.vrrp:
             from l4lb.vrrp.agent import VrrpAgent  # noqa: PLC0415
             for inst in self.cfg.vrrp:
-                agent = VrrpAgent(inst, on_state=self._on_vrrp_state)
+                agent = VrrpAgent(inst, on_state=functools.partial(self._on_vrrp_state,
+                                                                   instance=inst.name))
                 self.vrrp.append(agent)
                 await agent.start()
 
-    def _on_vrrp_state(self, old, new) -> None:
-        log.info("vrrp: %s -> %s", old, new)
+    def _on_vrrp_state(self, old, new, instance: str | None = None) -> None:
+        log.info("vrrp %s: %s -> %s", instance or "", old, new)
+        # Sync follows the instance named by sync.vrrp_instance: its master sends.
+        if self.sync is not None and instance in (None, self.cfg.sync.vrrp_instance):
+            self.sync.set_role("master" if new == "master" else "backup")
 
     async def shutdown(self) -> None:
         self.health.stop()
@@ -160,6 +172,11 @@ class Daemon:
                 await agent.stop(graceful=True)
             except Exception as e:  # noqa: BLE001 - stopping anyway
                 log.warning("vrrp stop: %s", e)
+        if self.sync is not None:
+            try:
+                await self.sync.stop()
+            except Exception as e:  # noqa: BLE001 - stopping anyway
+                log.warning("sync stop: %s", e)
         if self.api_server:
             self.api_server.close()
             Path(self.cfg.node.api_socket).unlink(missing_ok=True)
@@ -189,6 +206,10 @@ class Daemon:
                     src4 = str(ip)
                 if ip.version == 6 and not src6:
                     src6 = str(ip)
+        macs = {}
+        for ifname in self.cfg.node.interfaces:
+            macs[netutil.ifindex(ifname)] = await asyncio.to_thread(netutil.link_mac, ifname)
+        self.tables.set_own_macs(macs)
         self.tables.set_config(tun_src4=src4, tun_src6=src6,
                                flow_events=self.cfg.sync.enabled,
                                conn_timeout_s=self.cfg.node.conn_timeout_s)

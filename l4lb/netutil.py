@@ -20,6 +20,11 @@ def ifindex(ifname: str) -> int:
         raise LookupError(f"interface {ifname} does not exist") from None
 
 
+def link_mac(ifname: str) -> str:
+    with IPRoute() as ipr:
+        return ipr.get_links(ifindex(ifname))[0].get_attr("IFLA_ADDRESS")
+
+
 def iface_addresses(ifname: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     """The interface's global addresses, primary first."""
     idx = ifindex(ifname)

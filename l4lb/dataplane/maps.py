@@ -12,7 +12,7 @@ import ipaddress
 import socket
 from enum import IntEnum
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 FAMILY_V4 = 4
 FAMILY_V6 = 6
@@ -51,6 +51,7 @@ class StatReason(IntEnum):
     CONN_RESCHEDULED = 14
     ICMP_FORWARDED = 15
     FLOW_EVENT_LOST = 16
+    PASS_NOT_OURS = 17
 
 
 ST_MAX = len(StatReason)
@@ -84,6 +85,10 @@ class ConnVal(ct.Structure):
 class LbConfig(ct.Structure):
     _fields_ = [("tun_src6", ct.c_ubyte * 16), ("tun_src4", ct.c_ubyte * 4),
                 ("flags", ct.c_uint32), ("conn_timeout_ns", ct.c_uint64)]
+
+
+class OwnMac(ct.Structure):
+    _fields_ = [("mac", ct.c_ubyte * 6), ("pad", ct.c_ubyte * 2)]
 
 
 class Counters(ct.Structure):

@@ -138,6 +138,15 @@ class ServiceTables:
         c.conn_timeout_ns = int(conn_timeout_s * 1e9)
         self._config_map[ct.c_uint32(0)] = c
 
+    def set_own_macs(self, macs: dict[int, str]) -> None:
+        """Our MAC per ifindex: VIP frames for other MACs are left alone (XDP_PASS)."""
+        table = self.prog.map("own_macs")
+        table.clear()
+        for idx, mac in macs.items():
+            v = M.OwnMac()
+            v.mac[:] = M.mac_bytes(mac)
+            table[ct.c_uint32(idx)] = v
+
     # ----------------------------------------------------------------- VIPs
     def upsert_vip(self, address, port: int, proto: str = "tcp", mode: str = "dr",
                    hash: str = "5tuple", ring_size: int = maglev.DEFAULT_RING_SIZE,

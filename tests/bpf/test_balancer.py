@@ -349,3 +349,19 @@ def test_deleted_real_keeps_its_open_flows_until_collected(prog, st):
     st.conns.clear()
     assert st.collect_retired() == 1
     assert not st.vips[vs.key].retired
+
+
+def test_vip_frame_for_another_mac_is_left_alone(prog, st):
+    # A switch floods a frame for the master's MAC to the backup too: the backup
+    # must not forward it (its rewrite would teach the switch the wrong port).
+    add_vip(st)
+    st.set_own_macs({1: "02:99:00:00:14:16"})  # BPF_PROG_TEST_RUN: ingress is lo (1)
+    try:
+        pkt = v4()
+        res = run(prog, pkt)
+        assert res.verdict == "PASS" and res.data == raw(pkt)
+        assert st.global_counters()["pass_not_ours"] == 1
+        st.set_own_macs({1: LB_MAC})
+        dr_real(run(prog, pkt), pkt)
+    finally:
+        st.set_own_macs({})
