@@ -31,13 +31,15 @@ from bench.common import markdown_table, run_meta, text_table, write_json, write
 from l4lb.lab import Lab  # noqa: E402
 
 VIP = "10.99.0.100"
-PATHS = ["direct", "l4lb_native", "l4lb_generic", "haproxy"]
+PATHS = ["direct", "l4lb_generic", "l4lb_native", "haproxy"]
 
 
 def iperf3(lab: Lab, host: str, seconds: float) -> float:
     r = lab.run("client1", ["iperf3", "-c", host, "-p", "5201", "-t", str(seconds), "-J",
                             "--connect-timeout", "3000"], timeout=seconds + 30)
     data = json.loads(r.stdout)
+    if "error" in data:
+        raise RuntimeError(f"iperf3 to {host}: {data['error']}")
     return data["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
@@ -58,7 +60,7 @@ def haproxy_conf(lab: Lab) -> Path:
     path = lab.workdir / "haproxy.cfg"
     path.write_text(f"""
 global
-    maxconn 20000
+    maxconn 8000
     nbthread 2
     pidfile {lab.workdir}/haproxy.pid
 defaults
@@ -115,8 +117,8 @@ def main(argv=None) -> int:
             if path == "direct":
                 target = lab.node("real1").ipv4
             elif path == "haproxy":
-                lab.popen("lb2", ["haproxy", "-db", "-f", str(haproxy_conf(lab))])
-                time.sleep(1.0)
+                hap = lab.popen("lb2", ["haproxy", "-db", "-f", str(haproxy_conf(lab))])
+                lab.wait_listening(hap, 5201)
                 target = lab.node("lb2").ipv4
             else:
                 mode = path.split("_")[1]
@@ -132,6 +134,8 @@ def main(argv=None) -> int:
             if path.startswith("l4lb"):
                 lab.l4lb("lb1", ["stop"])
                 daemon.proc.wait(20)
+                if path == "l4lb_native":
+                    lab.unprepare_native("lb1")  # the next path must not inherit it
         results["l4lb_forwarded"] = True
 
     d_g, d_r = results["iperf3_gbps"]["direct"], results["wrk_rps"]["direct"]

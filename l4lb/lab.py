@@ -507,6 +507,14 @@ http {{
                                 "loader.compile_pass().attach(sys.argv[1], 'native')", port])
         self.run_ns(self.brns, ["ethtool", "-K", port, "tx", "off"])
 
+    def unprepare_native(self, name: str) -> None:
+        """Undo prepare_native(): no XDP on the bridge port, checksum offload back on."""
+        port = self.node(name).port
+        self.run_ns(self.brns, [sys.executable, "-c",
+                                "import sys; from l4lb.dataplane import loader; "
+                                "loader.detach_xdp(sys.argv[1])", port])
+        self.run_ns(self.brns, ["ethtool", "-K", port, "tx", "on"])
+
     def run_ns(self, nsname: str, argv: list[str], timeout: float = 60) -> None:
         res = subprocess.run(["nsenter", f"--net={NETNS_DIR / nsname}", *argv],
                              capture_output=True, text=True, timeout=timeout)
