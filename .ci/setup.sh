@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(python3-bpfcc bpfcc-tools python3-venv python3-pip iproute2 ethtool iperf3 wrk
-      nginx-light haproxy keepalived tcpdump curl iputils-ping linux-headers-amd64 util-linux procps)
+      nginx-light haproxy keepalived tcpdump curl iputils-ping linux-headers-amd64 util-linux procps
+      prometheus)  # prometheus: promtool, for `promtool check metrics` in the tests
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup: must run as root (apt-get, /lib/modules links); try: sudo make setup" >&2
@@ -30,6 +31,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     [ "$created_policy" = 1 ] && rm -f "$policy"
+    # The prometheus package is here for promtool only: its server must not start
+    # at the next boot of a systemd host.
+    if command -v systemctl >/dev/null 2>&1; then
+        systemctl disable prometheus >/dev/null 2>&1 || true
+    fi
 fi
 
 # bcc needs kernel headers under /lib/modules/$(uname -r)/build. When the
