@@ -86,3 +86,22 @@ def test_long_lived_connection_survives_add_drain_and_restart(lab):
     # the restarted daemon took the connections over (same ids, same reals)
     conns = lab.l4lb_json("lb1", ["conns", "--vip", vip, "--limit", "1000"])
     assert len(conns) >= 20
+
+
+def test_native_xdp_mode(lab):
+    """Native (driver) XDP on veth: XDP_TX frames reach the bridge only when the peer
+    port runs an XDP program, and tx checksum offload must be off there (DESIGN §5)."""
+    lab.l4lb("lb1", ["stop"])
+    lab.daemon.proc.wait(20)
+    lab.prepare_native("lb1")
+    try:
+        lab.daemon = lab.start_l4lb("lb1", lab.balancer_config(
+            "lb1", vips(lab.by_role("real")[:3]), xdp_mode="native"))
+        st = lab.l4lb_json("lb1", ["status"])
+        assert st["xdp_mode"] == "native"
+        for vip, port in (("10.99.0.100", PORT_DR), ("[fd99::100]", PORT_TUN)):
+            res = lab.client("client1", ["spread", f"{vip}:{port}", "--count", "300"])
+            assert res["ok"] == 300, res
+            assert all(0.20 * 300 <= n <= 0.47 * 300 for n in res["reals"].values()), res
+    finally:
+        lab.unprepare_native("lb1")
