@@ -84,3 +84,29 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text if text.endswith("\n") else text + "\n")
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------- machine load
+def cpu_snapshot(stat_text: str | None = None) -> dict:
+    """CPU time from /proc/stat (all CPUs, seconds) and this process's own CPU time."""
+    if stat_text is None:
+        with open("/proc/stat") as f:
+            stat_text = f.read()
+    fields = [int(x) for x in stat_text.splitlines()[0].split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    # user nice system idle iowait irq softirq steal (guest times are inside user)
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    t = os.times()
+    return {"busy_s": (user + nice + system + irq + softirq) / hz, "steal_s": steal / hz,
+            "idle_s": (idle + iowait) / hz, "own_s": t.user + t.system,
+            "wall_s": time.monotonic()}
+
+
+def other_load(before: dict, after: dict) -> dict:
+    """What the rest of the machine did meanwhile: CPUs kept busy by other processes
+    (0.0 = quiet, 1.0 = one CPU's worth) and CPUs' worth of time stolen by the host."""
+    wall = max(after["wall_s"] - before["wall_s"], 1e-9)
+    busy = after["busy_s"] - before["busy_s"]
+    own = after["own_s"] - before["own_s"]
+    return {"other_cpus_busy": round(max(busy - own, 0.0) / wall, 2),
+            "steal_cpus": round((after["steal_s"] - before["steal_s"]) / wall, 2)}

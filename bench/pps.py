@@ -11,14 +11,18 @@ overhead; averaging many calls per round resolves well below the step, and the
 overhead cancels in net = case - xdp_pass, because the baselines are measured
 the same way in the same run, interleaved with the balancer cases.
 
-Rounds: every case runs `calls` calls per round, cases interleaved (and the
-order rotated each round), 5 rounds; reported are min/median/max of the
-per-round means and net = median - median(xdp_pass).
+Rounds: every case runs `calls` calls per round, 5 rounds; within a round the
+cases take turns in chunks of 1000 calls (the order rotating), so that noise
+from the rest of the machine falls on all cases alike; reported are
+min/median/max of the per-round means and net = median - median(xdp_pass).
+Every call counts; calls over 20 us (interrupted by a tick or the host) are
+kept in the mean and only counted, as `long_calls` in the JSON.
 
 Cross-check: for the cases where re-running the output is the same case
-(xdp_pass, xdp_tx_swap, non_vip, DR established: only the MACs change, which the
-program never reads), the same figures with one call of repeat=N are printed
-beside; they are free of the per-call timer overhead.
+(xdp_pass, xdp_tx_swap and non_vip; not DR established: its output carries the
+real's MAC, which the balancer no longer takes for its own), the same figures
+with one call of repeat=N are printed beside; they are free of the per-call
+timer overhead.
 
 Run as root from the repository root:
     .venv/bin/python bench/pps.py --json bench/results/pps.json --md bench/results/pps.md
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes as ct
+import hashlib
 import ipaddress
 import os
 import statistics
@@ -65,7 +70,9 @@ CONN_TIMEOUT_S = 300           # the config default: the timeout check runs as i
 DEFAULT_CALLS, QUICK_CALLS = 20000, 5000
 DEFAULT_ROUNDS = 5
 DEFAULT_MANY_FLOWS = 100000
+DEFAULT_CHUNK = 1000
 CROSS_CHECK_REPEAT = 100000
+LONG_CALL_NS = 20000           # a call this long was interrupted (tick, host): counted, kept
 
 
 @dataclass(frozen=True)
@@ -82,13 +89,13 @@ class Case:
 CASES = [
     Case("xdp_pass", "pass", None, "one", XDP_PASS, True, "baseline: return XDP_PASS"),
     Case("xdp_tx_swap", "swap", None, "one", XDP_TX, True, "baseline: swap MACs, XDP_TX"),
-    Case("dr_v4_established", "lb", "dr4", "one", XDP_TX, True, "one established flow"),
+    Case("dr_v4_established", "lb", "dr4", "one", XDP_TX, False, "one established flow"),
     Case("dr_v4_established_many", "lb", "dr4", "many", XDP_TX, False,
          "hits cycling over many established flows"),
     Case("dr_v4_new", "lb", "dr4", "new", XDP_TX, False, "a fresh 5-tuple every call"),
     Case("tun_v4_established", "lb", "tun4", "one", XDP_TX, False, "IPIP, one established flow"),
     Case("tun_v4_new", "lb", "tun4", "new", XDP_TX, False, "IPIP, a fresh 5-tuple every call"),
-    Case("dr_v6_established", "lb", "dr6", "one", XDP_TX, True, "one established flow"),
+    Case("dr_v6_established", "lb", "dr6", "one", XDP_TX, False, "one established flow"),
     Case("tun_v6_established", "lb", "tun6", "one", XDP_TX, False, "IP6IP6, one established flow"),
     Case("dr_v6_new", "lb", "dr6", "new", XDP_TX, False, "a fresh 5-tuple every call"),
     Case("non_vip", "lb", None, "one", XDP_PASS, True, "IPv4 TCP to an address that is no VIP"),
@@ -272,6 +279,12 @@ def notes(report: dict) -> list[str]:
                    f" LRU), conn timeout {s['conn_timeout_s']} s, flow events off; frames "
                    f"{s['frame_bytes_v4']} B (IPv4) / {s['frame_bytes_v6']} B (IPv6); "
                    f"{s['many_flows']} flows in _many; pinned to CPU {s['cpu']}")
+    if "machine_load" in report:
+        m = report["machine_load"]
+        out.append(f"rest of the machine while measuring: {m['other_cpus_busy']:.2f} CPUs busy "
+                   f"with other processes, {m['steal_cpus']:.2f} CPUs stolen by the host "
+                   f"(of {report.get('setup', {}).get('cpus', '?')}); calls over 20 us "
+                   f"(interrupted, kept): {sum(report.get('long_calls', {}).values())}")
     out.append(f"kernel {report['kernel']}, {report['timestamp']}"
                + (", --quick" if report["quick"] else ""))
     return out
@@ -325,6 +338,7 @@ class Runner:
         self._syscall = testrun._libc.syscall
         self._nr = (testrun._SYS_BPF, testrun.BPF_PROG_TEST_RUN)
         self.next = 0
+        self.long_calls = 0
 
     def _fail(self):
         err = ct.get_errno()
@@ -332,12 +346,17 @@ class Runner:
 
     def run(self, n: int, verdict: int, keep: list | None = None) -> float:
         """n calls of repeat=1 on the next n frames; the mean kernel duration in ns."""
+        return self.run_total(n, verdict, keep) / n
+
+    def run_total(self, n: int, verdict: int, keep: list | None = None) -> int:
+        """n calls of repeat=1 on the next n frames; the sum of the kernel's durations.
+        Calls over LONG_CALL_NS are counted in self.long_calls (kept in the sum)."""
         if not self.cyclic and self.next + n > self.count:
             raise BenchError(f"only {self.count - self.next} fresh frames left, {n} wanted")
         attr, ref, size, call = self.attr, self._ref, self._size, self._syscall
         sys_bpf, cmd = self._nr
         base, flen, outlen, count = ct.addressof(self.buf), self.frame_len, self.outlen, self.count
-        idx, total, wrong = self.next, 0, 0
+        idx, total, wrong, long_calls = self.next, 0, 0, 0
         for _ in range(n):
             attr.data_in = base + idx * flen
             attr.data_size_out = outlen
@@ -345,6 +364,8 @@ class Runner:
                 self._fail()
             d = attr.duration
             total += d
+            if d > LONG_CALL_NS:
+                long_calls += 1
             if keep is not None:
                 keep.append(d)
             if attr.retval != verdict:
@@ -353,9 +374,10 @@ class Runner:
             if idx == count:
                 idx = 0
         self.next = idx
+        self.long_calls += long_calls
         if wrong:
             raise BenchError(f"{wrong} of {n} calls returned another verdict than {verdict}")
-        return total / n
+        return total
 
     def run_repeat(self, repeat: int, verdict: int) -> int:
         """One call of repeat=`repeat` on the current frame: the kernel's mean ns per run."""
@@ -403,12 +425,12 @@ def check_output(case: Case, frame_len: int, out: bytes) -> None:
         raise BenchError(f"{case.name}: output MACs {out[:12].hex()} are not LB -> real")
 
 
-def method_text(calls: int, rounds: int, cpu: int) -> str:
+def method_text(calls: int, rounds: int, chunk: int, cpu: int) -> str:
     return (f"BPF_PROG_TEST_RUN with repeat=1 for every case, baselines included; {calls} calls "
-            f"per case and round, the kernel's per-call duration averaged over the round; "
-            f"{rounds} rounds with the cases interleaved (order rotated each round); "
-            f"min/median/max over the per-round means; net = median - xdp_pass median; "
-            f"process pinned to CPU {cpu}")
+            f"per case and round, the kernel's per-call duration averaged over the round "
+            f"(every call counted, none dropped); {rounds} rounds; within a round the cases "
+            f"take turns in chunks of {chunk} calls, the order rotating; min/median/max over "
+            f"the per-round means; net = median - xdp_pass median; process pinned to CPU {cpu}")
 
 
 def parse_args(argv=None):
@@ -421,16 +443,21 @@ def parse_args(argv=None):
     ap.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
     ap.add_argument("--calls", type=int, help=f"calls per case and round "
                     f"(default {DEFAULT_CALLS}, --quick {QUICK_CALLS})")
+    ap.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
+                    help="calls of one case before the next case's turn (interleaving grain)")
     ap.add_argument("--flows", type=int, default=DEFAULT_MANY_FLOWS,
                     help="established flows that dr_v4_established_many cycles over")
     ap.add_argument("--cases", help="comma-separated subset (xdp_pass is always run)")
     ap.add_argument("--cpu", type=int, help="CPU to pin to (default: the last one)")
     ap.add_argument("--per-cpu-lru", action="store_true",
                     help="build the conn table with BPF_F_NO_COMMON_LRU")
+    ap.add_argument("--bpf-dir", metavar="DIR",
+                    help="compile the balancer from another copy of bpf/ (A/B against an "
+                         "older version, e.g. `git archive HEAD bpf | tar -x -C /tmp/old`)")
     a = ap.parse_args(argv)
     a.calls = a.calls or (QUICK_CALLS if a.quick else DEFAULT_CALLS)
-    if a.rounds < 1 or a.calls < 1 or a.flows < 1:
-        ap.error("--rounds, --calls and --flows must be positive")
+    if min(a.rounds, a.calls, a.flows, a.chunk) < 1:
+        ap.error("--rounds, --calls, --chunk and --flows must be positive")
     names = [c.name for c in CASES]
     if a.cases:
         want = {s.strip() for s in a.cases.split(",") if s.strip()} | {"xdp_pass"}
@@ -441,6 +468,21 @@ def parse_args(argv=None):
     else:
         a.case_list = list(CASES)
     return a
+
+
+def bpf_digest(bpf_dir: Path) -> str:
+    """sha256 over bpf/'s sources: which version of the program these figures are for."""
+    h = hashlib.sha256()
+    for f in sorted(Path(bpf_dir).glob("*.[ch]")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def chunk_sizes(calls: int, chunk: int) -> list[int]:
+    """Split a round's calls into chunks of at most `chunk` (the last one may be shorter)."""
+    if calls < 1 or chunk < 1:
+        raise ValueError("calls and chunk must be positive")
+    return [chunk] * (calls // chunk) + ([calls % chunk] if calls % chunk else [])
 
 
 def conn_table_size_for(flows_needed: int, default: int) -> int:
@@ -468,6 +510,8 @@ def run(args) -> dict:
         conn_table_size=conn_table_size_for(flows_needed, M.DEFAULT_CONN_TABLE_SIZE),
         per_cpu_lru=args.per_cpu_lru)
 
+    if args.bpf_dir:
+        loader.BPF_DIR = Path(args.bpf_dir).resolve()
     t0 = time.monotonic()
     progs = {"pass": loader.compile_pass(), "swap": loader.compile_swap(),
              "lb": loader.compile_balancer(opts)}
@@ -480,6 +524,9 @@ def run(args) -> dict:
         for addr, port, mode, rfam in VIPS.values():
             vs = st.upsert_vip(addr, port, "tcp", mode=mode)
             st.set_reals(vs.key, real_list(rfam))
+        own_macs = hasattr(st, "set_own_macs")
+        if own_macs:  # as the daemon does; BPF_PROG_TEST_RUN's ingress is lo (ifindex 1)
+            st.set_own_macs({1: LB_MAC.hex(":")})
         print(f"compiled and set up in {time.monotonic() - t0:.1f} s; building frames ...",
               file=sys.stderr)
 
@@ -507,24 +554,39 @@ def run(args) -> dict:
 
         durations: list[int] = []
         runners["xdp_pass"].run(min(args.calls, 5000), XDP_PASS, keep=durations)
+        for r in runners.values():
+            r.long_calls = 0
 
         print(f"measuring {len(cases)} cases x {args.rounds} rounds x {args.calls} calls ...",
               file=sys.stderr)
+        load_before = common.cpu_snapshot()
         means: dict[str, list[float]] = {c.name: [] for c in cases}
         repeat_means: dict[str, list[int]] = {c.name: [] for c in cases if c.same_on_rerun}
+        sizes = chunk_sizes(args.calls, args.chunk)
+        counters = st.global_counters()
         for rnd in range(args.rounds):
-            k = rnd % len(cases)
-            for c in cases[k:] + cases[:k]:
-                before = st.global_counters()
-                means[c.name].append(runners[c.name].run(args.calls, c.verdict))
-                got = counter_deltas(before, st.global_counters())
-                want = expected_deltas(c, args.calls)
-                if got != want:
-                    raise BenchError(f"{c.name}: counters moved {got}, expected {want}")
+            totals = {c.name: 0 for c in cases}
+            for j, size in enumerate(sizes):
+                # Chunks of every case alternate, the order rotating, so that whatever
+                # else the machine does falls on all cases alike.
+                k = (rnd * len(sizes) + j) % len(cases)
+                for c in cases[k:] + cases[:k]:
+                    totals[c.name] += runners[c.name].run_total(size, c.verdict)
+                    if c.prog != "lb":
+                        continue
+                    now = st.global_counters()
+                    got, want = counter_deltas(counters, now), expected_deltas(c, size)
+                    if got != want:
+                        raise BenchError(f"{c.name}: counters moved {got}, expected {want}")
+                    counters = now
+            for c in cases:
+                means[c.name].append(totals[c.name] / args.calls)
             for c in cases:
                 if c.same_on_rerun:
                     repeat_means[c.name].append(
                         runners[c.name].run_repeat(CROSS_CHECK_REPEAT, c.verdict))
+            counters = st.global_counters()
+        load = common.other_load(load_before, common.cpu_snapshot())
         conns_after = sum(1 for _ in st.conns.keys())
         expect_new = args.rounds * args.calls * sum(1 for c in cases if c.flows == "new")
         if conns_after - conns_before != expect_new:
@@ -535,12 +597,14 @@ def run(args) -> dict:
             p.close()
 
     summary = {c.name: summarize(means[c.name]) for c in cases}
+    long_calls = {c.name: runners[c.name].long_calls for c in cases}
     cross = {name: summarize([float(x) for x in v]) for name, v in repeat_means.items()}
     add_net(cross)
     overhead = summary["xdp_pass"]["median_ns"] - cross["xdp_pass"]["median_ns"]
     meta = common.run_meta(args.quick)
     extra = {
-        "calls_per_round": args.calls, "rounds": args.rounds,
+        "calls_per_round": args.calls, "rounds": args.rounds, "chunk": args.chunk,
+        "long_calls": long_calls, "machine_load": load,
         "resolution_ns": resolution_ns(durations),
         "per_call_overhead_ns": round(overhead, 1),
         "cross_check_repeat": {"repeat": CROSS_CHECK_REPEAT, "cases": cross},
@@ -549,10 +613,13 @@ def run(args) -> dict:
                   "conn_timeout_s": CONN_TIMEOUT_S, "flow_events": False,
                   "frame_bytes_v4": len(tcp_frame(bytes(4), bytes(4), 1, 1)),
                   "frame_bytes_v6": len(tcp_frame(bytes(16), bytes(16), 1, 1)),
-                  "many_flows": args.flows, "cpu": cpu, "cpus": os.cpu_count()},
+                  "many_flows": args.flows, "cpu": cpu, "cpus": os.cpu_count(),
+                  "bpf_dir": str(args.bpf_dir or "bpf"), "bpf_sha256": bpf_digest(loader.BPF_DIR),
+                  "own_macs": own_macs},
         "targets_net_ns": TARGETS, "katran_net_ns": KATRAN,
     }
-    return build_report(summary, method_text(args.calls, args.rounds, cpu), meta, extra)
+    return build_report(summary, method_text(args.calls, args.rounds, args.chunk, cpu), meta,
+                        extra)
 
 
 def main(argv=None) -> int:
