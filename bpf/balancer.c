@@ -75,6 +75,20 @@ static __always_inline __u32 flow_hash(const struct flow_key *k, int src_only)
     return mix32(h ^ (((__u32)k->sport << 16) | k->dport) ^ ((__u32)k->proto << 24));
 }
 
+static __always_inline __u32 vip_filter_index(const struct flow_key *k)
+{
+    const __u32 *d = (const __u32 *)k->dst;
+    return mix32(d[0] ^ d[1] ^ d[2] ^ d[3] ^ k->family) & (VIP_FILTER_SIZE - 1);
+}
+
+/* False only when the destination is certainly not a VIP address. */
+static __always_inline int maybe_vip(const struct flow_key *k)
+{
+    __u32 idx = vip_filter_index(k);
+    __u32 *hit = vip_filter.lookup(&idx);
+    return hit && *hit;
+}
+
 static __always_inline struct vip_meta *find_vip(const struct flow_key *k)
 {
     struct vip_key vk = {};
@@ -89,8 +103,22 @@ static __always_inline struct vip_meta *find_vip(const struct flow_key *k)
     return vips.lookup(&vk);
 }
 
+/* Does the flow's destination still belong to the VIP this id names? (A VIP
+ * deleted and its id reused must not capture the old VIP's flows.) */
+static __always_inline int vip_entry_matches(const struct vip_entry *ve,
+                                             const struct flow_key *k)
+{
+    const __u32 *a = (const __u32 *)ve->key.addr;
+    const __u32 *d = (const __u32 *)k->dst;
+    return ve->key.family == k->family && ve->key.proto == k->proto &&
+           (ve->key.port == 0 || ve->key.port == k->dport) &&
+           a[0] == d[0] && a[1] == d[1] && a[2] == d[2] && a[3] == d[3];
+}
+
 static __always_inline int is_vip_addr(const struct flow_key *k)
 {
+    if (!maybe_vip(k))
+        return 0;
     struct vip_key vk = {};
     __builtin_memcpy(vk.addr, k->dst, 16);
     vk.family = k->family;
@@ -155,14 +183,30 @@ int xdp_balancer(struct xdp_md *ctx)
         return XDP_DROP;
     }
 
-    struct vip_meta *vip = find_vip(&p.key);
+    if (!maybe_vip(&p.key)) {
+        count(p.is_icmp_err ? ST_PASS_ICMP : ST_PASS_NON_VIP);
+        return XDP_PASS;
+    }
+    /* Established flows first: the conn entry names the VIP by id. */
+    struct vip_meta *vip = 0;
+    struct conn_val *cv = conns.lookup(&p.key);
+    if (cv) {
+        __u32 vid = cv->vip_id;
+        struct vip_entry *ve = vip_by_id.lookup(&vid);
+        if (ve && vip_entry_matches(ve, &p.key))
+            vip = &ve->meta;
+        else
+            cv = 0; /* its VIP is gone: treat the packet as a new flow */
+    }
+    if (!vip)
+        vip = find_vip(&p.key);
     if (!vip) {
         count(p.is_icmp_err ? ST_PASS_ICMP : ST_PASS_NON_VIP);
         return XDP_PASS;
     }
     __u32 ifindex = ctx->ingress_ifindex;
     struct own_mac *own = own_macs.lookup(&ifindex);
-    if (own && !mac_equal(own->mac, ((struct ethhdr *)data)->h_dest)) {
+    if (own && own->valid && !mac_equal(own->mac, ((struct ethhdr *)data)->h_dest)) {
         count(ST_PASS_NOT_OURS); /* the kernel drops it as PACKET_OTHERHOST */
         return XDP_PASS;
     }
@@ -177,20 +221,27 @@ int xdp_balancer(struct xdp_md *ctx)
     int src_only = vip->flags & VIP_F_HASH_SRC;
     __u32 hash = 0;
     int hashed = 0;
-    __u64 now = bpf_ktime_get_coarse_ns();
+    /* The clock helper is costly (a real call on a mitigated CPU): TCP hits never
+     * read it; TCP flows leave the table by LRU eviction, UDP flows (which have
+     * no end) by the idle timeout. */
+    __u64 now = 0;
     int new_flow = 0;
     __u32 real_id = 0;
     struct real_def *real = 0;
 
-    struct conn_val *cv = conns.lookup(&p.key);
     if (cv) {
         real_id = cv->real_id;
         real = reals.lookup(&real_id);
-        int stale = cfg->conn_timeout_ns && now - cv->last_seen_ns > cfg->conn_timeout_ns;
+        int stale = 0;
+        if (p.key.proto == IPPROTO_UDP && cfg->conn_timeout_ns) {
+            now = bpf_ktime_get_coarse_ns();
+            /* signed: an entry stamped ahead of our clock (synced) is not stale */
+            stale = (__s64)(now - cv->last_seen_ns) > (__s64)cfg->conn_timeout_ns;
+            if (!stale && (__s64)(now - cv->last_seen_ns) > (__s64)ONE_SECOND_NS)
+                cv->last_seen_ns = now; /* avoid dirtying the entry on every packet */
+        }
         if (real && real->family && !(real->flags & REAL_F_DOWN) && !stale) {
             count(ST_CONN_HIT);
-            if (now - cv->last_seen_ns > ONE_SECOND_NS)
-                cv->last_seen_ns = now; /* avoid dirtying the entry on every packet */
         } else {
             real = 0; /* its real went down, or the flow idled out: reschedule */
             if (!p.is_icmp_err)
@@ -206,6 +257,8 @@ int xdp_balancer(struct xdp_md *ctx)
             count(ST_DROP_NO_REAL);
             return XDP_DROP;
         }
+        if (!now)
+            now = bpf_ktime_get_coarse_ns();
         /* ICMP errors follow their flow but never create one. */
         if (!p.is_icmp_err) {
             struct conn_val nv = {.real_id = real_id, .vip_id = vip_id, .last_seen_ns = now};

@@ -57,6 +57,14 @@ struct vip_meta {
     __u32 ring_size; /* M, prime, <= RING_MAX */
 };
 
+/* The live settings of each VIP by id, with its key (family 0 = unused): an
+ * established flow reaches its VIP from the conn entry's vip_id by an inlined
+ * array lookup, instead of one or two hash lookups by key. */
+struct vip_entry {
+    struct vip_key key;
+    struct vip_meta meta;
+};
+
 #define REAL_F_DOWN 0x1 /* failed health check: its flows are rescheduled */
 
 /* A real server of one VIP (ids are per VIP and real address). mac is the
@@ -134,6 +142,7 @@ L4LB_MAP("hash", struct vip_key, struct vip_meta, vips, 2 * MAX_VIPS, 0);
 /* VIP addresses (port 0, proto 0): lets fragments and malformed packets for a
  * VIP get a defined verdict although they carry no usable port. */
 L4LB_MAP("hash", struct vip_key, __u32, vip_addrs, 2 * MAX_VIPS, 0);
+L4LB_MAP("array", __u32, struct vip_entry, vip_by_id, MAX_VIPS, 0);
 L4LB_MAP("array", __u32, struct real_def, reals, MAX_REALS, 0);
 L4LB_MAP("array", __u32, __u32, rings, RING_SLOTS * RING_MAX, 0);
 L4LB_MAP("lru_hash", struct flow_key, struct conn_val, conns, CONN_TABLE_SIZE, CONN_TABLE_FLAGS);
@@ -142,11 +151,21 @@ L4LB_MAP("array", __u32, struct lb_config, config, 1, 0);
  * only by flooding (a switch that does not know the master's port yet) and must
  * not be forwarded, or its rewritten source MAC (= the master's) teaches the
  * switch that the master lives behind our port. */
+#define MAX_IFINDEX 1024 /* interfaces with a higher ifindex skip the check */
 struct own_mac {
     __u8 mac[6];
-    __u8 pad[2];
+    __u8 valid;
+    __u8 pad;
 };
-L4LB_MAP("hash", __u32, struct own_mac, own_macs, 64, 0);
+/* An array (inlined lookup), not a hash: this is on every VIP packet's path. */
+L4LB_MAP("array", __u32, struct own_mac, own_macs, MAX_IFINDEX, 0);
+
+/* Pre-filter for the non-VIP fast path: slot vip_filter_index(dst) is non-zero
+ * when some VIP address hashes there. Most packets a balancer sees are not for
+ * a VIP; one inlined array lookup lets them pass without two hash lookups.
+ * l4lb/dataplane/maps.py computes the same index. */
+#define VIP_FILTER_SIZE 4096
+L4LB_MAP("array", __u32, __u32, vip_filter, VIP_FILTER_SIZE, 0);
 L4LB_MAP("percpu_array", __u32, struct counters, stats_vip, MAX_VIPS, 0);
 L4LB_MAP("percpu_array", __u32, struct counters, stats_real, MAX_REALS, 0);
 L4LB_MAP("percpu_array", __u32, __u64, stats_global, ST_MAX, 0);

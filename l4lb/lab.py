@@ -170,6 +170,7 @@ def _pids_in_netns(names: list[str]) -> list[int]:
 def destroy(prefix: str) -> list[str]:
     """Kill the lab's processes and remove its namespaces and state. Idempotent."""
     names = lab_namespaces(prefix)
+    state = read_state(prefix) or {}
     for sig in (signal.SIGTERM, signal.SIGKILL):
         pids = _pids_in_netns(names)
         for pid in pids:
@@ -193,6 +194,8 @@ def destroy(prefix: str) -> list[str]:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 Path(path).unlink(missing_ok=True)
+    if str(state.get("workdir", "")).startswith(tempfile.gettempdir() + "/l4lb-lab-"):
+        shutil.rmtree(state["workdir"], ignore_errors=True)
     _state_path(prefix).unlink(missing_ok=True)
     return names
 
@@ -239,7 +242,7 @@ class Lab:
         self.vips = [ipaddress.ip_address(v) for v in vips]
         self.nodes: dict[str, Node] = {}
         self.services: list[Service] = []
-        self.workdir = Path(tempfile.mkdtemp(prefix=f"l4lb-lab-{prefix}-"))
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"l4lb-lab-{prefix}-"))  # logs, configs
         self._counts = {"client": clients, "balancer": balancers, "real": reals}
         self.brns = f"{prefix}-br"
 
@@ -252,8 +255,12 @@ class Lab:
         self.down()
 
     def up(self) -> Lab:
-        check_environment()
-        remove_stale(self.prefix)
+        try:
+            check_environment()
+            remove_stale(self.prefix)
+        except LabError:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
         self._write_state()  # claim the prefix before building anything
         try:
             self._build()
@@ -267,6 +274,7 @@ class Lab:
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         state = {"prefix": self.prefix, "owner_pid": None if self.persistent else os.getpid(),
                  "created": time.time(), "bridge_netns": self.brns,
+                 "workdir": str(self.workdir),
                  "vips": [str(v) for v in self.vips],
                  "nodes": [asdict(n) for n in self.nodes.values()]}
         tmp = _state_path(self.prefix).with_suffix(".tmp")
@@ -453,8 +461,10 @@ http {{
         cfg = {"node": {"name": self.l4lb_name(name), "interfaces": ["eth0"],
                         "xdp_mode": xdp_mode, "api_socket": self.api_socket(name),
                         "conn_table_size": 65536},
-               "healthcheck": healthcheck or {"type": "tcp", "interval_s": 0.5,
-                                              "timeout_s": 0.4, "rise": 2, "fall": 2},
+               # Lenient by default: a lab on a loaded 2-core box must not flap its
+               # reals; tests of health checking set their own.
+               "healthcheck": healthcheck or {"type": "tcp", "interval_s": 1.0,
+                                              "timeout_s": 1.0, "rise": 2, "fall": 3},
                "metrics": {"listen": "127.0.0.1:9541"},
                "vip": vips}
         cfg.update(sections)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import ctypes as ct
 import ipaddress
 import socket
+import struct
 from enum import IntEnum
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 4
 
 FAMILY_V4 = 4
 FAMILY_V6 = 6
@@ -67,6 +68,10 @@ class VipMeta(ct.Structure):
                 ("ring_size", ct.c_uint32)]
 
 
+class VipEntry(ct.Structure):
+    _fields_ = [("key", VipKey), ("meta", VipMeta)]
+
+
 class RealDef(ct.Structure):
     _fields_ = [("addr", ct.c_ubyte * 16), ("mac", ct.c_ubyte * 6), ("family", ct.c_uint8),
                 ("flags", ct.c_uint8)]
@@ -88,7 +93,29 @@ class LbConfig(ct.Structure):
 
 
 class OwnMac(ct.Structure):
-    _fields_ = [("mac", ct.c_ubyte * 6), ("pad", ct.c_ubyte * 2)]
+    _fields_ = [("mac", ct.c_ubyte * 6), ("valid", ct.c_uint8), ("pad", ct.c_uint8)]
+
+
+MAX_IFINDEX = 1024
+VIP_FILTER_SIZE = 4096
+
+
+def _mix32(h: int) -> int:
+    """mix32() in balancer.c."""
+    h &= 0xFFFFFFFF
+    h ^= h >> 16
+    h = (h * 0x7FEB352D) & 0xFFFFFFFF
+    h ^= h >> 15
+    h = (h * 0x846CA68B) & 0xFFFFFFFF
+    h ^= h >> 16
+    return h
+
+
+def vip_filter_index(addr) -> int:
+    """vip_filter_index() in balancer.c: the VIP pre-filter slot of an address."""
+    raw, fam = addr16(addr)
+    w = struct.unpack("=4I", raw)  # the program reads the words in host order
+    return _mix32(w[0] ^ w[1] ^ w[2] ^ w[3] ^ fam) & (VIP_FILTER_SIZE - 1)
 
 
 class Counters(ct.Structure):
@@ -101,7 +128,7 @@ class FlowEvent(ct.Structure):
 
 
 # Sizes must match the C side exactly; a mismatch is a bug caught at import.
-for _s, _n in ((VipKey, 20), (VipMeta, 16), (RealDef, 24), (FlowKey, 40), (ConnVal, 16),
+for _s, _n in ((VipKey, 20), (VipMeta, 16), (VipEntry, 36), (RealDef, 24), (FlowKey, 40), (ConnVal, 16),
                (LbConfig, 32), (Counters, 24), (FlowEvent, 56)):
     assert ct.sizeof(_s) == _n, (_s.__name__, ct.sizeof(_s))
 

@@ -85,6 +85,7 @@ class ServiceTables:
         self.state_file = Path(state_file) if state_file else None
         self.vips: dict[str, VipState] = {}
         self._vips_map = prog.map("vips")
+        self._vip_by_id = prog.map("vip_by_id")
         self._addrs_map = prog.map("vip_addrs")
         self._reals_map = prog.map("reals")
         self._rings_map = prog.map("rings")
@@ -99,6 +100,7 @@ class ServiceTables:
         self._written: set[int] = set()  # real ids whose map entry this process wrote
         self._published: set[int] = set()  # VIP ids whose ring this process wrote
         self._slot_rings: dict[int, np.ndarray] = {}  # what each ring slot holds
+        self._filter_slots: set[int] = set()  # vip_filter slots set to 1
         if self.state_file and self.state_file.exists():
             self._restore()
 
@@ -114,6 +116,7 @@ class ServiceTables:
             self._free_vip_ids.remove(vs.vip_id)
             for r in [*reals.values(), *retired.values()]:
                 self._free_real_ids.remove(r.real_id)
+        self._sync_vip_addrs()
 
     def _save(self) -> None:
         if not self.state_file:
@@ -141,9 +144,13 @@ class ServiceTables:
     def set_own_macs(self, macs: dict[int, str]) -> None:
         """Our MAC per ifindex: VIP frames for other MACs are left alone (XDP_PASS)."""
         table = self.prog.map("own_macs")
-        table.clear()
+        for idx in range(M.MAX_IFINDEX):  # arrays cannot be cleared: zero every slot
+            if table[ct.c_uint32(idx)].valid and idx not in macs:
+                table[ct.c_uint32(idx)] = M.OwnMac()
         for idx, mac in macs.items():
-            v = M.OwnMac()
+            if idx >= M.MAX_IFINDEX:
+                continue  # the program skips the check for such interfaces
+            v = M.OwnMac(valid=1)
             v.mac[:] = M.mac_bytes(mac)
             table[ct.c_uint32(idx)] = v
 
@@ -178,6 +185,7 @@ class ServiceTables:
         if vs is None:
             raise TablesError(f"no VIP {key}")
         del self._vips_map[M.vip_key(vs.address, vs.port, vs.proto)]
+        self._vip_by_id[ct.c_uint32(vs.vip_id)] = M.VipEntry()  # family 0: unused
         for r in [*vs.reals.values(), *vs.retired.values()]:
             self._free_real(r)
         self._free_vip_ids.append(vs.vip_id)
@@ -188,6 +196,11 @@ class ServiceTables:
 
     def _sync_vip_addrs(self) -> None:
         want = {canon(v.address) for v in self.vips.values()}
+        # The pre-filter first, so that a new address is never filtered out.
+        filt = self.prog.map("vip_filter")
+        slots = {M.vip_filter_index(a) for a in want}
+        for i in slots:
+            filt[ct.c_uint32(i)] = ct.c_uint32(1)
         have = set()
         for k, _ in list(self._addrs_map.items()):
             have.add(str(M.addr_from16(k.addr, k.family)))
@@ -195,6 +208,9 @@ class ServiceTables:
             self._addrs_map[M.vip_addr_key(a)] = ct.c_uint32(1)
         for a in have - want:
             del self._addrs_map[M.vip_addr_key(a)]
+        for i in self._filter_slots - slots:
+            filt[ct.c_uint32(i)] = ct.c_uint32(0)
+        self._filter_slots = slots
 
     # ---------------------------------------------------------------- reals
     def set_reals(self, key: str, reals: list[tuple[str, str, int]]) -> VipState:
@@ -313,8 +329,11 @@ class ServiceTables:
                 (ct.c_uint32 * len(idx)).from_buffer(vals))
         self._slot_rings[slot_index] = new.copy()
         meta = M.VipMeta(vip_id=vs.vip_id, flags=vs.flags, ring_slot=slot_index, ring_size=n)
-        # One map update flips the VIP to the complete new ring.
-        self._vips_map[M.vip_key(vs.address, vs.port, vs.proto)] = meta
+        key = M.vip_key(vs.address, vs.port, vs.proto)
+        # One map update each flips the VIP to the complete new ring: by id
+        # (established flows) and by key (new flows).
+        self._vip_by_id[ct.c_uint32(vs.vip_id)] = M.VipEntry(key=key, meta=meta)
+        self._vips_map[key] = meta
         vs.slot = new_slot
         self._last_ring[vs.key] = ring
         self._published.add(vs.vip_id)

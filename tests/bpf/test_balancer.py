@@ -1,6 +1,7 @@
 """The XDP balancer on crafted packets (BPF_PROG_TEST_RUN), decoded with scapy."""
 
 import ipaddress
+import time
 
 import pytest
 from scapy.all import ICMP, IP, TCP, UDP, Dot1Q, Ether, ICMPv6PacketTooBig, IPv6, Raw, raw
@@ -365,3 +366,55 @@ def test_vip_frame_for_another_mac_is_left_alone(prog, st):
         dr_real(run(prog, pkt), pkt)
     finally:
         st.set_own_macs({})
+
+
+def test_udp_flows_idle_out_tcp_flows_do_not(prog, st):
+    add_vip(st, port=53, proto="udp")
+    add_vip(st, port=80, proto="tcp")
+    st.set_config(tun_src4="10.99.0.21", conn_timeout_s=1e-9)  # every UDP hit is idle
+    try:
+        for mk in (lambda: v4(dport=53, proto=UDP), lambda: v4(dport=80)):
+            run(prog, mk())
+            time.sleep(0.05)  # the coarse clock ticks every few ms
+            run(prog, mk())
+        g = st.global_counters()
+        assert g["conn_rescheduled"] == 1  # the UDP flow, not the TCP one
+        assert g["conn_hit"] == 1
+    finally:
+        st.set_config(tun_src4="10.99.0.21", tun_src6="fd99::21")
+
+
+def test_vip_prefilter_agrees_with_the_program(prog, st):
+    import ctypes
+
+    from l4lb.dataplane import maps as M
+    add_vip(st)
+    filt = prog.map("vip_filter")
+    idx = ctypes.c_uint32(M.vip_filter_index("10.99.0.100"))
+    assert filt[idx].value == 1
+    filt[idx] = ctypes.c_uint32(0)  # hide the address: the program must pass it
+    try:
+        pkt = v4()
+        res = run(prog, pkt)
+        assert res.verdict == "PASS" and res.data == raw(pkt)
+    finally:
+        filt[idx] = ctypes.c_uint32(1)
+    pkt = v4()
+    dr_real(run(prog, pkt), pkt)
+
+
+def test_flows_of_a_deleted_vip_do_not_follow_its_reused_id(prog, st):
+    vs = add_vip(st, port=80)
+    p = v4(sport=51000)
+    dr_real(run(prog, p), p)
+    old_id = vs.vip_id
+    st.delete_vip(vs.key)
+    res = run(prog, p)  # the VIP is gone: the flow's conn entry must not be used
+    assert res.verdict == "PASS" and res.data == raw(p)
+    # another VIP takes the old id (as id reuse would): the old flow must not follow it
+    other = add_vip(st, port=8080, reals=REALS4[:1])
+    import ctypes
+    by_id = prog.map("vip_by_id")
+    by_id[ctypes.c_uint32(old_id)] = by_id[ctypes.c_uint32(other.vip_id)]
+    res = run(prog, p)
+    assert res.verdict == "PASS" and res.data == raw(p)
