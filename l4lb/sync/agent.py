@@ -1,0 +1,943 @@
+"""Conn-table sync agent: the asyncio layer around the sans-I/O Sender/Receiver.
+
+The master streams the flows its data plane creates to the standby, so that
+established connections survive a takeover (DESIGN.md §4)::
+
+    XDP new flow -> ring buffer "flow_events" -> agent (batched) -> UDP -> peer
+    periodic / on-demand full walk of the conn table (BPF batch lookups) -> UDP -> peer
+    peer: authenticate (HMAC), translate real addresses to local real ids, install
+
+Roles follow VRRP (``set_role``, from the daemon's ``_on_vrrp_state``): the
+master sends, the backup receives; both send hello and heartbeats, so each side
+sees the other come, go and restart. A master sends a full walk when it becomes
+master, when a peer appears or restarts (new session), when a peer turns
+backup (failback), and every ``full_sync_interval_s``; the walk is pulled from
+the table lazily and paced, always after the pending incremental batch, so it
+never stalls the stream of new flows: a walk a peer is waiting for goes at
+``full_entries_per_s``, the periodic one (a repair) at ``periodic_entries_per_s``,
+so that it costs little CPU on either side. The standby installs new flows
+before full-walk entries that arrived earlier (those wait in a bounded backlog
+and go a slice per loop turn).
+
+Installing. An entry names its VIP by address/port/protocol (falling back to
+the port-0 VIP of the address, like the data plane) and its real by address;
+the receiver uses its own VIP and real ids. An entry for a VIP or a real this
+node does not have is counted (``skipped``, by reason) and left out. A backup
+overwrites (the master's choice wins over whatever it held for that 5-tuple); a
+master only fills in flows it does not know (BPF_NOEXIST), so a late message
+from the old master never moves a flow the new master has already placed.
+Installed entries get this node's own CLOCK_MONOTONIC_COARSE time as last-seen.
+Walks skip entries idle for longer than the data plane's conn timeout, so a
+standby never brings a dead flow back to life.
+
+Why UDP. Every message is one self-contained, authenticated datagram below the
+path MTU (``max_datagram``, 1400 by default) carrying a sequence number, so
+UDP gives framing for free and losses are visible (sequence gaps, ``lost``)
+and repaired by the next full walk. TCP would buy nothing that matters here
+and cost what does: one lost segment holds back every later flow (head-of-line
+blocking, lag spikes exactly when the network is stressed); a dead or hung
+standby would back pressure into the master's event reader or need buffering,
+reconnect and timeout logic; and a restart or a failover would race connection
+setup with the traffic it is supposed to protect, while with datagrams the
+sender never waits on the peer and a restarted peer is simply a new session.
+The price of UDP is no congestion control: the full walk is paced, sockets get
+large buffers, and the stream itself is bounded by the flow rate. (LVS's sync
+daemon and conntrackd made the same choice.)
+
+The ring buffer is read on the event loop (``ring_mode="epoll"``): the loop
+watches libbpf's epoll fd for the ring and consumes what is there when it
+becomes readable, so an event costs no thread hop and no polling. The other
+modes ("thread": ``ring_buffer_poll`` in a thread, events handed over with
+``call_soon_threadsafe``; "poll": ``ring_buffer_consume`` every millisecond)
+are kept for comparison; bench/sync.py measures them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes as ct
+import errno
+import ipaddress
+import logging
+import operator
+import socket
+import struct
+import threading
+import time
+import weakref
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from l4lb.dataplane import maps as M
+from l4lb.dataplane.tables import CONN_KEY, CONN_VAL, coarse_now_ns
+from l4lb.sync.codec import MAX_DATAGRAM, SyncEntry, entry_capacity
+from l4lb.sync.machine import (
+    REJECT_REASONS,
+    InstallEntries,
+    PeerDown,
+    PeerRole,
+    PeerUp,
+    Receiver,
+    Sender,
+)
+
+log = logging.getLogger("l4lb.sync")
+_RID = operator.itemgetter(5)
+
+__all__ = ["SyncAgent", "Translator", "decode_events", "RING_MODES", "SKIP_REASONS"]
+
+RING_MODES = ("epoll", "thread", "poll")
+#: Reasons an entry received from the peer is not installed.
+SKIP_REASONS = ("unknown_vip", "unknown_real", "local_entry")
+
+# struct flow_event = flow_key (40) | real_id u32 | vip_id u32 | ts_ns u64 (host order)
+_EVENT = struct.Struct("=40sIIQ")
+assert _EVENT.size == ct.sizeof(M.FlowEvent)
+assert M.FlowEvent.real_id.offset == 40 and M.FlowEvent.ts_ns.offset == 48
+# Walk fast paths: a flow_key of one family as (src, dst, sport, dport, proto), and
+# a conn_val as (real_id, last_seen_ns).
+_KEY4 = struct.Struct("!4s12x4s12xHHB3x")
+_KEY6 = struct.Struct("!16s16sHHB3x")
+_VAL_RS = struct.Struct("=I4xQ")
+_FAM_OFF = 37  # offset of flow_key.family
+_VAL_ID_NOW = struct.Struct("=IIQ")
+assert _KEY4.size == _KEY6.size == CONN_KEY.size and _VAL_RS.size == CONN_VAL.size
+
+WALK_BATCH = 1024  # conn-table entries per BPF_MAP_LOOKUP_BATCH call
+RECV_BURST = 64  # datagrams read per wake-up before installing
+FULL_SLICE = 1024  # full-walk entries installed per loop turn (new flows go first)
+FULL_BACKLOG_MAX = 500_000  # full-walk entries waiting to be installed, at most
+SOCK_BUF = 8 << 20  # socket buffers: a full walk's burst and a slow loop tick
+TRANSLATE_TTL_S = 1.0  # rebuild the id <-> address maps at least this often
+TRANSLATE_MISS_S = 0.05  # ... and on a miss, at most this often
+WALK_LOOP_ENTRIES = 1000  # full-walk entries per loop tick (bounds the stall)
+
+
+def _packed(addr: str, _cache: dict[str, bytes] = {}) -> bytes:  # noqa: B006 - a cache
+    b = _cache.get(addr)
+    if b is None:
+        b = _cache[addr] = ipaddress.ip_address(addr).packed
+        if len(_cache) > 100_000:
+            _cache.clear()
+    return b
+
+
+# =========================================================================== translation
+
+
+class Translator:
+    """Local ids <-> addresses, from ServiceTables (no BPF: unit-testable).
+
+    Master side: real id -> real address (events and walks name reals by id).
+    Standby side: (VIP address, port, protocol) -> (VIP id, {real address: real id}).
+    Both come from ``tables.vips`` (reals and, where the tables have them,
+    retired reals, which keep their ids while flows use them); ``refresh``
+    rebuilds them, ``maybe_refresh`` when they are old or after a miss.
+    """
+
+    def __init__(self, tables, clock: Callable[[], float] = time.monotonic) -> None:
+        self.tables = tables
+        self._clock = clock
+        self.vips: dict[tuple[bytes, int, int], tuple[int, dict[bytes, int]]] = {}
+        self.real_addr: dict[int, bytes] = {}
+        self.refreshed_at = float("-inf")
+        self.refreshes = 0
+        self.refresh()
+
+    def refresh(self) -> None:
+        vips: dict[tuple[bytes, int, int], tuple[int, dict[bytes, int]]] = {}
+        real_addr: dict[int, bytes] = {}
+        for vs in list(self.tables.vips.values()):
+            reals: dict[bytes, int] = {}
+            for r in (*vs.reals.values(), *getattr(vs, "retired", {}).values()):
+                a = _packed(r.address)
+                reals[a] = r.real_id
+                real_addr[r.real_id] = a
+            proto = M.PROTO.get(vs.proto, vs.proto)
+            vips[(_packed(vs.address), int(vs.port), proto)] = (vs.vip_id, reals)
+        self.vips, self.real_addr = vips, real_addr
+        self.refreshed_at = self._clock()
+        self.refreshes += 1
+
+    def maybe_refresh(self, missed: bool = False) -> bool:
+        age = self._clock() - self.refreshed_at
+        if age >= TRANSLATE_TTL_S or (missed and age >= TRANSLATE_MISS_S):
+            self.refresh()
+            return True
+        return False
+
+    # ----------------------------------------------------------------- master side
+
+    def events_to_entries(self, raws: Iterable[bytes]) -> tuple[list[SyncEntry], Counter]:
+        """Raw ``struct flow_event`` records -> entries; ``bad``/``unknown_real`` counted."""
+        events, bad = decode_events(raws)
+        return self._with_addresses(events, bad)
+
+    def _with_addresses(self, events, bad: int) -> tuple[list[SyncEntry], Counter]:
+        out: list[SyncEntry] = []
+        skipped: Counter = Counter()
+        if bad:
+            skipped["bad"] = bad
+        ra = self.real_addr
+        missing = []
+        for ev in events:
+            real = ra.get(ev[5])
+            if real is None:
+                missing.append(ev)
+            else:
+                out.append((*ev[:5], real))
+        if missing and self.maybe_refresh(missed=True):
+            ra = self.real_addr
+            for ev in missing:
+                real = ra.get(ev[5])
+                if real is None:
+                    skipped["unknown_real"] += 1
+                else:
+                    out.append((*ev[:5], real))
+        elif missing:
+            skipped["unknown_real"] += len(missing)
+        return out, skipped
+
+    def records_to_entries(self, keys: bytes, vals: bytes, now_ns: int = 0,
+                           timeout_ns: int = 0) -> tuple[list[SyncEntry], Counter]:
+        """Conn-table records (as ServiceTables.conn_batches yields them) -> entries.
+        With ``timeout_ns``, entries idle for longer (the data plane would
+        reschedule them) are left out and counted as ``idle``."""
+        n = len(vals) // CONN_VAL.size
+        fams = keys[_FAM_OFF::CONN_KEY.size]
+        if fams.count(M.FAMILY_V4) == n:  # the usual case: one family, unpacked in C
+            flows = _KEY4.iter_unpack(keys)
+        elif fams.count(M.FAMILY_V6) == n:
+            flows = _KEY6.iter_unpack(keys)
+        else:
+            flows = ((s[:4], d[:4], sp, dp, pr) if f == M.FAMILY_V4 else (s, d, sp, dp, pr)
+                     for s, d, sp, dp, pr, f in CONN_KEY.iter_unpack(keys))
+        ids = _VAL_RS.iter_unpack(vals)
+        cutoff = now_ns - timeout_ns if timeout_ns else -1
+        # (src, sport, dst, dport, proto, real id): the real's address comes next
+        recs = [(s, sp, d, dp, pr, rid) for (s, d, sp, dp, pr), (rid, seen) in zip(
+            flows, ids, strict=True) if seen >= cutoff]
+        skipped: Counter = Counter()
+        if len(recs) < n:
+            skipped["idle"] = n - len(recs)
+        ra = self.real_addr
+        if set(map(_RID, recs)) <= ra.keys():
+            get = ra.__getitem__
+            return [(s, sp, d, dp, pr, get(rid)) for s, sp, d, dp, pr, rid in recs], skipped
+        out, more = self._with_addresses(recs, 0)
+        skipped.update(more)
+        return out, skipped
+
+    # ----------------------------------------------------------------- standby side
+
+    def entries_to_records(self, entries: Iterable[SyncEntry], now_ns: int
+                           ) -> tuple[bytes, bytes, Counter]:
+        """Entries -> packed FlowKey/ConnVal records with local ids, for
+        ServiceTables.install_conns; unknown VIPs and reals are counted and left out."""
+        entries = entries if isinstance(entries, list) else list(entries)
+        keys, vals, skipped, missed = self._records(entries, now_ns)
+        if missed and self.maybe_refresh(missed=True):
+            keys, vals, skipped, _ = self._records(entries, now_ns)
+        return b"".join(keys), b"".join(vals), skipped
+
+    def _target(self, dst: bytes, dport: int, proto: int, real: bytes, now_ns: int):
+        """(family, packed conn_val) for a flow to this VIP and real, or the skip reason."""
+        v = self.vips.get((dst, dport, proto)) or self.vips.get((dst, 0, proto))
+        if v is None:
+            return "unknown_vip"
+        rid = v[1].get(real)
+        if rid is None:
+            return "unknown_real"
+        return (M.FAMILY_V4 if len(dst) == 4 else M.FAMILY_V6,
+                _VAL_ID_NOW.pack(rid, v[0], now_ns))
+
+    def _records(self, entries: list, now_ns: int):
+        kpack = CONN_KEY.pack
+        keys: list[bytes] = []
+        vals: list[bytes] = []
+        skipped: Counter = Counter()
+        # Entries of one message mostly share a VIP and a few reals: look each
+        # (VIP, real) up once per call.
+        cache: dict = {}
+        target = self._target
+        for src, sport, dst, dport, proto, real in entries:
+            ck = (dst, dport, proto, real)
+            t = cache.get(ck)
+            if t is None:
+                t = cache[ck] = target(dst, dport, proto, real, now_ns)
+            if type(t) is str:
+                skipped[t] += 1
+                continue
+            keys.append(kpack(src, dst, sport, dport, proto, t[0]))
+            vals.append(t[1])
+        return keys, vals, skipped, bool(skipped)
+
+
+def decode_events(raws: Iterable[bytes]) -> tuple[list[tuple], int]:
+    """Raw ``struct flow_event`` records -> ``(src, sport, dst, dport, proto, real_id)``
+    tuples (addresses 4 or 16 bytes by family, ports in host order); returns them
+    and the number of records too short or of an unknown family/protocol."""
+    out = []
+    bad = 0
+    unpack_ev, unpack_key = _EVENT.unpack_from, CONN_KEY.unpack
+    for raw in raws:
+        try:
+            key, rid, _vid, _ts = unpack_ev(raw)
+        except struct.error:
+            bad += 1
+            continue
+        src, dst, sport, dport, proto, fam = unpack_key(key)
+        if fam == M.FAMILY_V4:
+            src, dst = src[:4], dst[:4]
+        elif fam != M.FAMILY_V6:
+            bad += 1
+            continue
+        if proto not in (6, 17):
+            bad += 1
+            continue
+        out.append((src, sport, dst, dport, proto, rid))
+    return out, bad
+
+
+# =========================================================================== ring buffer
+
+# One bcc ring-buffer callback per Program, opened once (bcc cannot close one;
+# opening the same map twice would give two consumers of one ring): agents
+# come and go by swapping the sink it calls.
+_ring_sinks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_libbpf = None
+
+
+def _open_ring(prog, sink: Callable[[bytes], None]) -> None:
+    holder = _ring_sinks.get(prog)
+    if holder is None:
+        holder = _ring_sinks[prog] = [sink]
+
+        def cb(_ctx, data, size, _h=holder):
+            _h[0](ct.string_at(data, size))
+            return 0
+
+        prog.bpf[b"flow_events"].open_ring_buffer(cb)
+    else:
+        holder[0] = sink
+
+
+def _close_ring(prog) -> None:
+    holder = _ring_sinks.get(prog)
+    if holder is not None:
+        holder[0] = _drop_event
+
+
+def _drop_event(_raw: bytes) -> None:
+    pass
+
+
+def _ring_epoll_fd(prog) -> int:
+    """libbpf's epoll fd for the program's ring buffers (readable when one has data)."""
+    global _libbpf
+    mgr = getattr(prog.bpf, "_ringbuf_manager", None)
+    if not mgr:
+        raise RuntimeError("no ring buffer open")
+    if _libbpf is None:
+        lib = ct.CDLL("libbpf.so.1", use_errno=True)
+        lib.ring_buffer__epoll_fd.argtypes = [ct.c_void_p]
+        lib.ring_buffer__epoll_fd.restype = ct.c_int
+        _libbpf = lib
+    fd = _libbpf.ring_buffer__epoll_fd(mgr)
+    if fd < 0:
+        raise RuntimeError("ring_buffer__epoll_fd failed")
+    return fd
+
+
+# =========================================================================== agent
+
+
+class SyncAgent:
+    """One node's sync: a UDP socket on ``cfg.listen``, datagrams to ``cfg.peers``.
+
+    ``role``: the starting role ("backup" while VRRP decides; "master" without
+    VRRP). ``full_entries_per_s`` paces the full walks a peer waits for (it
+    appeared, restarted or turned backup; this node became master),
+    ``periodic_entries_per_s`` the periodic ones. ``clock`` is wall time on
+    both nodes (the lag is measured across them). ``install_hook`` (tests,
+    benches) is called with ``(keys, values, now)`` after each install.
+    """
+
+    def __init__(self, cfg, node_name: str, tables, prog, *, role: str = "backup",
+                 ring_mode: str = "epoll", full_entries_per_s: float = 400_000.0,
+                 periodic_entries_per_s: float = 50_000.0,
+                 clock: Callable[[], float] = time.time,
+                 install_hook: Callable[[bytes, bytes, float], None] | None = None) -> None:
+        if ring_mode not in RING_MODES:
+            raise ValueError(f"ring_mode must be one of {RING_MODES}")
+        if cfg.listen is None or not cfg.peers:
+            raise ValueError("sync needs listen and peers")
+        self.cfg = cfg
+        self.node_name = node_name
+        self.tables = tables
+        self.prog = prog
+        self.ring_mode = ring_mode
+        self.install_hook = install_hook
+        self._clock = clock
+        key = cfg.load_key()
+        now = clock()
+        cap = entry_capacity(cfg.max_datagram, node_name, (4, 4, 4))
+        self.sender = Sender(
+            node_name, key, now,
+            max_batch_entries=cfg.batch_max,
+            max_delay_s=cfg.batch_delay_ms / 1000.0,
+            full_interval_s=cfg.full_sync_interval_s or None,
+            max_payload=cfg.max_datagram,
+            full_chunks_per_poll=max(1, WALK_LOOP_ENTRIES // cap),
+            full_rate=max(1.0, full_entries_per_s / cap),
+            role=role,
+        )  # fmt: skip
+        self._rate_urgent = max(1.0, full_entries_per_s / cap)  # chunks/s
+        self._rate_periodic = max(1.0, periodic_entries_per_s / cap)
+        self._urgent = role == "master"  # the walk due now is one a peer waits for
+        self.receiver = Receiver(key, None, MAX_DATAGRAM, node_id=node_name)
+        self.translator = Translator(tables)
+        self.peers = [(str(p.host), p.port) for p in cfg.peers]
+        self.counters: Counter = Counter()  # events, installed, send_errors, ...
+        self.skipped: Counter = Counter({r: 0 for r in SKIP_REASONS})
+        self.walk_skipped: Counter = Counter()
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._task: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+        self._ring_fd: int | None = None
+        self._ring_thread: threading.Thread | None = None
+        self._ring_task: asyncio.Task | None = None
+        self._ring_stop = threading.Event()
+        self._events: list[bytes] = []
+        self._rbuf = bytearray(MAX_DATAGRAM + 1)
+        self._full_backlog: deque[InstallEntries] = deque()
+        self._full_backlog_n = 0
+        self._full_handle: asyncio.Handle | None = None
+        self._conn_timeout_ns: int | None = None
+        self._last_send_error = 0.0
+        self.started_at: float | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        self._wake = asyncio.Event()
+        ep = self.cfg.listen
+        fam = socket.AF_INET6 if ep.host.version == 6 else socket.AF_INET
+        sock = socket.socket(fam, socket.SOCK_DGRAM)
+        try:
+            if fam == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            for force, plain in ((getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF),
+                                 (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF)):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, force, SOCK_BUF)
+                except OSError:  # not root: as much as net.core.*mem_max allows
+                    sock.setsockopt(socket.SOL_SOCKET, plain, SOCK_BUF)
+            sock.bind((str(ep.host), ep.port))
+        except OSError as e:
+            sock.close()
+            raise RuntimeError(f"sync.listen {ep}: cannot bind ({e.strerror})") from None
+        sock.setblocking(False)
+        self._sock = sock
+        loop.add_reader(sock.fileno(), self._on_readable)
+        self._start_ring(loop)
+        self.started_at = self._clock()
+        self._task = loop.create_task(self._run(), name="sync")
+        log.info("sync: %s on %s, peers %s, role %s, ring %s", self.node_name, ep,
+                 ", ".join(str(p) for p in self.cfg.peers), self.sender.role, self.ring_mode)
+
+    async def stop(self) -> None:
+        """Send what is pending (a stopping master's last flows), then close."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping anyway
+                pass
+            self._task = None
+        self._drain_ring()
+        try:
+            self._send(self.sender.flush(self._clock()))
+        except Exception as e:  # noqa: BLE001
+            log.warning("sync: final flush failed: %s", e)
+        await self._stop_ring()
+        if self._full_handle is not None:
+            self._full_handle.cancel()
+            self._full_handle = None
+        if self._sock is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+
+    # ----------------------------------------------------------------- role
+
+    @property
+    def role(self) -> str:
+        return self.sender.role
+
+    def set_role(self, role: str) -> None:
+        """"master" or "backup" (from VRRP). Safe to call from any thread."""
+        if role not in ("master", "backup"):
+            raise ValueError(f"sync role must be master or backup, not {role!r}")
+        loop = self._loop
+        if loop is not None and threading.get_ident() != self._loop_thread:
+            loop.call_soon_threadsafe(self.set_role, role)
+            return
+        old = self.sender.role
+        if role == old:
+            return
+        # (Flows the data plane created before becoming master are in the full
+        # walk that becoming master starts.)
+        self._urgent = role == "master"
+        if old == "master":
+            # The flows this node placed up to now go to the new master first.
+            self._drain_ring()
+            self._send(self.sender.flush(self._clock()))
+        self.sender.set_role(role, self._clock())
+        self.counters["role_changes"] += 1
+        log.info("sync: %s -> %s", old, role)
+        self._kick()
+
+    def request_full(self, urgent: bool = True) -> None:
+        """Walk the whole table to the peer (again) now; ``urgent``: at the fast pace."""
+        self.sender.request_full()
+        self._urgent = self._urgent or urgent
+        self._kick()
+
+    def _kick(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    # ----------------------------------------------------------------- main loop
+
+    async def _run(self) -> None:
+        wake = self._wake
+        assert wake is not None
+        while True:
+            wake.clear()
+            now = self._clock()
+            try:
+                self._tick(now)
+                deadline = self.sender.next_deadline(now)
+                rd = self.receiver.next_deadline(now)
+                if rd is not None:
+                    deadline = min(deadline, rd)
+            except Exception:  # noqa: BLE001 - keep syncing; the log says what broke
+                log.exception("sync: tick failed")
+                deadline = now + 0.5
+            timeout = deadline - self._clock()
+            if timeout <= 0:
+                await asyncio.sleep(0)
+                continue
+            try:
+                async with asyncio.timeout(min(timeout, 1.0)):
+                    await wake.wait()
+            except TimeoutError:
+                pass
+
+    def _tick(self, now: float) -> None:
+        s = self.sender
+        if s.full_due(now):
+            s.full_rate = self._rate_urgent if self._urgent else self._rate_periodic
+            self._urgent = False
+            fid = s.start_full(self._walk(), now)
+            log.debug("sync: full walk %d started", fid)
+        self._send(s.poll(now))
+        for action in self.receiver.poll(now):
+            self._on_action(action, now)
+
+    # ----------------------------------------------------------------- sending
+
+    def _send(self, datagrams: list[bytes]) -> None:
+        sock = self._sock
+        if not datagrams or sock is None:
+            return
+        for d in datagrams:
+            for peer in self.peers:
+                try:
+                    sock.sendto(d, peer)
+                except BlockingIOError:
+                    self.counters["send_dropped"] += 1
+                except OSError as e:
+                    self.counters["send_errors"] += 1
+                    now = time.monotonic()
+                    if now - self._last_send_error > 10:
+                        self._last_send_error = now
+                        log.warning("sync: send to %s:%d failed: %s", *peer, e.strerror)
+
+    def _conn_timeout(self) -> int:
+        """The data plane's idle timeout (ns), read from its config map."""
+        if self._conn_timeout_ns is None:
+            try:
+                self._conn_timeout_ns = int(self.prog.map("config")[ct.c_uint32(0)]
+                                            .conn_timeout_ns)
+            except Exception:  # noqa: BLE001 - no config map (fakes): no filter
+                self._conn_timeout_ns = 0
+        return self._conn_timeout_ns
+
+    def _walk(self) -> Iterator[SyncEntry]:
+        """The conn table as entries, read lazily in BPF batches (a full walk)."""
+        tr = self.translator
+        tr.maybe_refresh()
+        self._conn_timeout_ns = None
+        timeout_ns = self._conn_timeout()
+        for keys, vals, _n in self.tables.conn_batches(WALK_BATCH):
+            tr.maybe_refresh()
+            entries, skipped = tr.records_to_entries(keys, vals, coarse_now_ns(), timeout_ns)
+            self.walk_skipped.update(skipped)
+            yield from entries
+
+    # ----------------------------------------------------------------- new flows
+
+    def _start_ring(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._ring_stop.clear()
+        if self.ring_mode == "thread":
+            # The bcc callback runs in the polling thread: it gets its own list.
+            buf: list[bytes] = []
+            _open_ring(self.prog, buf.append)
+            t = threading.Thread(target=self._ring_thread_main, args=(loop, buf),
+                                 name="sync-ring", daemon=True)
+            self._ring_thread = t
+            t.start()
+            return
+        _open_ring(self.prog, self._events.append)
+        if self.ring_mode == "epoll":
+            self._ring_fd = _ring_epoll_fd(self.prog)
+            loop.add_reader(self._ring_fd, self._drain_ring)
+        else:
+            self._ring_task = loop.create_task(self._ring_poll_main(), name="sync-ring")
+
+    def _ring_thread_main(self, loop: asyncio.AbstractEventLoop, buf: list[bytes]) -> None:
+        bpf = self.prog.bpf
+        while not self._ring_stop.is_set():
+            try:
+                bpf.ring_buffer_poll(100)
+            except Exception:  # noqa: BLE001
+                log.exception("sync: ring buffer poll failed")
+                self._ring_stop.wait(1.0)
+            if buf:
+                batch = buf[:]
+                del buf[:]
+                try:
+                    loop.call_soon_threadsafe(self._on_events, batch)
+                except RuntimeError:  # the loop is closed
+                    return
+
+    async def _ring_poll_main(self) -> None:
+        while True:
+            self._drain_ring()
+            await asyncio.sleep(0.001)
+
+    async def _stop_ring(self) -> None:
+        self._ring_stop.set()
+        if self._ring_fd is not None and self._loop is not None:
+            self._loop.remove_reader(self._ring_fd)
+            self._ring_fd = None
+        if self._ring_thread is not None:
+            await asyncio.to_thread(self._ring_thread.join, 2.0)
+            self._ring_thread = None
+        if self._ring_task is not None:
+            self._ring_task.cancel()
+            self._ring_task = None
+        _close_ring(self.prog)
+
+    def _drain_ring(self) -> None:
+        """Consume what the ring holds (on the loop) and hand it to the sender."""
+        if self.ring_mode == "thread" or self._loop is None:
+            return
+        try:
+            self.prog.bpf.ring_buffer_consume()
+        except Exception as e:  # noqa: BLE001
+            self.counters["ring_errors"] += 1
+            log.warning("sync: ring buffer consume failed: %s", e)
+        if self._events:
+            batch = self._events[:]
+            del self._events[:]
+            self._on_events(batch)
+
+    def _on_events(self, raws: list[bytes]) -> None:
+        now = self._clock()
+        self.counters["events"] += len(raws)
+        if self.sender.role != "master":
+            self.counters["events_not_master"] += len(raws)
+            return
+        self.translator.maybe_refresh()
+        entries, skipped = self.translator.events_to_entries(raws)
+        for reason, n in skipped.items():
+            self.counters[f"events_{reason}"] += n
+        if entries:
+            s = self.sender
+            s.add_new_flows(entries, now)
+            if s.pending_entries >= s.max_batch_entries:
+                self._send(s.poll(now))  # a full batch goes at once
+            self._kick()
+
+    # ----------------------------------------------------------------- receiving
+
+    def _on_readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        now = self._clock()
+        new: list[InstallEntries] = []
+        full: list[InstallEntries] = []
+        buf = self._rbuf
+        view = memoryview(buf)
+        for _ in range(RECV_BURST):
+            try:
+                n, addr = sock.recvfrom_into(buf)
+                data = bytes(view[:n])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:  # e.g. ICMP errors reported on the socket
+                if e.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    log.warning("sync: receive failed: %s", e)
+                break
+            for action in self.receiver.on_datagram(data, addr, now):
+                if isinstance(action, InstallEntries):
+                    (new if action.full_id is None else full).append(action)
+                else:
+                    self._on_action(action, now)
+        if new:
+            self._install(new, now)
+        if full:
+            self._queue_full(full)
+
+    # A full walk arrives at the walk's pace, new flows at theirs, in one socket:
+    # full-walk entries are installed a slice per loop turn, after whatever new
+    # flows came in meanwhile, so that a walk never holds the stream back.
+    def _queue_full(self, actions: list[InstallEntries]) -> None:
+        for a in actions:
+            n = len(a.entries)
+            if self._full_backlog_n + n > FULL_BACKLOG_MAX:  # the next walk repairs it
+                self.counters["full_backlog_dropped"] += n
+                continue
+            self._full_backlog.append(a)
+            self._full_backlog_n += n
+        if self._full_handle is None and self._full_backlog and self._loop is not None:
+            self._full_handle = self._loop.call_soon(self._install_full_slice)
+
+    def _install_full_slice(self) -> None:
+        self._full_handle = None
+        batch: list[InstallEntries] = []
+        n = 0
+        while self._full_backlog and n < FULL_SLICE:
+            a = self._full_backlog.popleft()
+            batch.append(a)
+            n += len(a.entries)
+        self._full_backlog_n -= n
+        if batch:
+            self._install(batch, self._clock())
+        if self._full_backlog and self._loop is not None and self._sock is not None:
+            self._full_handle = self._loop.call_soon(self._install_full_slice)
+
+    def _on_action(self, action, now: float) -> None:
+        s = self.sender
+        if isinstance(action, PeerUp):
+            log.info("sync: peer %s up at %s (%s%s)", action.sender, _fmt_addr(action.addr),
+                     action.role, ", restarted" if action.restarted else "")
+            if s.role == "master":
+                self.request_full()  # a new or restarted standby starts empty
+            elif action.role == "backup" and s.role == "backup":
+                log.info("sync: both %s and %s are backup", self.node_name, action.sender)
+        elif isinstance(action, PeerRole):
+            log.info("sync: peer %s is now %s", action.sender, action.role)
+            if s.role == "master" and action.role == "backup" and not s.full_in_progress:
+                self.request_full()  # failback: the old master gets our table
+            elif s.role == "master" and action.role == "master":
+                log.warning("sync: peer %s is master too (split brain?)", action.sender)
+        elif isinstance(action, PeerDown):
+            log.warning("sync: peer %s silent since %.1fs", action.sender,
+                        now - action.last_seen)
+
+    def _install(self, actions: list[InstallEntries], now: float) -> None:
+        tr = self.translator
+        tr.maybe_refresh()
+        overwrite = self.sender.role != "master"
+        now_ns = coarse_now_ns()
+        all_keys, all_vals = [], []
+        for a in actions:
+            keys, vals, skipped = tr.entries_to_records(a.entries, now_ns)
+            self.skipped.update(skipped)
+            all_keys.append(keys)
+            all_vals.append(vals)
+        keys, vals = b"".join(all_keys), b"".join(all_vals)
+        n = len(keys) // CONN_KEY.size
+        if not n:
+            return
+        try:
+            written = self.tables.install_conns(keys, vals, overwrite=overwrite)
+        except OSError as e:
+            self.counters["install_errors"] += n
+            log.warning("sync: installing %d entries failed: %s", n, e)
+            return
+        self.counters["installed"] += written
+        if written < n:
+            self.skipped["local_entry"] += n - written
+        if self.install_hook is not None:
+            self.install_hook(keys, vals, now)
+
+    # ----------------------------------------------------------------- status
+
+    def _peer_states(self) -> list[dict]:
+        rst = self.receiver.status()["peers"]
+        now = self._clock()
+        out = []
+        matched = set()
+        for host, port in self.peers:
+            name, info = None, None
+            for n, p in rst.items():
+                addr = p.get("addr")
+                if isinstance(addr, tuple) and addr[0] == host and addr[1] == port:
+                    name, info = n, p
+                    break
+            if name is not None:
+                matched.add(name)
+            out.append(_peer_row(_fmt_addr((host, port)), name, info, now))
+        for n, p in rst.items():  # authenticated senders from elsewhere (NAT, other port)
+            if n not in matched:
+                out.append(_peer_row(_fmt_addr(p.get("addr")), n, p, now))
+        return out
+
+    def status(self) -> dict:
+        s, r = self.sender, self.receiver
+        ss, rs = s.stats, r.stats
+        peers = self._peer_states()
+        lag = rs.get("lag_s")
+        if s.full_in_progress:
+            state = "full walk"
+        elif any(p["state"] == "up" for p in peers):
+            state = "connected"
+        elif any(p["state"] == "down" for p in peers):
+            state = "peer down"
+        else:
+            state = "waiting for peer"
+        return {
+            "role": s.role,
+            "state": state,
+            "node_id": self.node_name,
+            "listen": str(self.cfg.listen),
+            "peers": ", ".join(
+                f"{p['address']} ({p['name'] or '?'}: {p['state']}"
+                f"{', ' + p['role'] if p['role'] else ''})" for p in peers),
+            "peer_detail": peers,
+            "entries_sent": ss["entries"] + ss["full_entries"],
+            "entries_received": rs["entries"],
+            "entries_installed": self.counters["installed"],
+            "entries_skipped": dict(self.skipped),
+            "lag_ms": None if lag is None else round(lag * 1000, 3),
+            "max_lag_ms": round(rs["max_lag_s"] * 1000, 3),
+            "messages_sent": ss["messages"],
+            "messages_received": rs["messages"],
+            "rejected": {k: v for k, v in r.counters.items() if v},
+            "full_walks": {"sent_started": ss["full_started"],
+                           "sent_completed": ss["full_completed"],
+                           "sent_aborted": ss["full_aborted"],
+                           "sent_failed": ss["full_failed"],
+                           "in_progress": s.full_in_progress,
+                           "entries_sent": ss["full_entries"],
+                           "entries_skipped": dict(self.walk_skipped),
+                           "received_complete": sum(p["full_complete"] or 0 for p in peers),
+                           "received_entries": rs["full_entries"]},
+            "new_flows": {"events": self.counters["events"],
+                          "pending": s.pending_entries,
+                          "dropped_not_master": ss["dropped_not_master"],
+                          "unknown_real": self.counters["events_unknown_real"],
+                          "bad": self.counters["events_bad"]},
+            "full_backlog": self._full_backlog_n,
+            "full_backlog_dropped": self.counters["full_backlog_dropped"],
+            "send_errors": self.counters["send_errors"] + self.counters["send_dropped"],
+            "install_errors": self.counters["install_errors"],
+            "ring_mode": self.ring_mode,
+        }
+
+    def metrics(self):
+        """prometheus_client metric families (l4lb/metrics.py yields them)."""
+        s, r = self.sender, self.receiver
+        ss, rs = s.stats, r.stats
+        role = GaugeMetricFamily("l4lb_sync_role", "Sync role: 1 on the current one.",
+                                 labels=["role"])
+        for name in ("master", "backup"):
+            role.add_metric([name], 1 if s.role == name else 0)
+        yield role
+        up = GaugeMetricFamily("l4lb_sync_peer_up",
+                               "1 while the peer's messages arrive (authenticated).",
+                               labels=["peer"])
+        for p in self._peer_states():
+            up.add_metric([p["name"] or p["address"]], 1 if p["state"] == "up" else 0)
+        yield up
+        yield CounterMetricFamily("l4lb_sync_messages_sent", "Sync datagrams built and sent.",
+                                  value=ss["messages"])
+        yield CounterMetricFamily("l4lb_sync_messages_received",
+                                  "Sync datagrams accepted (authenticated, in sequence window).",
+                                  value=rs["messages"])
+        sent = CounterMetricFamily("l4lb_sync_entries_sent",
+                                   "Conn entries sent: new flows, and full-walk entries.",
+                                   labels=["kind"])
+        sent.add_metric(["new"], ss["entries"])
+        sent.add_metric(["full"], ss["full_entries"])
+        yield sent
+        recv = CounterMetricFamily("l4lb_sync_entries_received",
+                                   "Conn entries received from the peer.", labels=["kind"])
+        recv.add_metric(["new"], rs["entries"] - rs["full_entries"])
+        recv.add_metric(["full"], rs["full_entries"])
+        yield recv
+        yield CounterMetricFamily("l4lb_sync_entries_installed",
+                                  "Conn entries written to this node's conn table.",
+                                  value=self.counters["installed"])
+        skipped = CounterMetricFamily("l4lb_sync_entries_skipped",
+                                      "Received entries not installed, by reason.",
+                                      labels=["reason"])
+        for reason, n in sorted(self.skipped.items()):
+            skipped.add_metric([reason], n)
+        yield skipped
+        rej = CounterMetricFamily("l4lb_sync_rejected", "Sync datagrams rejected, by reason.",
+                                  labels=["reason"])
+        for reason in REJECT_REASONS:
+            rej.add_metric([reason], r.counters.get(reason, 0))
+        yield rej
+        yield CounterMetricFamily("l4lb_sync_full_walks",
+                                  "Full conn-table walks sent to the peer to the end.",
+                                  value=ss["full_completed"])
+        yield CounterMetricFamily("l4lb_sync_send_errors",
+                                  "Sync datagrams that could not be sent.",
+                                  value=self.counters["send_errors"]
+                                  + self.counters["send_dropped"])
+        yield CounterMetricFamily("l4lb_sync_lost_messages",
+                                  "Sequence gaps in the peer's messages (lost datagrams).",
+                                  value=sum((p.get("lost") or 0)
+                                            for p in r.status()["peers"].values()))
+        lag = rs.get("lag_s")
+        yield GaugeMetricFamily("l4lb_sync_lag_seconds",
+                                "Age of the last batch of new flows when it arrived.",
+                                value=0.0 if lag is None else max(0.0, lag))
+
+
+def _fmt_addr(addr) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = addr[0]
+        return f"[{host}]:{addr[1]}" if ":" in str(host) else f"{host}:{addr[1]}"
+    return str(addr)
+
+
+def _peer_row(address: str, name: str | None, p: dict | None, now: float) -> dict:
+    if p is None:
+        return {"address": address, "name": None, "state": "unknown", "role": None,
+                "last_seen_s": None, "messages": 0, "entries": 0, "lost": 0, "lag_ms": None,
+                "full_complete": 0}
+    lag = p.get("lag_s")
+    seen = p.get("last_seen")
+    return {"address": address, "name": name, "state": "up" if p.get("alive") else "down",
+            "role": p.get("role"),
+            "last_seen_s": None if seen is None else round(now - seen, 3),
+            "messages": p.get("messages", 0), "entries": p.get("entries", 0),
+            "lost": p.get("lost", 0), "lag_ms": None if lag is None else round(lag * 1000, 3),
+            "full_complete": p.get("full_complete", 0)}

@@ -1,0 +1,342 @@
+"""The sync agent without BPF: translation by real address, flow-event decoding,
+conn-table records, and two agents talking over UDP on loopback with fake tables."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes as ct
+import ipaddress
+import socket
+import time
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from l4lb.config import Endpoint, SyncConfig
+from l4lb.dataplane import maps as M
+from l4lb.dataplane.tables import CONN_KEY, CONN_VAL, RealState, VipState
+from l4lb.sync.agent import SyncAgent, Translator, decode_events
+from l4lb.sync.codec import SyncEntry
+
+VIP = "10.99.0.100"
+CLIENT = "10.99.0.11"
+
+
+def p(a: str) -> bytes:
+    return ipaddress.ip_address(a).packed
+
+
+def vip(address, port, proto, vip_id, reals, retired=()):
+    vs = VipState(address, port, proto, vip_id)
+    for addr, rid in reals:
+        vs.reals[addr] = RealState(addr, rid, "02:00:00:00:00:01", 1)
+    for addr, rid in retired:
+        vs.retired[addr] = RealState(addr, rid, "02:00:00:00:00:01", 1)
+    return vs
+
+
+class FakeTables:
+    """What the agent uses of ServiceTables: vips, conn_batches, install_conns."""
+
+    def __init__(self, vips):
+        self.vips = {v.key: v for v in vips}
+        self.conns: dict[bytes, bytes] = {}  # packed FlowKey -> packed ConnVal
+        self.installs: list[tuple[bool, int]] = []
+
+    def conn_batches(self, batch=1024):
+        items = list(self.conns.items())
+        for i in range(0, len(items), batch):
+            part = items[i:i + batch]
+            yield b"".join(k for k, _ in part), b"".join(v for _, v in part), len(part)
+
+    def install_conns(self, keys, values, overwrite=True):
+        n = len(keys) // CONN_KEY.size
+        written = 0
+        for i in range(n):
+            k = keys[i * CONN_KEY.size:(i + 1) * CONN_KEY.size]
+            if not overwrite and k in self.conns:
+                continue
+            self.conns[k] = values[i * CONN_VAL.size:(i + 1) * CONN_VAL.size]
+            written += 1
+        self.installs.append((overwrite, n))
+        return written
+
+    def entry(self, src, sport, dst, dport, proto=6):
+        """(real_id, vip_id, last_seen_ns) of a flow, or None."""
+        fam = M.FAMILY_V4 if ipaddress.ip_address(src).version == 4 else M.FAMILY_V6
+        k = CONN_KEY.pack(p(src), p(dst), sport, dport, proto, fam)
+        v = self.conns.get(k)
+        return None if v is None else CONN_VAL.unpack(v)
+
+    def add(self, src, sport, dst, dport, real_id, vip_id, seen_ns, proto=6):
+        fam = M.FAMILY_V4 if ipaddress.ip_address(src).version == 4 else M.FAMILY_V6
+        self.conns[CONN_KEY.pack(p(src), p(dst), sport, dport, proto, fam)] = \
+            CONN_VAL.pack(real_id, vip_id, seen_ns)
+
+
+def flow_event(src, sport, dst, dport, real_id, vip_id=0, proto="tcp") -> bytes:
+    ev = M.FlowEvent()
+    ev.key = M.flow_key(src, sport, dst, dport, proto)
+    ev.real_id, ev.vip_id, ev.ts_ns = real_id, vip_id, 123
+    return bytes(ev)
+
+
+# --------------------------------------------------------------------------- translation
+
+STANDBY_VIPS = [
+    vip(VIP, 80, "tcp", 3, [("10.99.0.31", 7), ("10.99.0.32", 8)], retired=[("10.99.0.39", 9)]),
+    vip(VIP, 0, "udp", 4, [("10.99.0.33", 11)]),  # port 0: every UDP port
+    vip("fd99::100", 443, "tcp", 5, [("fd99::31", 12), ("10.99.0.34", 13)]),  # tun: v4 real
+]
+
+
+def records(keys, vals):
+    return list(zip(CONN_KEY.iter_unpack(keys), CONN_VAL.iter_unpack(vals), strict=True))
+
+
+def test_known_vip_translates_real_address_to_local_ids():
+    tr = Translator(FakeTables(STANDBY_VIPS))
+    ents = [SyncEntry(p(CLIENT), 40000, p(VIP), 80, 6, p("10.99.0.32")),
+            SyncEntry(p(CLIENT), 40001, p(VIP), 80, 6, p("10.99.0.39")),  # retired real
+            SyncEntry(p(CLIENT), 40002, p(VIP), 5353, 17, p("10.99.0.33")),  # port-0 VIP
+            SyncEntry(p("fd99::11"), 40003, p("fd99::100"), 443, 6, p("10.99.0.34"))]
+    keys, vals, skipped = tr.entries_to_records(ents, now_ns=555)
+    assert not +skipped
+    got = records(keys, vals)
+    assert [(k[2], v[0], v[1], v[2]) for k, v in got] == [
+        (40000, 8, 3, 555), (40001, 9, 3, 555), (40002, 11, 4, 555), (40003, 13, 5, 555)]
+    # the key is the data plane's struct flow_key, byte for byte
+    assert keys[:CONN_KEY.size] == bytes(M.flow_key(CLIENT, 40000, VIP, 80, "tcp"))
+    assert keys[-CONN_KEY.size:] == bytes(M.flow_key("fd99::11", 40003, "fd99::100", 443, "tcp"))
+    assert vals[:CONN_VAL.size] == bytes(M.ConnVal(real_id=8, vip_id=3, last_seen_ns=555))
+
+
+def test_unknown_vip_and_unknown_real_are_counted_and_skipped():
+    tr = Translator(FakeTables(STANDBY_VIPS))
+    ents = [SyncEntry(p(CLIENT), 1, p("10.99.0.200"), 80, 6, p("10.99.0.31")),  # no such VIP
+            SyncEntry(p(CLIENT), 2, p(VIP), 81, 6, p("10.99.0.31")),  # no VIP on port 81/tcp
+            SyncEntry(p(CLIENT), 3, p(VIP), 80, 17, p("10.99.0.31")),  # udp/80: port-0 VIP...
+            SyncEntry(p(CLIENT), 4, p(VIP), 80, 6, p("10.99.0.35")),  # real not in this VIP
+            SyncEntry(p(CLIENT), 5, p(VIP), 80, 6, p("10.99.0.31"))]  # fine
+    keys, vals, skipped = tr.entries_to_records(ents, now_ns=1)
+    assert dict(skipped) == {"unknown_vip": 2, "unknown_real": 2}  # (3: .31 not in port-0 VIP)
+    assert [(k[2], v[0]) for k, v in records(keys, vals)] == [(5, 7)]
+
+
+def test_translation_follows_table_changes_after_a_miss():
+    t = FakeTables(STANDBY_VIPS[:1])
+    tr = Translator(t)
+    e = SyncEntry(p(CLIENT), 1, p(VIP), 80, 6, p("10.99.0.36"))
+    _, _, skipped = tr.entries_to_records([e], 1)
+    assert skipped["unknown_real"] == 1
+    t.vips[f"{VIP}:80/tcp"].reals["10.99.0.36"] = RealState("10.99.0.36", 20, "x", 1)
+    tr.refreshed_at -= 1.0  # a miss refreshes at most every TRANSLATE_MISS_S
+    keys, vals, skipped = tr.entries_to_records([e], 1)
+    assert not +skipped and records(keys, vals)[0][1][0] == 20
+
+
+def test_flow_events_decode_from_raw_bytes():
+    raws = [flow_event(CLIENT, 40000, VIP, 80, 7, 3),
+            flow_event("fd99::11", 40001, "fd99::100", 443, 12, 5),
+            flow_event(CLIENT, 40002, VIP, 53, 11, 4, proto="udp"),
+            b"\x00" * 10]  # short: bad
+    flows, bad = decode_events(raws)
+    assert bad == 1
+    assert flows == [(p(CLIENT), 40000, p(VIP), 80, 6, 7),
+                     (p("fd99::11"), 40001, p("fd99::100"), 443, 6, 12),
+                     (p(CLIENT), 40002, p(VIP), 53, 17, 11)]
+    ev = M.FlowEvent()  # family 0 (never written by the data plane): bad
+    assert decode_events([bytes(ev)]) == ([], 1)
+
+
+def test_events_name_their_real_by_address():
+    tr = Translator(FakeTables(STANDBY_VIPS))
+    raws = [flow_event(CLIENT, 40000, VIP, 80, 8), flow_event(CLIENT, 40001, VIP, 80, 99),
+            flow_event("fd99::11", 40002, "fd99::100", 443, 13)]
+    entries, skipped = tr.events_to_entries(raws)
+    assert dict(skipped) == {"unknown_real": 1}
+    assert entries == [SyncEntry(p(CLIENT), 40000, p(VIP), 80, 6, p("10.99.0.32")),
+                       SyncEntry(p("fd99::11"), 40002, p("fd99::100"), 443, 6, p("10.99.0.34"))]
+
+
+def test_walk_records_skip_idle_flows():
+    t = FakeTables(STANDBY_VIPS)
+    now = 1_000_000_000_000
+    t.add(CLIENT, 1, VIP, 80, 7, 3, now - 10 * 10**9)
+    t.add(CLIENT, 2, VIP, 80, 8, 3, now - 400 * 10**9)  # idle longer than the timeout
+    t.add(CLIENT, 3, VIP, 80, 98, 3, now)  # its real id is unknown
+    tr = Translator(t)
+    (keys, vals, _), = t.conn_batches()
+    entries, skipped = tr.records_to_entries(keys, vals, now, 300 * 10**9)
+    assert entries == [SyncEntry(p(CLIENT), 1, p(VIP), 80, 6, p("10.99.0.31"))]
+    assert dict(skipped) == {"idle": 1, "unknown_real": 1}
+    entries, _ = tr.records_to_entries(keys, vals, now, 0)  # no timeout: all known ones
+    assert [e[1] for e in entries] == [1, 2]  # (src, sport, ...) tuples
+
+
+# --------------------------------------------------------------------------- two agents
+
+
+class FakeBpf:
+    """The ring buffer of a bcc BPF object: events pushed by the test."""
+
+    def __init__(self):
+        self.cb = None
+        self.queue: list[bytes] = []
+
+    def __getitem__(self, name):
+        assert name == b"flow_events"
+        return self
+
+    def open_ring_buffer(self, cb):
+        self.cb = cb
+
+    def ring_buffer_consume(self):
+        q, self.queue = self.queue, []
+        for raw in q:
+            buf = ct.create_string_buffer(raw, len(raw))
+            self.cb(None, ct.addressof(buf), len(raw))
+
+
+class FakeProg:
+    def __init__(self):
+        self.bpf = FakeBpf()
+
+    def map(self, name):
+        raise KeyError(name)  # no config map: walks keep every flow
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sync_cfg(port, peer_port, **kw):
+    return SyncConfig(enabled=True, listen=Endpoint(ipaddress.ip_address("127.0.0.1"), port),
+                      peers=(Endpoint(ipaddress.ip_address("127.0.0.1"), peer_port),),
+                      key="0123456789abcdef0123", vrrp_instance="VI_1", batch_max=50,
+                      batch_delay_ms=1.0, full_sync_interval_s=0, **kw)
+
+
+async def until(pred, timeout=3.0):
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise AssertionError("timed out")
+        await asyncio.sleep(0.005)
+
+
+# The two nodes number their VIPs and reals differently.
+MASTER_VIPS = [vip(VIP, 80, "tcp", 0, [("10.99.0.31", 1), ("10.99.0.32", 2)])]
+BACKUP_VIPS = [vip(VIP, 80, "tcp", 6, [("10.99.0.32", 40), ("10.99.0.31", 41),
+                                       ("10.99.0.33", 42)])]
+
+
+def test_two_agents_stream_walk_and_swap_roles():
+    async def main():
+        pa, pb = free_port(), free_port()
+        ta, tb = FakeTables(MASTER_VIPS), FakeTables(BACKUP_VIPS)
+        ta.add(CLIENT, 30000, VIP, 80, 1, 0, time.monotonic_ns())  # before the peer came
+        a = SyncAgent(sync_cfg(pa, pb), "lb1", ta, FakeProg(), role="master", ring_mode="poll")
+        b = SyncAgent(sync_cfg(pb, pa), "lb2", tb, FakeProg(), role="backup", ring_mode="poll")
+        await a.start()
+        await b.start()
+        try:
+            # b appears: a walks its table to b
+            await until(lambda: tb.entry(CLIENT, 30000, VIP, 80) is not None)
+            assert tb.entry(CLIENT, 30000, VIP, 80)[:2] == (41, 6)
+            # new flows from a's data plane stream to b, translated by real address
+            a.prog.bpf.queue += [flow_event(CLIENT, 30001 + i, VIP, 80, 1 + i % 2)
+                                 for i in range(120)]
+            a.prog.bpf.queue.append(flow_event(CLIENT, 31000, VIP, 80, 77))  # unknown id
+            await until(lambda: len(tb.conns) == 121)
+            assert tb.entry(CLIENT, 30001, VIP, 80)[:2] == (41, 6)  # .31
+            assert tb.entry(CLIENT, 30002, VIP, 80)[:2] == (40, 6)  # .32
+            assert all(ow for ow, _ in tb.installs)  # a backup overwrites
+            sa, sb = a.status(), b.status()
+            assert sa["role"] == "master" and sb["role"] == "backup"
+            assert sa["entries_sent"] >= 121 and sb["entries_received"] >= 121
+            assert sb["entries_installed"] >= 121 and sb["lag_ms"] is not None
+            assert sa["new_flows"]["unknown_real"] == 1
+            assert sb["peer_detail"][0]["name"] == "lb1"
+            assert sb["peer_detail"][0]["state"] == "up"
+            assert "lb1: up, master" in sb["peers"]
+
+            # an entry b cannot place is counted
+            ta.vips[f"{VIP}:80/tcp"].reals["10.99.0.38"] = RealState("10.99.0.38", 3, "x", 1)
+            a.translator.refreshed_at -= 5
+            a.prog.bpf.queue.append(flow_event(CLIENT, 32000, VIP, 80, 3))
+            await until(lambda: b.status()["entries_skipped"]["unknown_real"] == 1)
+
+            # failover and failback: roles swap, and so does the direction
+            b.set_role("master")
+            a.set_role("backup")
+            b.prog.bpf.queue.append(flow_event(CLIENT, 33000, VIP, 80, 42))  # .33: a lacks it
+            b.prog.bpf.queue.append(flow_event(CLIENT, 33001, VIP, 80, 40))
+            await until(lambda: ta.entry(CLIENT, 33001, VIP, 80) is not None)
+            assert ta.entry(CLIENT, 33001, VIP, 80)[:2] == (2, 0)
+            assert a.status()["entries_skipped"]["unknown_real"] >= 1
+            # b's walk (on becoming master) brought a everything b has
+            await until(lambda: b.status()["full_walks"]["sent_completed"] >= 1)
+            await until(lambda: all(ta.entry(CLIENT, 30001 + i, VIP, 80) is not None
+                                    for i in range(120)))
+
+            # a master installs only what it does not have (BPF_NOEXIST)
+            ta.installs.clear()
+            a.set_role("master")
+            b.set_role("backup")
+            b.prog.bpf.queue.append(flow_event(CLIENT, 30001, VIP, 80, 40))  # stray, late
+            a_real = ta.entry(CLIENT, 30001, VIP, 80)[0]
+            await asyncio.sleep(0.05)
+            assert ta.entry(CLIENT, 30001, VIP, 80)[0] == a_real
+
+            # metrics: every family the issue names, with values
+            reg = CollectorRegistry(auto_describe=False)
+
+            class C:
+                def collect(self):
+                    yield from b.metrics()
+
+            reg.register(C())
+            text = generate_latest(reg).decode()
+            for name in ("l4lb_sync_messages_sent_total", "l4lb_sync_messages_received_total",
+                         "l4lb_sync_entries_sent_total", "l4lb_sync_entries_received_total",
+                         "l4lb_sync_entries_installed_total", "l4lb_sync_entries_skipped_total",
+                         'l4lb_sync_rejected_total{reason="bad_mac"}',
+                         "l4lb_sync_lag_seconds", 'l4lb_sync_role{role="backup"} 1.0'):
+                assert name in text, name
+        finally:
+            await a.stop()
+            await b.stop()
+
+    asyncio.run(main())
+
+
+def test_wrong_key_is_rejected_and_counted():
+    async def main():
+        pa, pb = free_port(), free_port()
+        ta, tb = FakeTables(MASTER_VIPS), FakeTables(BACKUP_VIPS)
+        a = SyncAgent(sync_cfg(pa, pb), "lb1", ta, FakeProg(), role="master", ring_mode="poll")
+        cfg_b = sync_cfg(pb, pa)
+        cfg_b = SyncConfig(**{**cfg_b.__dict__, "key": "another key, 16+ chars"})
+        b = SyncAgent(cfg_b, "lb2", tb, FakeProg(), role="backup", ring_mode="poll")
+        await a.start()
+        await b.start()
+        try:
+            a.prog.bpf.queue.append(flow_event(CLIENT, 30001, VIP, 80, 1))
+            await until(lambda: b.status()["rejected"].get("bad_mac", 0) >= 1)
+            await asyncio.sleep(0.05)
+            assert not tb.conns
+            assert b.status()["peer_detail"][0]["state"] == "unknown"
+        finally:
+            await a.stop()
+            await b.stop()
+
+    asyncio.run(main())
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError):
+        SyncAgent(SyncConfig(enabled=True, key="0123456789abcdef"), "lb1",
+                  FakeTables([]), FakeProg())
