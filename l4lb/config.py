@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Union
 
+from l4lb.maglev import is_prime
+
 __all__ = [
     "ConfigError",
     "Config",
@@ -852,26 +854,13 @@ _VIP = (
 )
 
 
-def _is_prime(n: int) -> bool:
-    if n < 2:
-        return False
-    if n % 2 == 0:
-        return n == 2
-    f = 3
-    while f * f <= n:
-        if n % f == 0:
-            return False
-        f += 2
-    return True
-
-
 def _ring_size(ctx: _Ctx, path: str, v: Any) -> int | None:
     n = _int(7, 1048573)(ctx, path, v)
     if n is None:
         return None
-    if not _is_prime(n):
-        lo = next(k for k in range(n - 1, 1, -1) if _is_prime(k))
-        hi = next(k for k in range(n + 1, 2 * n + 2) if _is_prime(k))
+    if not is_prime(n):
+        lo = next(k for k in range(n - 1, 1, -1) if is_prime(k))
+        hi = next(k for k in range(n + 1, 2 * n + 2) if is_prime(k))
         near = ", ".join(str(k) for k in (lo, hi) if 7 <= k <= 1048573)
         ctx.err(path, f"{n} is not prime; Maglev needs a prime table size (nearest: {near})")
         return None

@@ -139,7 +139,7 @@ def ring_shares(ring: Iterable[int]) -> dict[int, int]:
 # --------------------------------------------------------------- validation
 
 
-def _is_prime(n: int) -> bool:
+def is_prime(n: int) -> bool:
     if n < 2:
         return False
     if n % 2 == 0:
@@ -166,7 +166,7 @@ def _as_int(value: object, what: str) -> int:
 def _validate(backends: Sequence[Backend], size: int) -> list[tuple[str, int, int]]:
     """Check the input; return (key, id, weight) of reals with weight > 0, by key."""
     size = _as_int(size, "ring size")
-    if not 2 <= size <= MAX_RING_SIZE or not _is_prime(size):
+    if not 2 <= size <= MAX_RING_SIZE or not is_prime(size):
         raise ValueError(f"ring size {size} is not a prime number in 2..{MAX_RING_SIZE}")
     keys: set[str] = set()
     ids: set[int] = set()
