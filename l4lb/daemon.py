@@ -327,9 +327,11 @@ class Daemon:
         errs = check_system(cfg)
         if errs:
             raise ConfigError(errs)
-        if cfg.node != self.cfg.node:
-            raise ConfigError(["[node] changed: interfaces, XDP mode and table sizes need a "
-                               "restart (`systemctl restart l4lb`)"])
+        for section in ("node", "vrrp", "sync", "metrics"):
+            if getattr(cfg, section) != getattr(self.cfg, section):
+                raise ConfigError([f"[{section}] changed: that needs a restart of the daemon "
+                                   "(`systemctl restart l4lb`; forwarding and the conn table "
+                                   "survive it); nothing was applied"])
         before = {v.key for v in self.cfg.vips}
         await self.apply(cfg)
         self.reloads += 1
@@ -363,6 +365,8 @@ class Daemon:
             "node": self.cfg.node.name, "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),
             "interfaces": list(self.cfg.node.interfaces), "xdp_mode": self.cfg.node.xdp_mode,
+            "xdp_attached": {ifname: self.prog.attached.get(ifname) is not None
+                             for ifname in self.cfg.node.interfaces} if self.prog else {},
             "pin_dir": t.opts.pin_dir, "held_vips": sorted(self.held_vips),
             "vips": vips,
             "vrrp": [a.status() for a in self.vrrp],

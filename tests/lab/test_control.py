@@ -108,6 +108,8 @@ def test_reload_applies_the_edited_file(lab):
      "vip[0].real[0].weight: 70000 is out of range 0..65535"),
     (lambda c: c["vip"][0]["real"][0].update(wieght=1), "did you mean 'weight'"),
     (lambda c: c["node"].update(interfaces=["nosuch0"]), "nosuch0"),
+    (lambda c: c["node"].update(conn_timeout_s=99), "[node] changed: that needs a restart"),
+    (lambda c: c.update(metrics={"listen": "127.0.0.1:9999"}), "[metrics] changed"),
 ])
 def test_bad_reload_changes_nothing(lab, edit, msg):
     before = lab.l4lb_json("lb1", ["status"])["vips"]
