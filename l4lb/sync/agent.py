@@ -72,7 +72,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from l4lb.dataplane import maps as M
 from l4lb.dataplane.tables import CONN_KEY, CONN_VAL, coarse_now_ns
-from l4lb.sync.codec import MAX_DATAGRAM, SyncEntry, entry_capacity
+from l4lb.sync.codec import MAX_DATAGRAM, PREFIX_LEN, SyncEntry, entry_capacity
 from l4lb.sync.machine import (
     REJECT_REASONS,
     InstallEntries,
@@ -106,9 +106,12 @@ _VAL_ID_NOW = struct.Struct("=IIQ")
 assert _KEY4.size == _KEY6.size == CONN_KEY.size and _VAL_RS.size == CONN_VAL.size
 
 WALK_BATCH = 1024  # conn-table entries per BPF_MAP_LOOKUP_BATCH call
-RECV_BURST = 64  # datagrams read per wake-up before installing
-FULL_SLICE = 1024  # full-walk entries installed per loop turn (new flows go first)
-FULL_BACKLOG_MAX = 500_000  # full-walk entries waiting to be installed, at most
+RECV_BURST = 256  # datagrams read per wake-up before installing
+FULL_SLICE = 512  # full-walk entries installed per loop turn (new flows go first)
+DEFER_MAX_BYTES = 64 << 20  # full-walk datagrams set aside, at most
+REPLAY_WINDOW = 1 << 17  # messages: covers the full-walk chunks set aside
+# The first body bytes of a full-walk chunk: msgpack fixarray(9), kind 2 (codec.py)
+_FULL_HEAD = bytes((0x99, 2))
 SOCK_BUF = 8 << 20  # socket buffers: a full walk's burst and a slow loop tick
 TRANSLATE_TTL_S = 1.0  # rebuild the id <-> address maps at least this often
 TRANSLATE_MISS_S = 0.05  # ... and on a miss, at most this often
@@ -164,7 +167,10 @@ class Translator:
     def maybe_refresh(self, missed: bool = False) -> bool:
         age = self._clock() - self.refreshed_at
         if age >= TRANSLATE_TTL_S or (missed and age >= TRANSLATE_MISS_S):
-            self.refresh()
+            try:
+                self.refresh()
+            except RuntimeError:  # tables changed under us (a thread): next time
+                return False
             return True
         return False
 
@@ -397,7 +403,7 @@ class SyncAgent:
         self._rate_urgent = max(1.0, full_entries_per_s / cap)  # chunks/s
         self._rate_periodic = max(1.0, periodic_entries_per_s / cap)
         self._urgent = role == "master"  # the walk due now is one a peer waits for
-        self.receiver = Receiver(key, None, MAX_DATAGRAM, node_id=node_name)
+        self.receiver = Receiver(key, None, MAX_DATAGRAM, REPLAY_WINDOW, node_id=node_name)
         self.translator = Translator(tables)
         self.peers = [(str(p.host), p.port) for p in cfg.peers]
         self.counters: Counter = Counter()  # events, installed, send_errors, ...
@@ -414,8 +420,8 @@ class SyncAgent:
         self._ring_stop = threading.Event()
         self._events: list[bytes] = []
         self._rbuf = bytearray(MAX_DATAGRAM + 1)
-        self._full_backlog: deque[InstallEntries] = deque()
-        self._full_backlog_n = 0
+        self._deferred: deque[tuple[bytes, object]] = deque()
+        self._deferred_bytes = 0
         self._full_handle: asyncio.Handle | None = None
         self._conn_timeout_ns: int | None = None
         self._last_send_error = 0.0
@@ -688,7 +694,7 @@ class SyncAgent:
             return
         now = self._clock()
         new: list[InstallEntries] = []
-        full: list[InstallEntries] = []
+        deferred = self._deferred
         buf = self._rbuf
         view = memoryview(buf)
         for _ in range(RECV_BURST):
@@ -701,43 +707,49 @@ class SyncAgent:
                 if e.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                     log.warning("sync: receive failed: %s", e)
                 break
+            if data[PREFIX_LEN:PREFIX_LEN + 2] == _FULL_HEAD:  # a full-walk chunk: later
+                if self._deferred_bytes + n > DEFER_MAX_BYTES:  # the next walk repairs it
+                    self.counters["full_deferred_dropped"] += 1
+                else:
+                    deferred.append((data, addr))
+                    self._deferred_bytes += n
+                continue
             for action in self.receiver.on_datagram(data, addr, now):
                 if isinstance(action, InstallEntries):
-                    (new if action.full_id is None else full).append(action)
+                    new.append(action)
                 else:
                     self._on_action(action, now)
         if new:
             self._install(new, now)
-        if full:
-            self._queue_full(full)
+        if deferred and self._full_handle is None and self._loop is not None:
+            self._full_handle = self._loop.call_soon(self._process_deferred)
 
-    # A full walk arrives at the walk's pace, new flows at theirs, in one socket:
-    # full-walk entries are installed a slice per loop turn, after whatever new
-    # flows came in meanwhile, so that a walk never holds the stream back.
-    def _queue_full(self, actions: list[InstallEntries]) -> None:
-        for a in actions:
-            n = len(a.entries)
-            if self._full_backlog_n + n > FULL_BACKLOG_MAX:  # the next walk repairs it
-                self.counters["full_backlog_dropped"] += n
-                continue
-            self._full_backlog.append(a)
-            self._full_backlog_n += n
-        if self._full_handle is None and self._full_backlog and self._loop is not None:
-            self._full_handle = self._loop.call_soon(self._install_full_slice)
-
-    def _install_full_slice(self) -> None:
+    # A full walk arrives at the walk's pace, new flows at theirs, in one socket.
+    # Reading must keep up, or new flows queue in the socket behind the walk: so
+    # full-walk chunks (told apart by their first body bytes) are only read and
+    # set aside, raw, and authenticated, decoded and installed a slice per loop
+    # turn, after whatever new flows came in meanwhile. (The receiver's replay
+    # window is wide enough for the reordering; raw bytes also give the garbage
+    # collector nothing to walk through.)
+    def _process_deferred(self) -> None:
         self._full_handle = None
+        now = self._clock()
+        d = self._deferred
         batch: list[InstallEntries] = []
         n = 0
-        while self._full_backlog and n < FULL_SLICE:
-            a = self._full_backlog.popleft()
-            batch.append(a)
-            n += len(a.entries)
-        self._full_backlog_n -= n
+        while d and n < FULL_SLICE:
+            data, addr = d.popleft()
+            self._deferred_bytes -= len(data)
+            for action in self.receiver.on_datagram(data, addr, now):
+                if isinstance(action, InstallEntries):
+                    batch.append(action)
+                    n += len(action.entries)
+                else:
+                    self._on_action(action, now)
         if batch:
-            self._install(batch, self._clock())
-        if self._full_backlog and self._loop is not None and self._sock is not None:
-            self._full_handle = self._loop.call_soon(self._install_full_slice)
+            self._install(batch, now)
+        if d and self._loop is not None and self._sock is not None:
+            self._full_handle = self._loop.call_soon(self._process_deferred)
 
     def _on_action(self, action, now: float) -> None:
         s = self.sender
@@ -758,10 +770,10 @@ class SyncAgent:
             log.warning("sync: peer %s silent since %.1fs", action.sender,
                         now - action.last_seen)
 
-    def _install(self, actions: list[InstallEntries], now: float) -> None:
+    def _translate(self, actions: list[InstallEntries]) -> tuple[bytes, bytes]:
+        """Entries -> packed conn-table records with this node's ids (skips counted)."""
         tr = self.translator
         tr.maybe_refresh()
-        overwrite = self.sender.role != "master"
         now_ns = coarse_now_ns()
         all_keys, all_vals = [], []
         for a in actions:
@@ -769,10 +781,17 @@ class SyncAgent:
             self.skipped.update(skipped)
             all_keys.append(keys)
             all_vals.append(vals)
-        keys, vals = b"".join(all_keys), b"".join(all_vals)
+        return b"".join(all_keys), b"".join(all_vals)
+
+    def _install(self, actions: list[InstallEntries], now: float) -> None:
+        keys, vals = self._translate(actions)
+        self._write(keys, vals, now)
+
+    def _write(self, keys: bytes, vals: bytes, now: float) -> None:
         n = len(keys) // CONN_KEY.size
         if not n:
             return
+        overwrite = self.sender.role != "master"
         try:
             written = self.tables.install_conns(keys, vals, overwrite=overwrite)
         except OSError as e:
@@ -852,8 +871,8 @@ class SyncAgent:
                           "dropped_not_master": ss["dropped_not_master"],
                           "unknown_real": self.counters["events_unknown_real"],
                           "bad": self.counters["events_bad"]},
-            "full_backlog": self._full_backlog_n,
-            "full_backlog_dropped": self.counters["full_backlog_dropped"],
+            "full_backlog": len(self._deferred),  # full-walk datagrams set aside
+            "full_backlog_dropped": self.counters["full_deferred_dropped"],
             "send_errors": self.counters["send_errors"] + self.counters["send_dropped"],
             "install_errors": self.counters["install_errors"],
             "ring_mode": self.ring_mode,

@@ -340,3 +340,55 @@ def test_bad_config_is_refused():
     with pytest.raises(ValueError):
         SyncAgent(SyncConfig(enabled=True, key="0123456789abcdef"), "lb1",
                   FakeTables([]), FakeProg())
+
+
+def test_walk_pace_urgent_for_a_waiting_peer_slow_for_the_periodic_repair():
+    a = SyncAgent(sync_cfg(free_port(), free_port()), "lb1", FakeTables(MASTER_VIPS), FakeProg(),
+                  role="backup", full_entries_per_s=400_000, periodic_entries_per_s=50_000)
+    now = time.time()
+    a.set_role("master")  # becoming master: the peer waits for our table
+    a._tick(now)
+    assert a.sender.stats["full_started"] == 1
+    urgent = a.sender.full_rate
+    a.request_full(urgent=False)
+    a._tick(now + 1)
+    assert a.sender.full_rate == pytest.approx(urgent / 8)
+    a.request_full()  # a peer appeared or restarted
+    a._tick(now + 2)
+    assert a.sender.full_rate == urgent
+
+
+def test_standby_installs_new_flows_before_a_full_walk_backlog():
+    """Full-walk chunks already queued in the socket do not hold back a new flow."""
+    from l4lb.sync.machine import Sender  # noqa: PLC0415
+
+    async def main():
+        pb = free_port()
+        tb = FakeTables(BACKUP_VIPS)
+        b = SyncAgent(sync_cfg(pb, free_port()), "lb2", tb, FakeProg(), role="backup",
+                      ring_mode="poll")
+        await b.start()
+        try:
+            now = time.time()
+            s = Sender("lb1", b"0123456789abcdef0123", now, role="master", full_rate=None)
+            walk = [SyncEntry(p(CLIENT), 20000 + i, p(VIP), 80, 6, p("10.99.0.31"))
+                    for i in range(3000)]
+            s.start_full(walk, now)
+            grams = []
+            while s.full_in_progress:
+                grams += s.poll(now)
+            s.add_new_flows([SyncEntry(p(CLIENT), 9, p(VIP), 80, 6, p("10.99.0.32"))], now)
+            grams += s.flush(now)  # the new flow's batch: sent last
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as out:
+                for g in grams:
+                    out.sendto(g, ("127.0.0.1", pb))
+            await until(lambda: len(tb.conns) == 3001)
+            assert tb.installs[0] == (True, 1)  # the new flow first...
+            assert len(tb.installs) >= 3000 // 1024 + 1  # ...then the walk, slice by slice
+            st = b.status()
+            assert st["full_backlog"] == 0 and st["rejected"] == {}
+            assert st["full_walks"]["received_complete"] == 1
+        finally:
+            await b.stop()
+
+    asyncio.run(main())
