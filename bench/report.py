@@ -103,7 +103,8 @@ def section_throughput(d: dict) -> tuple[str, str | None]:
 def section_failover(d: dict) -> tuple[str, str | None]:
     cases = d["cases"]
     rows = [[n, f"{c['min_ms']:.0f}", f"{c['median_ms']:.0f}", f"{c['max_ms']:.0f}",
-             str(c["runs"])] for n, c in cases.items()]
+             str(len(c["runs"]) if isinstance(c["runs"], list) else c["runs"])]
+            for n, c in cases.items()]
     md = markdown_table(["case", "min ms", "median ms", "max ms", "runs"], rows,
                         right={1, 2, 3, 4})
     plt = _plt()
