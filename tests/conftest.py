@@ -21,3 +21,4 @@ def _root_for_system_tests(request):
                      for i in request.session.items)
     if needs_root and os.geteuid() != 0:
         pytest.exit("lab and BPF tests need root: run `sudo make test`", returncode=2)
+

@@ -28,7 +28,8 @@ from l4lb.vrrp.packet import (
     inet_checksum,
 )
 
-VECTORS = Path("/work/shared/vectors/vrrp")
+# ../shared beside the repository, as CI lays it out
+VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors" / "vrrp"
 V2_PCAP = VECTORS / "v2-adv1-stop.pcap"
 V3_PCAP = VECTORS / "v3-adv0.1-stop.pcap"
 
