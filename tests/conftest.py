@@ -21,4 +21,3 @@ def _root_for_system_tests(request):
                      for i in request.session.items)
     if needs_root and os.geteuid() != 0:
         pytest.exit("lab and BPF tests need root: run `sudo make test`", returncode=2)
-
