@@ -58,6 +58,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import markdown_table, run_meta, text_table, write_json, write_text  # noqa: E402
+from l4lb.lab import wait_for  # noqa: E402
 
 PREFIX = "bfail"
 VIP = "10.99.0.100"
@@ -152,14 +153,7 @@ def neigh_mac(lab) -> str | None:
 
 
 def wait(pred, timeout: float, what: str, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(interval)
+    return wait_for(pred, timeout, interval=interval, what=what)
 
 
 class Watch:
