@@ -15,6 +15,7 @@ import asyncio
 import functools
 import logging
 import os
+import shutil
 import signal
 import socket
 import time
@@ -187,8 +188,7 @@ class Daemon:
             for ifname in self.cfg.node.interfaces:
                 loader.detach_xdp(ifname)
             loader.remove_pins(self.tables.opts.pin_dir if self.tables else pin_dir(self.cfg))
-            for f in state_dir(self.cfg).glob("*"):
-                f.unlink()
+            shutil.rmtree(state_dir(self.cfg), ignore_errors=True)
             log.info("stopped: XDP detached, pins and VIP addresses removed")
         else:
             # SIGTERM (restart, upgrade): the XDP program keeps forwarding from the
@@ -421,9 +421,7 @@ def offline_stop(cfg: Config) -> list[str]:
     if Path(pd).exists():
         loader.remove_pins(pd)
         done.append(f"pins removed: {pd}")
-    sdir = state_dir(cfg)
-    for f in sdir.glob("*"):
-        f.unlink()
+    shutil.rmtree(state_dir(cfg), ignore_errors=True)
     return done
 
 

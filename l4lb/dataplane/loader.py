@@ -140,7 +140,12 @@ def compile_swap() -> Program:
 
 
 def remove_pins(pin_dir: str) -> None:
+    """Remove a node's pinned maps, and the node's directory once it is empty."""
     shutil.rmtree(pin_dir, ignore_errors=True)
+    try:
+        os.rmdir(os.path.dirname(pin_dir.rstrip("/")))
+    except OSError:
+        pass  # other layouts or nodes still pinned there
 
 
 def cpu_count() -> int:
