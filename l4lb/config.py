@@ -110,7 +110,7 @@ class NodeConfig:
     pin_path: str = DEFAULT_PIN_PATH
     api_socket: str = ""  # "" = f"{API_SOCKET_DIR}/{name}.sock"
     conn_table_size: int = 1048576
-    conn_timeout_s: int = 300
+    conn_timeout_s: int = 300  # UDP idle timeout; TCP entries leave by LRU eviction
 
     def __post_init__(self) -> None:
         if not self.api_socket:
