@@ -12,7 +12,6 @@ the lab's namespaces, also when a test fails.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import sys
 import time
@@ -322,7 +321,6 @@ KA_CASES = [
 ]
 
 
-@pytest.mark.skipif(shutil.which("keepalived") is None, reason="keepalived not installed")
 @pytest.mark.parametrize("version, auth, interval", KA_CASES)
 def test_keepalived_interop(version, auth, interval):
     prefix = {3: "tvka3", 2: "tvka2"}[version] + ("a" if auth else "")

@@ -57,8 +57,9 @@ def test_conn_table_never_fills():
 
 
 def test_frames_are_realistic_and_checksummed():
-    scapy = pytest.importorskip("scapy.all")
     import ipaddress
+
+    import scapy.all as scapy
 
     src4, dst4 = ipaddress.ip_address("10.1.0.1").packed, ipaddress.ip_address("10.200.0.100").packed
     f4 = pps.tcp_frame(src4, dst4, 40000, 80)

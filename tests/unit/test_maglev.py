@@ -207,7 +207,6 @@ def _random_config(seed: int) -> tuple[list[Backend], int]:
 
 @pytest.mark.parametrize("seed", range(12))
 def test_numpy_matches_pure_python(seed, monkeypatch):
-    pytest.importorskip("numpy")
     backends, size = _random_config(seed)
     fast = build_ring(backends, size)
     monkeypatch.setattr(maglev, "np", None)
@@ -215,7 +214,6 @@ def test_numpy_matches_pure_python(seed, monkeypatch):
 
 
 def test_numpy_matches_pure_python_full_size(ring100, monkeypatch):
-    pytest.importorskip("numpy")
     skewed = [Backend(b.id, b.key, 65535 if b.id == 1 else 1 + b.id % 3) for b in reals(100)]
     fast = build_ring(skewed)
     monkeypatch.setattr(maglev, "np", None)
@@ -225,7 +223,6 @@ def test_numpy_matches_pure_python_full_size(ring100, monkeypatch):
 
 def test_numpy_turn_priority_fallback(monkeypatch):
     # The branch for priorities too big to pack into int64 gives the same ring.
-    pytest.importorskip("numpy")
     backends, size = _random_config(5)
     expected = build_ring(backends, size)
     monkeypatch.setattr(maglev, "_PRIO_LIMIT", 0)
