@@ -70,7 +70,7 @@ def outage(answer_times: list[float], t_fail: float) -> float | None:
     around = sorted(t for t in answer_times if t >= t_fail - 1.0)
     if len(around) < 2 or around[0] > t_fail or around[-1] < t_fail:
         return None
-    return max(b - a for a, b in zip(around, around[1:])) * 1000
+    return max(b - a for a, b in zip(around, around[1:], strict=False)) * 1000
 
 
 def run(fast: bool) -> dict:
@@ -139,7 +139,7 @@ def run(fast: bool) -> dict:
         wait_for(ready.exists, 15, what="long-lived connections")
         prober = lab.popen("client1", [sys.executable, "-m", "l4lb.labclient", "probe",
                                        f"{VIP}:{ECHO}", "--every", "0.01", "--seconds", "60",
-                                       "--timeout", "0.2"])
+                                       "--timeout", "0.5"])
         time.sleep(1.0 if fast else 2.0)  # sync streams the open connections to lb2
         say(f"  {conns} long-lived connections (a line every 100 ms each) and a probe "
             "every 10 ms run through lb1")

@@ -5,7 +5,7 @@ spread: open N TCP connections to a VIP, one after another, and count which real
 hold:   keep C long-lived connections open, each exchanging a line every
         --every seconds for --seconds; report per connection: the reals it saw,
         exchanges, errors (resets). JSON on stdout. SIGTERM/SIGINT ends early.
-probe:  one TCP connect+answer every --every seconds; print a JSON line per
+probe:  start a TCP connect every --every seconds (not waiting for the last); a JSON line per
         answer with a timestamp and the real (used to measure outages).
 """
 
@@ -117,16 +117,29 @@ async def hold(host: str, port: int, conns: int, every: float, seconds: float,
 
 
 async def probe(host: str, port: int, every: float, seconds: float, timeout: float) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        t = time.time()
+    """Start a connect every `every` seconds on a fixed schedule, without waiting for
+    the previous one, so an outage is seen to the schedule's resolution rather than
+    to the connect timeout's."""
+
+    async def one(t: float) -> None:
         try:
             r, w, name = await _hello(host, port, timeout)
             w.close()
             print(json.dumps({"t": t, "real": name}), flush=True)
         except (OSError, asyncio.TimeoutError):
             pass
-        await asyncio.sleep(max(0.0, every - (time.time() - t)))
+
+    tasks = set()
+    start = time.monotonic()
+    n = 0
+    while time.monotonic() - start < seconds:
+        task = asyncio.create_task(one(time.time()))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        n += 1
+        await asyncio.sleep(max(0.0, start + n * every - time.monotonic()))
+    if tasks:
+        await asyncio.wait(tasks)
 
 
 def main(argv: list[str] | None = None) -> None:
