@@ -28,12 +28,12 @@ Settings: VRRPv3 at 0.1 s and 1 s, VRRPv2 at 1 s for both, plus l4lb VRRPv3 at 0
 Between runs the pair is restored: link up / the killed daemon restarted, and the
 next run waits until lb1 is master again (preempt) and the client follows it.
 
-The probe (`probe` below, run in client1) starts a TCP connect to the VIP every
-10 ms on a fixed schedule, without waiting for the previous one, and prints one JSON
-line {"t": start time, "real": who answered} per answered connect (timeout 0.5 s,
+The probe (`l4lb.labclient probe`, run in client1) starts a TCP connect to the VIP
+every 10 ms on a fixed schedule, without waiting for the previous one, and prints one
+JSON line {"t": start time, "real": who answered} per answered connect (timeout 0.5 s,
 below the 1 s SYN retransmission, so a connect lost in the outage never counts as a
-late answer). A sequential probe (l4lb.labclient probe) would only try again after
-its timeout during an outage, which quantises the outage to that timeout (200 ms).
+late answer). A probe that waited for each connect would only try again after its
+timeout during an outage, quantising the outage to that timeout.
 Outage = the longest silence between two answers around the failure
 (l4lb.demo.outage): from the last answer through the old master to the first
 through the new one.
@@ -44,7 +44,6 @@ through the new one.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
@@ -73,49 +72,6 @@ KINDS = ("linkdown", "sigkill")
 # Measured elsewhere (keepalived, link down), min/median/max in ms.
 REFERENCE = {"keepalived_v3_100ms_linkdown": (292, 330, 350),
              "keepalived_v2_1000ms_linkdown": (2900, 3200, 3400)}
-
-
-# ------------------------------------------------------------------------- the probe
-async def _probe(host: str, port: int, every: float, seconds: float, timeout: float) -> None:
-    pending: set[asyncio.Task] = set()
-
-    async def one(t: float) -> None:
-        try:
-            r, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        except (OSError, asyncio.TimeoutError):
-            return
-        try:
-            name = (await asyncio.wait_for(r.readline(), timeout)).decode().strip()
-        except (OSError, asyncio.TimeoutError):
-            name = ""
-        finally:
-            w.close()
-        if name:
-            print(json.dumps({"t": t, "real": name}), flush=True)
-
-    loop = asyncio.get_running_loop()
-    end = loop.time() + seconds
-    nxt = loop.time()
-    while loop.time() < end:
-        task = asyncio.create_task(one(time.time()))
-        pending.add(task)
-        task.add_done_callback(pending.discard)
-        nxt += every
-        await asyncio.sleep(max(0.0, nxt - loop.time()))
-    if pending:
-        await asyncio.wait(pending)
-
-
-def probe_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="failover.py probe")
-    ap.add_argument("target")
-    ap.add_argument("--every", type=float, default=PROBE_EVERY)
-    ap.add_argument("--seconds", type=float, default=120.0)
-    ap.add_argument("--timeout", type=float, default=PROBE_TIMEOUT)
-    a = ap.parse_args(argv)
-    host, _, port = a.target.rpartition(":")
-    asyncio.run(_probe(host, int(port), a.every, a.seconds, a.timeout))
-    return 0
 
 
 # --------------------------------------------------------------------------- helpers
@@ -372,7 +328,7 @@ def one_run(lab, pair, kind: str, watch: Watch) -> dict:
     # the client follows lb1 again (its gratuitous ARPs) before the next run
     lb2_mac = lab.node("lb2").mac
     wait(lambda: neigh_mac(lab) != lb2_mac, 5, "the client's neighbour entry back on lb1", 0.05)
-    prober = lab.popen("client1", [sys.executable, str(Path(__file__).resolve()), "probe",
+    prober = lab.popen("client1", [sys.executable, "-m", "l4lb.labclient", "probe",
                                    f"{VIP}:{pair.port}", "--every", str(PROBE_EVERY),
                                    "--timeout", str(PROBE_TIMEOUT), "--seconds", "120"])
     try:
@@ -492,8 +448,6 @@ METHOD = (
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["probe"]:
-        return probe_main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
