@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import common  # noqa: E402
+from l4lb.vrrp.packet import inet_checksum  # noqa: E402 - RFC 1071, one copy
 
 XDP_PASS, XDP_TX = 2, 3
 LB_MAC = bytes.fromhex("029900001415")
@@ -159,14 +160,6 @@ def target_cell(name: str, net: float) -> str:
 
 
 # --------------------------------------------------------------------------- packets
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
 
 def tcp_frame(src: bytes, dst: bytes, sport: int, dport: int, flags: int = TCP_ACK,
               payload: bytes = PAYLOAD, smac: bytes = CLIENT_MAC, dmac: bytes = LB_MAC) -> bytes:
@@ -178,13 +171,13 @@ def tcp_frame(src: bytes, dst: bytes, sport: int, dport: int, flags: int = TCP_A
     if len(src) == 4:
         pseudo = src + dst + struct.pack("!BBH", 0, 6, tcp_len)
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + tcp_len, 0, 0x4000, 64, 6, 0, src, dst)
-        ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+        ip = ip[:10] + struct.pack("!H", inet_checksum(ip)) + ip[12:]
         ethertype = 0x0800
     else:
         pseudo = src + dst + struct.pack("!IxxxB", tcp_len, 6)
         ip = struct.pack("!IHBB16s16s", 6 << 28, tcp_len, 6, 64, src, dst)
         ethertype = 0x86DD
-    tcp = tcp[:16] + struct.pack("!H", _csum(pseudo + tcp)) + tcp[18:]
+    tcp = tcp[:16] + struct.pack("!H", inet_checksum(pseudo + tcp)) + tcp[18:]
     return dmac + smac + struct.pack("!H", ethertype) + ip + tcp
 
 
