@@ -643,7 +643,7 @@ def test_replay_keepalived_capture_as_node_b(name, version, interval_cs):
     )
     pkts = [
         (float(p.time), p[IP])
-        for p in rdpcap(str(Path(__file__).resolve().parents[3] / "shared" / "vectors" / "vrrp" / name))
+        for p in rdpcap(str(Path(__file__).resolve().parents[1] / "vectors" / "vrrp" / name))
         if IP in p and p[IP].proto == 112
     ]
     b.start(pkts[0][0] - 0.01)

@@ -28,8 +28,8 @@ from l4lb.vrrp.packet import (
     inet_checksum,
 )
 
-# ../shared beside the repository, as CI lays it out
-VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors" / "vrrp"
+# keepalived's own adverts, captured on the wire (see tests/vectors/vrrp/README.md)
+VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "vrrp"
 V2_PCAP = VECTORS / "v2-adv1-stop.pcap"
 V3_PCAP = VECTORS / "v3-adv0.1-stop.pcap"
 
