@@ -111,7 +111,11 @@ def test_cli_bad_arguments(args, msg):
 
 
 def test_cli_refuses_without_root():
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + L4LB
+    # nobody, but allowed to read and search any directory (CAP_DAC_READ_SEARCH as an
+    # ambient capability): the checkout may sit where other users cannot read (a mktemp
+    # dir), and the refusal under test must come from the uid check, not from import.
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"] + L4LB
                        + ["lab", "up", "--prefix", "t6root"], capture_output=True, text=True,
                        timeout=30, cwd="/")
     assert r.returncode == 2, r.stderr
