@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes as ct
+import importlib.resources
 import os
 import shutil
 import subprocess
@@ -11,7 +12,9 @@ from pathlib import Path
 
 from l4lb.dataplane import maps as M
 
-BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
+# The BPF sources ship inside the package (l4lb/bpf links the repository's bpf/):
+# the same lookup works from a checkout and from an installed wheel.
+BPF_DIR = Path(str(importlib.resources.files("l4lb") / "bpf"))
 BPFFS = "/sys/fs/bpf"
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
 XDP_FLAGS_SKB_MODE = 1 << 1
