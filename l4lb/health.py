@@ -2,17 +2,28 @@
 
 `RiseFall` is the pure verdict logic; `HealthChecker` runs one probe loop per
 (VIP, real) in asyncio and reports transitions through a callback.
+
+A probe never raises: whatever goes wrong (refused, timeout, a 70 KB status
+line, a TLS error, a bug) is a failed check with a detail.  Failures are logged
+when the verdict flips, not per probe.  Each loop is supervised: if it dies
+anyway, it is logged and restarted.  TCP and HTTP probes bind to the node's own
+address (``source``), never a VIP: a real holds the VIP on lo, so a probe sent
+from the VIP would be answered to the real itself.  Scripts run through
+:mod:`l4lb.scripts` (process group killed on timeout, minimal environment,
+script security).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Protocol
 
+from l4lb import scripts
 from l4lb.config import HealthCheckConfig
 
 log = logging.getLogger("l4lb.health")
@@ -41,44 +52,64 @@ class RiseFall:
         return False
 
 
+MAX_STATUS_LINE = 8192  # bytes; a longer HTTP status line is a failed check
+RESTART_DELAY_S = 1.0  # before a crashed check loop is restarted
+
+
+class Source(Protocol):
+    """Where probes come from (netutil.SourcePicker): the node's own address per family."""
+
+    async def pick(self, family: int) -> str | None: ...  # None: let the kernel choose
+
+    def invalidate(self) -> None: ...  # the address went away: look again
+
+
 @dataclass
 class ProbeResult:
     ok: bool
     latency_s: float
     detail: str = ""
+    errno: int = 0  # of an OSError, when that is what failed
 
 
-async def probe(addr: str, hc: HealthCheckConfig) -> ProbeResult:
+def _family(addr: str) -> int:
+    return 6 if ":" in addr else 4
+
+
+async def probe(addr: str, hc: HealthCheckConfig, source: str | None = None,
+                env: dict[str, object] | None = None) -> ProbeResult:
+    """One check of `addr`; never raises (except CancelledError)."""
     t0 = time.monotonic()
+    err = 0
     try:
-        detail = await asyncio.wait_for(_probe(addr, hc), hc.timeout_s)
-        return ProbeResult(detail == "", time.monotonic() - t0, detail)
+        if hc.type == "script":
+            res = await scripts.run(hc.script or (), hc.timeout_s, env)
+            detail = "" if res.ok else f"script {res.detail}"
+        else:
+            detail = await asyncio.wait_for(_probe(addr, hc, source), hc.timeout_s)
     except asyncio.TimeoutError:
-        return ProbeResult(False, time.monotonic() - t0, f"timeout after {hc.timeout_s}s")
+        detail = f"timeout after {hc.timeout_s:g}s"
     except OSError as e:
-        return ProbeResult(False, time.monotonic() - t0, e.strerror or str(e))
+        detail, err = e.strerror or str(e) or type(e).__name__, e.errno or 0
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of a probe is a failed check
+        detail = f"{type(e).__name__}: {e}"[:200]
+    return ProbeResult(detail == "", time.monotonic() - t0, detail, err)
 
 
-async def _probe(addr: str, hc: HealthCheckConfig) -> str:
+async def _probe(addr: str, hc: HealthCheckConfig, source: str | None) -> str:
     """'' when healthy, else what failed."""
     if hc.type == "none":
         return ""
-    if hc.type == "script":
-        proc = await asyncio.create_subprocess_exec(*hc.script, stdout=asyncio.subprocess.DEVNULL,
-                                                    stderr=asyncio.subprocess.DEVNULL)
-        try:
-            rc = await proc.wait()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        return "" if rc == 0 else f"script exited {rc}"
     ctx = None
     if hc.type == "https":
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-    reader, writer = await asyncio.open_connection(addr, hc.port, ssl=ctx)
+    reader, writer = await asyncio.open_connection(
+        addr, hc.port, ssl=ctx, limit=MAX_STATUS_LINE,
+        local_addr=(source, 0) if source else None)
     try:
         if hc.type == "tcp":
             return ""
@@ -86,9 +117,16 @@ async def _probe(addr: str, hc: HealthCheckConfig) -> str:
         writer.write(f"GET {hc.http_path} HTTP/1.0\r\nHost: {host}\r\n"
                      f"User-Agent: l4lb-health\r\nConnection: close\r\n\r\n".encode())
         await writer.drain()
-        line = await reader.readline()
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError:
+            return f"HTTP status line longer than {MAX_STATUS_LINE} bytes"
+        except asyncio.IncompleteReadError as e:
+            line = e.partial
+            if not line:
+                return "connection closed before an HTTP status line"
         parts = line.decode(errors="replace").split()
-        if len(parts) < 2 or not parts[1].isdigit():
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
             return f"bad HTTP status line {line[:60]!r}"
         status = int(parts[1])
         return "" if status == hc.http_expect_status else \
@@ -107,6 +145,7 @@ class CheckState:
     last: ProbeResult | None = None
     checks: int = 0
     failures: int = 0
+    restarts: int = 0  # times the loop died and was restarted (a bug if ever > 0)
 
 
 OnChange = Callable[[str, str, bool, str], Awaitable[None] | None]
@@ -114,9 +153,12 @@ OnChange = Callable[[str, str, bool, str], Awaitable[None] | None]
 
 @dataclass
 class HealthChecker:
-    """One asyncio task per (VIP, real); `sync()` starts and stops them to match the config."""
+    """One asyncio task per (VIP, real); `sync()` starts and stops them to match the config.
+
+    TCP/HTTP probes bind to `source.pick(family)` when a source is given."""
 
     on_change: OnChange
+    source: Source | None = None
     checks: dict[tuple[str, str], CheckState] = field(default_factory=dict)
 
     def sync(self, wanted: dict[tuple[str, str], HealthCheckConfig]) -> None:
@@ -134,21 +176,59 @@ class HealthChecker:
     def _start(self, key, hc: HealthCheckConfig, up: bool) -> None:
         st = CheckState(key[0], key[1], hc, RiseFall(hc.rise, hc.fall, up=up))
         self.checks[key] = st
-        st.task = asyncio.get_running_loop().create_task(self._loop(st))
+        self._spawn(st)
 
-    async def _loop(self, st: CheckState) -> None:
+    def _spawn(self, st: CheckState, delay: float = 0.0) -> None:
+        st.task = asyncio.get_running_loop().create_task(self._loop(st, delay))
+        st.task.add_done_callback(lambda t, st=st: self._supervise(st, t))
+
+    def _supervise(self, st: CheckState, task: asyncio.Task) -> None:
+        """A loop that ends other than by cancel is a bug: say so, and restart it."""
+        if task.cancelled() or self.checks.get((st.vip, st.real)) is not st:
+            return
+        st.restarts += 1
+        exc = task.exception()
+        log.error("health check of %s for %s stopped (%s); restarting it in %gs", st.real,
+                  st.vip, f"{type(exc).__name__}: {exc}" if exc else "returned", RESTART_DELAY_S,
+                  exc_info=exc)
+        self._spawn(st, RESTART_DELAY_S)
+
+    async def _source(self, addr: str) -> str | None:
+        if self.source is None:
+            return None
+        try:
+            return await self.source.pick(_family(addr))
+        except Exception as e:  # noqa: BLE001 - probe unbound rather than not at all
+            log.debug("no source address for %s: %s", addr, e)
+            return None
+
+    async def _loop(self, st: CheckState, delay: float = 0.0) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        env = {"L4LB_VIP": st.vip, "L4LB_REAL": st.real, "L4LB_PORT": st.hc.port}
         while True:
-            res = await probe(st.real, st.hc)
+            src = None if st.hc.type in ("script", "none") else await self._source(st.real)
+            res = await probe(st.real, st.hc, src, env)
+            if res.errno == errno.EADDRNOTAVAIL and self.source is not None:
+                self.source.invalidate()  # our address went away: look again
+            if not res.ok and (st.last is None or st.last.detail != res.detail):
+                log.debug("check of %s for %s failed: %s", st.real, st.vip, res.detail)
             st.last = res
             st.checks += 1
             st.failures += 0 if res.ok else 1
             if st.rf.feed(res.ok):
                 log.warning("real %s of %s is %s (%s)", st.real, st.vip,
                             "UP" if st.rf.up else "DOWN", res.detail or "check passed")
-                r = self.on_change(st.vip, st.real, st.rf.up, res.detail)
-                if asyncio.iscoroutine(r):
-                    await r
+                await self._notify(st, res)
             await asyncio.sleep(st.hc.interval_s)
+
+    async def _notify(self, st: CheckState, res: ProbeResult) -> None:
+        try:
+            r = self.on_change(st.vip, st.real, st.rf.up, res.detail)
+            if asyncio.iscoroutine(r):
+                await r
+        except Exception as e:  # noqa: BLE001 - the check goes on; the daemon's problem
+            log.error("health change of %s for %s: on_change failed: %s", st.real, st.vip, e)
 
     def is_up(self, vip: str, real: str) -> bool:
         st = self.checks.get((vip, real))

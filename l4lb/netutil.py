@@ -1,15 +1,33 @@
-"""Links, addresses, routes and neighbours through pyroute2, in the current namespace."""
+"""Links, addresses, routes and neighbours through pyroute2, in the current namespace.
+
+The node's own traffic (health checks, the tunnel's outer source) must never
+come from a VIP: the reals hold the VIP on lo, so what they answer to it never
+leaves them.  Hence IPv6 VIPs are added deprecated (preferred_lft 0: the kernel
+never picks a deprecated address as a source when another one exists, RFC 6724
+rule 3), and `own_address` / `SourcePicker` name the address to bind to
+explicitly (IPv4 has no such rule: a VIP in the node's subnet is only a
+secondary address, but a VIP of another subnet would be its primary).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 import time
+from collections.abc import Callable, Iterable
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+IFA_F_SECONDARY = 0x01
 IFA_F_NODAD = 0x02
+IFA_F_DADFAILED = 0x08
+IFA_F_DEPRECATED = 0x20
+IFA_F_TENTATIVE = 0x40
+IFA_F_NOPREFIXROUTE = 0x200
+INFINITY_LFT = 0xFFFFFFFF
+SOURCE_REFRESH_S = 10.0  # SourcePicker re-reads the addresses this often
 NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # reachable/stale/delay/probe/noarp/perm
 
 
@@ -25,26 +43,90 @@ def link_mac(ifname: str) -> str:
         return ipr.get_links(ifindex(ifname))[0].get_attr("IFLA_ADDRESS")
 
 
-def iface_addresses(ifname: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """The interface's global addresses, primary first."""
+def _flags(msg) -> int:
+    return msg.get_attr("IFA_FLAGS") or msg["flags"]
+
+
+def iface_addresses(ifname: str, avoid: Iterable = ()) -> list[ipaddress.IPv4Address |
+                                                            ipaddress.IPv6Address]:
+    """The interface's own global addresses, primary first: no link-local, no host
+    routes or deprecated addresses (VIPs we added ourselves), nothing in `avoid`
+    (the VIPs), nothing tentative."""
     idx = ifindex(ifname)
+    skip = {ipaddress.ip_address(a) for a in avoid}
     out = []
     with IPRoute() as ipr:
         for a in ipr.get_addr(index=idx):
             ip = ipaddress.ip_address(a.get_attr("IFA_ADDRESS"))
-            if ip.is_link_local or a["prefixlen"] == ip.max_prefixlen:
-                continue  # skip fe80:: and host routes (VIPs we added ourselves)
-            out.append(ip)
-    return out
+            f = _flags(a)
+            if ip.is_link_local or a["prefixlen"] == ip.max_prefixlen or ip in skip or \
+                    f & (IFA_F_DEPRECATED | IFA_F_TENTATIVE | IFA_F_DADFAILED):
+                continue
+            out.append((bool(f & IFA_F_SECONDARY), ip))
+    return [ip for _sec, ip in sorted(out, key=lambda t: t[0])]  # stable: kernel order kept
+
+
+def own_address(ifnames: Iterable[str], family: int, avoid: Iterable = ()) -> str | None:
+    """The first of the interfaces' own addresses of `family` (4/6) that is no VIP."""
+    avoid = list(avoid)
+    for ifname in ifnames:
+        try:
+            addrs = iface_addresses(ifname, avoid)
+        except LookupError:
+            continue
+        for ip in addrs:
+            if ip.version == family:
+                return str(ip)
+    return None
+
+
+def route_source(dst) -> str | None:
+    """The source address the kernel would pick for traffic to `dst` (RTA_PREFSRC)."""
+    with IPRoute() as ipr:
+        return ipr.route("get", dst=str(ipaddress.ip_address(dst)))[0].get_attr("RTA_PREFSRC")
+
+
+class SourcePicker:
+    """The address health checks bind to, per family: `own_address` of the node's
+    interfaces, re-read every SOURCE_REFRESH_S (in a thread: netlink is blocking)
+    or after `invalidate()`. `avoid()` returns the VIPs of the current config."""
+
+    def __init__(self, ifnames: Iterable[str], avoid: Callable[[], Iterable] = lambda: ()):
+        self.ifnames = tuple(ifnames)
+        self.avoid = avoid
+        self._cache: dict[int, tuple[float, str | None]] = {}
+        self._lock: asyncio.Lock | None = None
+
+    def invalidate(self) -> None:
+        self._cache.clear()
+
+    async def pick(self, family: int) -> str | None:
+        hit = self._cache.get(family)
+        if hit and time.monotonic() - hit[0] < SOURCE_REFRESH_S:
+            return hit[1]
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:  # one lookup for all the probes that wait for it
+            hit = self._cache.get(family)
+            if hit and time.monotonic() - hit[0] < SOURCE_REFRESH_S:
+                return hit[1]
+            addr = await asyncio.to_thread(own_address, self.ifnames, family, list(self.avoid()))
+            self._cache[family] = (time.monotonic(), addr)
+            return addr
 
 
 def add_address(ifname: str, addr) -> bool:
-    """Add a VIP as a host address; False when it was already there."""
+    """Add a VIP as a host address (IPv6: deprecated, never a source); False when it
+    was already there."""
     ip = ipaddress.ip_address(addr)
+    kw = {}
+    if ip.version == 6:
+        kw = {"flags": IFA_F_NODAD,
+              "IFA_CACHEINFO": {"ifa_preferred": 0, "ifa_valid": INFINITY_LFT}}
     with IPRoute() as ipr:
         try:
             ipr.addr("add", index=ifindex(ifname), address=str(ip), prefixlen=ip.max_prefixlen,
-                     **({"flags": IFA_F_NODAD} if ip.version == 6 else {}))
+                     **kw)
             return True
         except NetlinkError as e:
             if e.code == 17:  # EEXIST

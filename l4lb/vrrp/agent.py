@@ -18,8 +18,9 @@ clock, and performs the actions the machine returns, in order.
 * **Timers**: one task sleeps until ``machine.next_deadline()`` and is woken
   early by every event.  All machine calls happen in that task, one at a time.
 * **VIPs** are added / removed with pyroute2 on ``cfg.interface`` in the
-  current network namespace (IPv6 with IFA_F_NODAD).  Removing an address that
-  is not there is not an error.
+  current network namespace (IPv6 with IFA_F_NODAD and deprecated, preferred_lft
+  0, so the kernel never makes a VIP the source of the node's own traffic).
+  Removing an address that is not there is not an error.
 * **Gratuitous ARP** (IPv4: ARP request, sender = target = VIP, broadcast) /
   **unsolicited NA** (IPv6: to ff02::1, override flag, target link-layer
   address option, hop limit 255), sent through an AF_PACKET socket:
@@ -37,7 +38,10 @@ clock, and performs the actions the machine returns, in order.
 * **Notify**: ``notify_master`` / ``notify_backup`` / ``notify_fault`` are run
   as argv with ``INSTANCE <name> <STATE>`` appended; ``notify`` with
   ``INSTANCE <name> <STATE> <priority>`` on every transition, STATE one of
-  MASTER, BACKUP, FAULT, STOP.  The ``on_state(old, new)`` callback (sync or
+  MASTER, BACKUP, FAULT, STOP.  Track and notify scripts run through
+  :mod:`l4lb.scripts` (own process group, killed whole on timeout; minimal
+  environment plus ``L4LB_INSTANCE`` / ``L4LB_STATE`` / ``L4LB_PRIORITY``;
+  script security).  The ``on_state(old, new)`` callback (sync or
   async) gets the agent states below, in order, from a worker task: a slow
   callback never delays adverts.
 
@@ -110,6 +114,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import scripts
 from ..config import VrrpConfig
 from .machine import (
     AddVips,
@@ -458,9 +463,13 @@ class _Netlink:
                           ipaddress.IPv6Interface, lifetime: int) -> None:
         kw: dict[str, Any] = {"index": index, "address": str(iface.ip),
                               "prefixlen": iface.network.prefixlen}
+        valid = lifetime if lifetime > 0 else 0xFFFFFFFF  # 0xFFFFFFFF: forever
         if iface.version == 6:
+            # Deprecated (preferred_lft 0): the kernel never picks the VIP as the source of
+            # our own traffic, or health checks would be answered to the reals themselves.
             kw["flags"] = IFA_F_NODAD
-        if lifetime > 0:
+            kw["IFA_CACHEINFO"] = {"ifa_preferred": 0, "ifa_valid": valid}
+        elif lifetime > 0:
             kw["IFA_CACHEINFO"] = {"ifa_preferred": lifetime, "ifa_valid": lifetime}
         await self._get().addr("replace", **kw)
 
@@ -980,8 +989,10 @@ class VrrpAgent:
                 self.errors["callback"] += 1
                 log.error("vrrp %s: on_state callback failed: %s", self.cfg.name, e)
             try:
+                env = {"L4LB_INSTANCE": self.cfg.name, "L4LB_STATE": _NOTIFY_STATE[new],
+                       "L4LB_PRIORITY": prio}
                 for argv in self._notify_argvs(new, prio):
-                    await self._spawn_notify(argv)
+                    await self._spawn_notify(argv, env)
             finally:
                 self._cbq.task_done()
 
@@ -996,30 +1007,26 @@ class VrrpAgent:
             out.append([*cfg.notify, "INSTANCE", cfg.name, st, str(prio)])
         return out
 
-    async def _spawn_notify(self, argv: list[str]) -> None:
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
-        except OSError as e:
+    async def _spawn_notify(self, argv: list[str], env: dict | None = None) -> None:
+        # l4lb.scripts: own process group, minimal environment, script security.
+        run = await scripts.start(argv, env)
+        if isinstance(run, scripts.Result):
             self.errors["notify"] += 1
-            log.error("vrrp %s: notify %s: %s", self.cfg.name, argv[0], e)
+            log.error("vrrp %s: notify %s: %s", self.cfg.name, argv[0], run.detail)
             return
 
         async def reap() -> None:
             try:
-                await asyncio.wait_for(proc.wait(), NOTIFY_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                self.errors["notify"] += 1
-                log.error("vrrp %s: notify %s still running after %gs; killed", self.cfg.name,
-                          argv[0], NOTIFY_TIMEOUT_S)
-                proc.kill()
-                await proc.wait()
+                # Cancelled (the daemon exits): the command runs on, detached.
+                res = await run.finish(NOTIFY_TIMEOUT_S, kill_leftovers=False,
+                                       kill_on_cancel=False)
             except asyncio.CancelledError:
-                pass
-            if proc.returncode:
-                log.warning("vrrp %s: notify %s exited %s", self.cfg.name, argv[0],
-                            proc.returncode)
+                return
+            if res.rc is None:
+                self.errors["notify"] += 1
+                log.error("vrrp %s: notify %s %s", self.cfg.name, argv[0], res.detail)
+            elif res.rc:
+                log.warning("vrrp %s: notify %s %s", self.cfg.name, argv[0], res.detail)
 
         t = asyncio.create_task(reap())
         self._scripts.add(t)
@@ -1108,22 +1115,11 @@ class VrrpAgent:
                 log.debug("vrrp %s: link poll: %s", self.cfg.name, e)
 
     async def _run_script(self, argv: tuple[str, ...], timeout: float) -> bool:
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
-        except OSError as e:
-            log.warning("vrrp %s: track script %s: %s", self.cfg.name, argv[0], e)
-            return False
-        try:
-            return await asyncio.wait_for(proc.wait(), timeout) == 0
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
-            return False
-        except asyncio.CancelledError:
-            proc.kill()
-            raise
+        # l4lb.scripts: the whole process group is killed on timeout or cancel.
+        res = await scripts.run(argv, timeout, {"L4LB_INSTANCE": self.cfg.name})
+        if res.rc is None:  # refused, not found, timed out: logged when the verdict flips
+            log.debug("vrrp %s: track script %s: %s", self.cfg.name, argv[0], res.detail)
+        return res.ok
 
     async def _initial_scripts(self) -> None:
         ts = self.cfg.track_scripts
