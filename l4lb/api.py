@@ -4,6 +4,10 @@ Request:  {"cmd": "real_weight", "args": {"vip": "10.99.0.100:80/tcp", ...}}
 Response: {"ok": true, "result": ...} or {"ok": false, "error": "what is wrong"}
 Changes go through Daemon.change(): validated as a whole config, applied
 atomically, or refused with nothing applied.
+
+A client has READ_TIMEOUT seconds to send its request line; at most MAX_CLIENTS are
+connected at once (a new one pushes out the longest-waiting client that has not sent
+a request yet; when all are busy with requests the new one is refused).
 """
 
 from __future__ import annotations
@@ -14,12 +18,17 @@ import json
 import logging
 import os
 import socket
+import stat
+import time
 from pathlib import Path
 
 from l4lb.config import ConfigError
 
 log = logging.getLogger("l4lb.api")
 MAX_REQUEST = 1 << 20
+READ_TIMEOUT = 5.0  # seconds to send the request line
+WRITE_TIMEOUT = 10.0  # seconds for the client to take the answer
+MAX_CLIENTS = 64
 
 
 class ApiError(Exception):
@@ -62,10 +71,10 @@ async def handle(daemon, cmd: str, args: dict):
         return daemon.stats()
     if cmd == "conns":
         limit = args.get("limit", 100)
-        if not isinstance(limit, int) or limit < 1:
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
             raise ApiError("limit: must be a positive integer")
         try:
-            return daemon.conns(args.get("vip"), limit)
+            return await daemon.conns(args.get("vip"), limit)
         except KeyError:
             raise ApiError(f"no VIP {args.get('vip')!r}") from None
     if cmd == "reload":
@@ -111,47 +120,131 @@ async def handle(daemon, cmd: str, args: dict):
     return {"vips": [v.key for v in cfg.vips]}
 
 
-async def _serve_conn(daemon, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+class _Clients:
+    """The connected clients: those still sending their request (evictable, oldest
+    first) and those being answered."""
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.waiting: dict[asyncio.StreamWriter, float] = {}  # insertion order = age
+        self.busy: set[asyncio.StreamWriter] = set()
+        self.evicted = self.refused = self.timed_out = 0
+
+    def admit(self, w: asyncio.StreamWriter) -> bool:
+        if len(self.waiting) + len(self.busy) >= self.cap:
+            if not self.waiting:
+                self.refused += 1
+                return False
+            old = next(iter(self.waiting))
+            del self.waiting[old]
+            self.evicted += 1
+            _say(old, f"closed: more than {self.cap} API clients; this one sent no request")
+            old.close()  # its reader sees EOF and its task ends
+        self.waiting[w] = time.monotonic()
+        return True
+
+    def working(self, w: asyncio.StreamWriter) -> None:
+        self.waiting.pop(w, None)
+        self.busy.add(w)
+
+    def leave(self, w: asyncio.StreamWriter) -> None:
+        self.waiting.pop(w, None)
+        self.busy.discard(w)
+
+
+def _say(writer: asyncio.StreamWriter, error: str) -> None:
     try:
-        line = await reader.readuntil(b"\n")
+        writer.write(json.dumps({"ok": False, "error": error}).encode() + b"\n")
+    except (ConnectionError, RuntimeError):
+        pass
+
+
+async def _answer(daemon, line: bytes) -> dict:
+    from l4lb.daemon import DaemonError, NotReady  # noqa: PLC0415 - daemon imports us lazily
+    from l4lb.dataplane.tables import TablesError  # noqa: PLC0415
+
+    try:
+        req = json.loads(line)
+        if not isinstance(req, dict) or not isinstance(req.get("cmd"), str) or \
+                not isinstance(req.get("args", {}), dict):
+            raise ApiError("request must be {\"cmd\": str, \"args\": {}}")
+        result = await handle(daemon, req["cmd"], req.get("args", {}))
+        return {"ok": True, "result": result}
+    except (ApiError, ConfigError, NotReady, json.JSONDecodeError, UnicodeDecodeError) as e:
+        return {"ok": False, "error": str(e)}
+    except (DaemonError, TablesError) as e:  # already logged where it happened
+        return {"ok": False, "error": str(e)}
+    except Exception as e:  # noqa: BLE001 - the service stays up, the caller learns why
+        log.exception("API request failed")
+        return {"ok": False, "error": f"internal error: {e}"}
+
+
+async def _serve_conn(daemon, clients: _Clients, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter, read_timeout: float):
+    if not clients.admit(writer):
+        _say(writer, f"busy: {clients.cap} API requests are being served; retry in a moment")
+        writer.close()
+        return
+    try:
         try:
-            req = json.loads(line)
-            if not isinstance(req, dict) or not isinstance(req.get("cmd"), str) or \
-                    not isinstance(req.get("args", {}), dict):
-                raise ApiError("request must be {\"cmd\": str, \"args\": {}}")
-            result = await handle(daemon, req["cmd"], req.get("args", {}))
-            resp = {"ok": True, "result": result}
-        except (ApiError, ConfigError, json.JSONDecodeError) as e:
-            resp = {"ok": False, "error": str(e)}
-        except Exception as e:  # noqa: BLE001 - the service stays up, the caller learns why
-            log.exception("API request failed")
-            resp = {"ok": False, "error": f"internal error: {e}"}
+            line = await asyncio.wait_for(reader.readuntil(b"\n"), read_timeout)
+        except asyncio.TimeoutError:
+            clients.timed_out += 1
+            _say(writer, f"timeout: no request line within {read_timeout:g} s")
+            return
+        except asyncio.LimitOverrunError:
+            _say(writer, f"request: longer than {MAX_REQUEST} bytes")
+            return
+        clients.working(writer)
+        resp = await _answer(daemon, line)
         writer.write(json.dumps(resp, default=str).encode() + b"\n")
-        await writer.drain()
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+    except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
         pass
     finally:
+        clients.leave(writer)
         writer.close()
 
 
-async def serve(daemon):
+def _clear_stale_socket(path: Path) -> None:
+    """Remove a socket left by a dead daemon; refuse anything else at `path`."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else \
+            "a symbolic link" if stat.S_ISLNK(st.st_mode) else "a regular file" \
+            if stat.S_ISREG(st.st_mode) else "not a socket"
+        raise RuntimeError(f"node.api_socket: {path} is {kind}, not a socket; l4lb will not "
+                           "remove it: move it away or set another node.api_socket")
+    # Refuse to steal the socket of a live daemon.
+    try:
+        request(str(path), "status", timeout=1.0)
+    except ApiError as e:
+        if not str(e).startswith("starting:"):
+            path.unlink(missing_ok=True)  # answered oddly: not a live l4lb
+            return
+    except (ConnectionError, FileNotFoundError, OSError, ValueError):
+        path.unlink(missing_ok=True)
+        return
+    raise RuntimeError(f"another l4lb daemon answers on {path}; stop it first (`l4lb stop`)")
+
+
+async def serve(daemon, read_timeout: float = READ_TIMEOUT, max_clients: int = MAX_CLIENTS):
     path = Path(daemon.cfg.node.api_socket)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if path.exists():
-        # Refuse to steal the socket of a live daemon.
-        try:
-            request(str(path), "status", timeout=1.0)
-            raise RuntimeError(f"another l4lb daemon answers on {path}; stop it first "
-                               "(`l4lb stop`)")
-        except (ConnectionError, FileNotFoundError, OSError, ApiError):
-            path.unlink(missing_ok=True)
+    _clear_stale_socket(path)
+    clients = _Clients(max_clients)
     old = os.umask(0o177)  # the socket is born 0600: root only
     try:
-        server = await asyncio.start_unix_server(lambda r, w: _serve_conn(daemon, r, w),
-                                                 path=str(path), limit=MAX_REQUEST)
+        server = await asyncio.start_unix_server(
+            lambda r, w: _serve_conn(daemon, clients, r, w, read_timeout),
+            path=str(path), limit=MAX_REQUEST)
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
+    server.clients = clients  # counters, for tests and status
     return server
 
 
@@ -169,7 +262,10 @@ def request(sock_path: str, cmd: str, timeout: float = 30.0, **args):
             buf += chunk
     if not buf:
         raise ApiError("the daemon closed the connection without answering")
-    resp = json.loads(buf)
+    try:
+        resp = json.loads(buf)
+    except ValueError:
+        raise ApiError("the daemon's answer is cut short or not JSON") from None
     if not resp.get("ok"):
         raise ApiError(resp.get("error", "unknown error"))
     return resp["result"]

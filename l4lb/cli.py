@@ -109,6 +109,10 @@ def _call(config, sock, cmd, **args):
         fail(str(e), 1)
     except PermissionError:
         fail(f"permission denied on {path}: the API is root only; use sudo", 2)
+    except TimeoutError:
+        fail(f"the daemon on {path} did not answer in time; see its log", 1)
+    except ConnectionError as e:
+        fail(f"the connection to the daemon on {path} failed: {e.strerror or e}", 1)
 
 
 @app.command()
@@ -311,10 +315,13 @@ def vip_add(address: str = typer.Argument(..., help="VIP address."),
             protocol: str = typer.Option("tcp", help="tcp or udp."),
             mode: str = typer.Option("dr", help="dr (MAC rewrite) or tun (IP-in-IP)."),
             hash: str = typer.Option("5tuple", help="5tuple, or source (persistence)."),
+            ring_size: Optional[int] = typer.Option(
+                None, help="Maglev table size, a prime (default 65537); at most the size "
+                           "the daemon started with."),
             config: Optional[str] = CONFIG_OPT, sock: Optional[str] = SOCKET_OPT):
     """Add a virtual service (with no reals yet: add them with `l4lb real add`)."""
     r = _call(config, sock, "vip_add", address=address, port=port, protocol=protocol,
-              mode=mode, hash=hash)
+              mode=mode, hash=hash, ring_size=ring_size)
     typer.echo(f"VIPs: {', '.join(r['vips'])}")
 
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Union
 
+from l4lb.dataplane import maps as _maps  # compile-time sizes only (no bcc)
 from l4lb.maglev import is_prime
 
 __all__ = [
@@ -58,6 +59,8 @@ __all__ = [
     "config_to_dict",
     "dumps_toml",
     "check_system",
+    "Capacity",
+    "check_capacity",
 ]
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -1312,8 +1315,13 @@ def _parse_sync(
 _TOP = ("node", "healthcheck", "vip", "metrics", "vrrp", "sync")
 
 
-def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
-    """Validate a dict shaped like the TOML document (as tomllib returns it)."""
+def config_from_dict(
+    data: Mapping[str, Any], source: str = "<dict>", limits: Capacity | None = None
+) -> Config:
+    """Validate a dict shaped like the TOML document (as tomllib returns it).
+
+    `limits`: what the data plane holds (default: the compiled defaults, any ring size).
+    """
     ctx = _Ctx()
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: expected a table at the top level"], source)
@@ -1394,7 +1402,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
 
     if ctx.errors or node is None:
         raise ConfigError(ctx.errors or ["node: invalid"], source)
-    return Config(
+    cfg = Config(
         node=node,
         healthcheck=hc.build(),
         vips=tuple(vips),
@@ -1403,6 +1411,51 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
         sync=sync,
         source=source,
     )
+    # What any data plane holds (ring sizes are chosen at start to fit the file;
+    # the running daemon checks them with check_capacity against its own maps).
+    errs = check_capacity(cfg, limits or Capacity())
+    if errs:
+        raise ConfigError(errs, source)
+    return cfg
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the compiled data plane can hold (the sizes in bpf/maps.h)."""
+
+    max_vips: int = _maps.DEFAULT_MAX_VIPS
+    max_real_ids: int = _maps.DEFAULT_MAX_REALS - 1  # id 0 means "no real"
+    ring_max: int | None = None  # None: `l4lb start` sizes the rings to fit the config
+
+
+def check_capacity(cfg: Config, cap: Capacity) -> list[str]:
+    """Errors, one per limit exceeded, naming the field and the limit (empty = fits)."""
+    errors: list[str] = []
+    if len(cfg.vips) > cap.max_vips:
+        errors.append(
+            f"vip[{cap.max_vips}]: {len(cfg.vips)} VIPs are above the compiled maximum of "
+            f"{cap.max_vips} VIPs (MAX_VIPS); delete a VIP first"
+        )
+    if cap.ring_max is not None:
+        for i, vip in enumerate(cfg.vips):
+            if vip.ring_size > cap.ring_max:
+                errors.append(
+                    f"vip[{i}].ring_size: {vip.ring_size} is above the compiled maximum "
+                    f"{cap.ring_max} of the running data plane (restart with this ring_size in "
+                    "the config file: the maps are rebuilt to fit it, and the conn table "
+                    f"starts empty); or use a prime up to {cap.ring_max}"
+                )
+    n = 0
+    for i, vip in enumerate(cfg.vips):
+        for j, _ in enumerate(vip.reals):
+            n += 1
+            if n == cap.max_real_ids + 1:
+                total = sum(len(v.reals) for v in cfg.vips)
+                errors.append(
+                    f"vip[{i}].real[{j}]: {total} reals over all VIPs are above the compiled "
+                    f"maximum of {cap.max_real_ids} real ids (MAX_REALS - 1)"
+                )
+    return errors
 
 
 _TOML_POS = re.compile(r"^(.*) \(at line (\d+), column (\d+)\)$", re.S)

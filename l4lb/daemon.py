@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import os
 import shutil
@@ -23,8 +24,10 @@ from pathlib import Path
 
 from l4lb import netutil
 from l4lb.config import (
+    Capacity,
     Config,
     ConfigError,
+    check_capacity,
     check_system,
     config_from_dict,
     config_to_dict,
@@ -42,6 +45,22 @@ STATE_ROOT = "/run/l4lb"
 
 class DaemonError(Exception):
     pass
+
+
+class NotReady(Exception):
+    """A request came before the data plane is loaded (the XDP program compiles)."""
+
+    def __init__(self) -> None:
+        super().__init__("starting: the XDP program is still compiling; retry in a few seconds")
+
+
+def private_dir(path: Path) -> None:
+    """Create `path` (and parents) mode 0700, or make an existing one 0700: it holds the
+    root-only API socket and the id state."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise DaemonError(f"{path} is not a directory; move it away")
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
 
 
 def build_options(cfg: Config) -> loader.BuildOptions:
@@ -84,7 +103,11 @@ class Daemon:
         self.tables: ServiceTables | None = None
         self.health = HealthChecker(self._on_health)
         self.macs: dict[str, str] = {}
-        self._macs_changed = False
+        self._resolving: dict[str, asyncio.Future] = {}  # one ARP/ND resolution per address
+        # What apply() last wrote per VIP key: a VIP whose signature is unchanged is
+        # not rewritten.
+        self._applied: dict[str, tuple] = {}
+        self.ready = False  # set once the maps are programmed and XDP is attached
         self.stop_event = asyncio.Event()
         self.full_stop = False  # `l4lb stop`: detach and remove pins too
         self.held_vips: set[str] = set()
@@ -104,7 +127,8 @@ class Daemon:
             raise DaemonError("; ".join(errs))
         opts = build_options(self.cfg)
         sdir = state_dir(self.cfg)
-        sdir.mkdir(parents=True, exist_ok=True)
+        private_dir(Path(STATE_ROOT))  # also fixes a 0755 one left by an older version
+        private_dir(sdir)
         reattach = Path(opts.pin_dir).exists() and (sdir / "tables.json").exists()
         # Sockets first: a port in use fails the start before anything is attached.
         from l4lb import api, metrics  # noqa: PLC0415 - keep import of prometheus lazy
@@ -121,10 +145,12 @@ class Daemon:
         self.prog = await asyncio.to_thread(loader.compile_balancer, opts)
         self.tables = ServiceTables(self.prog, opts, state_file=str(sdir / "tables.json"))
         await self._set_dp_config()
+        await self._resolve_macs(self._unknown_macs(self.cfg))
         await self.apply(self.cfg, initial=True)
         for ifname in self.cfg.node.interfaces:
             self.prog.attach(ifname, self.cfg.node.xdp_mode)
             log.info("XDP attached to %s (%s mode)", ifname, self.cfg.node.xdp_mode)
+        self.ready = True
         await self._start_ha()
         if not self.vrrp:
             await self._hold_vips(True)
@@ -219,50 +245,113 @@ class Daemon:
             return real.mac
         return self.macs.get(str(real.address), NO_MAC)
 
-    async def _resolve_macs(self, cfg: Config) -> None:
-        known = {a for a, m in self.macs.items() if m != NO_MAC}
-        todo = sorted({str(r.address) for v in cfg.vips for r in v.reals if not r.mac} - known)
-        if not todo:
-            return
-        results = await asyncio.gather(*(asyncio.to_thread(netutil.resolve_mac, a, 1.0)
-                                         for a in todo))
-        for addr, mac in zip(todo, results, strict=True):
-            if mac:
+    def _unknown_macs(self, cfg: Config) -> set[str]:
+        return {str(r.address) for v in cfg.vips for r in v.reals
+                if not r.mac and self.macs.get(str(r.address), NO_MAC) == NO_MAC}
+
+    async def _resolve_macs(self, addrs) -> bool:
+        """ARP/ND for `addrs` in parallel, never under the lock (up to 1 s each); callers
+        asking for the same address share one resolution. True if a MAC was learnt."""
+        loop = asyncio.get_running_loop()
+        futs = []
+        for a in sorted(addrs):
+            fut = self._resolving.get(a)
+            if fut is None:
+                fut = loop.run_in_executor(None, netutil.resolve_mac, a, 1.0)
+                self._resolving[a] = fut
+                fut.add_done_callback(lambda _f, a=a: self._resolving.pop(a, None))
+            futs.append((a, fut))
+        learnt = False
+        for addr, fut in futs:
+            try:
+                mac = await asyncio.shield(fut)
+            except Exception as e:  # noqa: BLE001 - an unresolvable real stays out of the ring
+                log.warning("resolving the MAC of real %s failed: %s", addr, e)
+                mac = None
+            if mac and self.macs.get(addr) != mac:
                 self.macs[addr] = mac
-                self._macs_changed = True
-            else:
+                learnt = True
+            elif not mac:
                 log.warning("cannot resolve the MAC of real %s: it stays out of the ring until "
                             "it answers ARP/ND (or set vip.real.mac)", addr)
+        return learnt
+
+    def _capacity(self) -> Capacity:
+        o = self.tables.opts
+        return Capacity(max_vips=o.max_vips, max_real_ids=o.max_reals - 1, ring_max=o.ring_max)
+
+    def _signature(self, v) -> tuple:
+        return (v.mode, v.hash, v.ring_size, v.all_down,
+                tuple((str(r.address), self._mac_for(r), r.weight) for r in v.reals))
+
+    def _plan(self, cfg: Config, initial: bool) -> tuple[list[str], list]:
+        """(VIP keys to delete, VIPs to write), after checking that everything new fits
+        the compiled maps: nothing is deleted before the whole change is known to fit."""
+        t = self.tables
+        errs = check_capacity(cfg, self._capacity())
+        want = {v.key: v for v in cfg.vips}
+        deletes = [k for k in t.vips if k not in want]
+        writes = [v for v in cfg.vips if initial or v.key not in t.vips
+                  or self._applied.get(v.key) != self._signature(v)]
+        # Real ids: deleted reals keep theirs while connections may use them (retired).
+        held = sum(len(vs.reals) + len(vs.retired) for vs in t.vips.values())
+        freed = sum(len(t.vips[k].reals) + len(t.vips[k].retired) for k in deletes)
+        need = 0
+        for v in writes:
+            vs = t.vips.get(v.key)
+            known = set(vs.reals) | set(vs.retired) if vs else set()
+            need += sum(1 for r in v.reals if str(r.address) not in known)
+        free = t.opts.max_reals - 1 - held + freed
+        if need > free:
+            errs.append(f"real ids: this change needs {need} new real ids but {free} of "
+                        f"{t.opts.max_reals - 1} (MAX_REALS - 1) are free; ids of deleted reals "
+                        "are freed once no connection names them (checked every 30 s)")
+        if errs:
+            raise ConfigError(errs)
+        return deletes, writes
 
     async def apply(self, cfg: Config, initial: bool = False) -> None:
         """Make the maps match `cfg` (validated already)."""
         async with self._lock:
-            await self._resolve_macs(cfg)
-            t = self.tables
-            want = {v.key: v for v in cfg.vips}
-            for key in list(t.vips):
-                if key not in want:
-                    t.delete_vip(key)
-                    log.info("VIP %s removed", key)
-            before = {v.key: v for v in self.cfg.vips}
-            for key, v in want.items():
-                if not initial and before.get(key) == v and key in t.vips and \
-                        not self._macs_changed:
-                    continue  # unchanged VIP: no ring rebuild
+            await self._apply_locked(cfg, initial)
+
+    async def _apply_locked(self, cfg: Config, initial: bool = False) -> None:
+        """Under self._lock: write `cfg` to the maps, then publish it as self.cfg.
+        All or nothing: a change that does not fit raises ConfigError before any write."""
+        t = self.tables
+        deletes, writes = self._plan(cfg, initial)
+        try:
+            for key in deletes:
+                t.delete_vip(key)
+                self._applied.pop(key, None)
+                log.info("VIP %s removed", key)
+            for v in writes:
+                self._applied.pop(v.key, None)  # rewritten in full next time if this fails
                 t.upsert_vip(v.address, v.port, v.protocol, mode=v.mode, hash=v.hash,
                              ring_size=v.ring_size, all_down=v.all_down)
-                t.set_reals(key, [(r.address, self._mac_for(r), r.weight) for r in v.reals])
-            self._macs_changed = False
-            old_vips = {str(v.address) for v in self.cfg.vips}
-            self.cfg = cfg
-            self.health.sync({(v.key, str(r.address)): r.healthcheck
-                              for v in cfg.vips for r in v.reals})
-            self._refresh_down()
-            if not self.vrrp and not initial:
-                now = {str(v.address) for v in cfg.vips}
-                for a in old_vips - now:
-                    await self._hold_vip(a, False)
-                await self._hold_vips(True)
+                t.set_reals(v.key, [(r.address, self._mac_for(r), r.weight) for r in v.reals])
+                self._applied[v.key] = self._signature(v)
+        except (TablesError, OSError) as e:
+            # Cannot happen for a change that passed _plan, short of a failing bpf(2):
+            # put the previous config back so that status and the maps agree again.
+            log.error("writing the maps failed (%s); restoring the previous config", e)
+            if cfg is not self.cfg and not initial:
+                try:
+                    await self._apply_locked(self.cfg)
+                except Exception as e2:  # noqa: BLE001 - already failing; say so
+                    log.error("restoring the previous config failed too: %s", e2)
+            raise DaemonError(f"writing the maps failed: {e}; nothing of the change was "
+                              "kept") from None
+        old_vips = {str(v.address) for v in self.cfg.vips}
+        self.cfg = cfg
+        self.health.sync({(v.key, str(r.address)): r.healthcheck
+                          for v in cfg.vips for r in v.reals})
+        self._refresh_down()
+        if not self.vrrp and not initial:
+            now = {str(v.address) for v in cfg.vips}
+            for a in old_vips - now:
+                await self._hold_vip(a, False)
+            await self._hold_vips(True)
 
     def _refresh_down(self) -> None:
         for v in self.cfg.vips:
@@ -284,12 +373,30 @@ class Daemon:
         while True:
             await asyncio.sleep(2.0)
             n += 1
-            if n % 15 == 0:  # every 30 s: forget deleted reals nobody uses any more
-                async with self._lock:
-                    await asyncio.to_thread(self.tables.collect_retired)
-            missing = [r for v in self.cfg.vips for r in v.reals if self._mac_for(r) == NO_MAC]
-            if missing:
-                await self.apply(self.cfg)
+            try:
+                if n % 15 == 0:  # every 30 s: forget deleted reals nobody uses any more
+                    await self._collect_retired()
+                # ARP outside the lock; then apply the config as it is NOW, under the
+                # lock: never a snapshot taken before another change.
+                if await self._resolve_macs(self._unknown_macs(self.cfg)):
+                    async with self._lock:
+                        await self._apply_locked(self.cfg)
+            except Exception:  # noqa: BLE001 - keep resolving; say what failed
+                log.exception("resolver loop")
+
+    async def _collect_retired(self) -> None:
+        t = self.tables
+        if not any(vs.retired for vs in t.vips.values()):
+            return
+        if hasattr(t, "referenced_real_ids"):
+            # The conn-table walk runs in a thread without the lock; only the quick
+            # bookkeeping holds it.
+            referenced = await asyncio.to_thread(t.referenced_real_ids)
+            async with self._lock:
+                t.collect_retired(referenced)
+        else:
+            async with self._lock:
+                await asyncio.to_thread(t.collect_retired)
 
     # ----------------------------------------------------------------- VIPs
     def _vip_iface(self) -> str:
@@ -309,22 +416,43 @@ class Daemon:
             await self._hold_vip(addr, hold)
 
     # ------------------------------------------------------- runtime change
-    async def change(self, mutate) -> Config:
-        """Apply `mutate(dict)` to the running config; refuse it whole if invalid."""
+    def require_ready(self, changes: bool = False) -> None:
+        """Reads need the maps loaded; changes wait for the initial apply as well."""
+        if self.tables is None or (changes and not self.ready):
+            raise NotReady()
+
+    def _candidate(self, mutate) -> Config:
         data = config_to_dict(self.cfg)  # a fresh dict: safe to mutate
         mutate(data)
-        cfg = config_from_dict(data, source="api")
+        cfg = config_from_dict(data, source="api", limits=self._capacity())
         errs = check_system(cfg)
         if errs:
             raise ConfigError(errs)
-        await self.apply(cfg)
+        return cfg
+
+    async def change(self, mutate) -> Config:
+        """Apply `mutate(dict)` to the running config; refuse it whole if invalid.
+
+        `mutate` may run twice: once to learn which new reals need ARP (done without
+        the lock), then under the lock on the config as it is then, so that
+        concurrent changes serialize and none is lost. Returns once it is in the maps."""
+        self.require_ready(changes=True)
+        cand = self._candidate(mutate)  # invalid: refused before any waiting
+        new = self._unknown_macs(cand) - {str(r.address) for v in self.cfg.vips
+                                          for r in v.reals}
+        if new:
+            await self._resolve_macs(new)
+        async with self._lock:
+            cfg = self._candidate(mutate)
+            await self._apply_locked(cfg)
         return cfg
 
     async def reload(self) -> dict:
+        self.require_ready(changes=True)
         if not self.config_path:
             raise ConfigError(["no config file to reload (started without -c)"])
         cfg = load_config(self.config_path)  # raises ConfigError: nothing applied
-        errs = check_system(cfg)
+        errs = check_system(cfg) + check_capacity(cfg, self._capacity())
         if errs:
             raise ConfigError(errs)
         for section in ("node", "vrrp", "sync", "metrics"):
@@ -332,8 +460,10 @@ class Daemon:
                 raise ConfigError([f"[{section}] changed: that needs a restart of the daemon "
                                    "(`systemctl restart l4lb`; forwarding and the conn table "
                                    "survive it); nothing was applied"])
-        before = {v.key for v in self.cfg.vips}
-        await self.apply(cfg)
+        await self._resolve_macs(self._unknown_macs(cfg) - self._unknown_macs(self.cfg))
+        async with self._lock:
+            before = {v.key for v in self.cfg.vips}
+            await self._apply_locked(cfg)
         self.reloads += 1
         after = {v.key for v in cfg.vips}
         log.info("reloaded %s: +%d -%d VIPs", self.config_path, len(after - before),
@@ -343,6 +473,7 @@ class Daemon:
 
     # --------------------------------------------------------------- status
     def status(self) -> dict:
+        self.require_ready()
         t = self.tables
         vips = []
         for v in self.cfg.vips:
@@ -375,6 +506,7 @@ class Daemon:
         }
 
     def stats(self) -> dict:
+        self.require_ready()
         t = self.tables
         out = []
         for v in self.cfg.vips:
@@ -385,22 +517,37 @@ class Daemon:
             out.append(dict(vip=v.key, **t.vip_counters(v.key), reals=reals))
         return {"vips": out, "global": t.global_counters(), "time": time.time()}
 
-    def conns(self, vip: str | None, limit: int) -> list[dict]:
-        names = self.tables.real_by_id()
-        out = []
+    async def conns(self, vip: str | None, limit: int) -> list[dict]:
+        """Up to `limit` conn-table entries (of one VIP): the walk runs in a thread and
+        stops at `limit`, never on the event loop."""
+        self.require_ready()
         want = None
         if vip:
-            v = self.cfg.vip_by_key(vip)
+            v = self.cfg.vip_by_key(vip)  # KeyError: no such VIP
             want = (str(v.address), v.port, v.protocol)
-        for src, sport, dst, dport, proto, rid in self.tables.conn_entries():
-            if want and (dst, dport if want[1] else 0, proto) != (want[0], want[1], want[2]):
-                continue
+        names = self.tables.real_by_id()
+        rows = await asyncio.to_thread(_conn_rows, self.tables, want, limit)
+        out = []
+        for src, sport, dst, dport, proto, rid in rows:
             vkey, real = names.get(rid, ("?", f"id {rid}"))
             out.append({"client": src, "cport": sport, "vip": dst, "vport": dport,
                         "proto": proto, "real": real})
-            if len(out) >= limit:
-                break
         return out
+
+
+def _conn_rows(t: ServiceTables, want, limit: int) -> list[tuple]:
+    """Blocking: conn entries matching `want` = (vip address, port, proto), port 0 = all."""
+    if "want" in inspect.signature(t.conn_entries).parameters:
+        return list(t.conn_entries(limit=limit, want=want))
+    out = []  # tables.py without the filtered walk: filter here, still off the loop
+    for row in t.conn_entries():
+        src, sport, dst, dport, proto, rid = row
+        if want and (dst, dport if want[1] else 0, proto) != want:
+            continue
+        out.append(row)
+        if len(out) >= limit:
+            break
+    return out
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -425,5 +572,5 @@ def offline_stop(cfg: Config) -> list[str]:
     return done
 
 
-__all__ = ["Daemon", "DaemonError", "ConfigError", "TablesError", "M", "configure_logging",
+__all__ = ["Daemon", "DaemonError", "NotReady", "ConfigError", "TablesError", "M", "configure_logging",
            "offline_stop"]

@@ -1018,3 +1018,58 @@ def test_vip_without_reals_is_allowed():
         '[[vip]]\naddress = "10.99.0.100"\nport = 80\nreal = []\n'
     )
     assert cfg.vips[0].reals == ()
+
+
+# ------------------------------------------------------------ capacity (maps.h sizes)
+
+
+def many_vips(n: int, reals_each: int = 1) -> dict:
+    data = minimal()
+    data["vip"] = [
+        {
+            "address": f"10.99.{1 + i // 250}.{1 + i % 250}",
+            "port": 80,
+            "real": [{"address": f"10.98.{j // 250}.{1 + j % 250}"} for j in range(reals_each)],
+        }
+        for i in range(n)
+    ]
+    return data
+
+
+def test_vip_count_is_checked_against_the_compiled_maximum():
+    parse(many_vips(64))
+    assert errors_of(many_vips(65)) == [
+        "vip[64]: 65 VIPs are above the compiled maximum of 64 VIPs (MAX_VIPS); delete a VIP first"
+    ]
+
+
+def test_real_ids_over_all_vips_are_checked():
+    parse(many_vips(16, reals_each=255))  # 4080 real ids, of 4095
+    data = many_vips(17, reals_each=255)  # 4335: the 4096th real is vip[16].real[15]
+    assert errors_of(data) == [
+        "vip[16].real[15]: 4335 reals over all VIPs are above the compiled maximum of 4095 "
+        "real ids (MAX_REALS - 1)"
+    ]
+
+
+def test_ring_size_against_the_running_data_plane():
+    from l4lb.config import Capacity, check_capacity
+
+    data = many_vips(4)
+    data["vip"][3]["ring_size"] = 131071
+    # A file may ask for any ring size: `l4lb start` builds the maps to fit it.
+    cfg = config_from_dict(data)
+    assert cfg.vips[3].ring_size == 131071
+    # A running daemon whose maps hold rings of 65537 refuses it, naming field and limit.
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(data, limits=Capacity(ring_max=65537))
+    (err,) = info.value.errors
+    assert err.startswith(
+        "vip[3].ring_size: 131071 is above the compiled maximum 65537 of the running data plane "
+        "(restart with this ring_size in the config file"
+    )
+    assert check_capacity(cfg, Capacity(ring_max=131071)) == []
+    # every limit is reported, not only the first
+    small = Capacity(max_vips=2, max_real_ids=3, ring_max=65537)
+    errs = check_capacity(cfg, small)
+    assert [e.split(":")[0] for e in errs] == ["vip[2]", "vip[3].ring_size", "vip[3].real[0]"]
