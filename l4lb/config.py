@@ -114,6 +114,8 @@ class NodeConfig:
     api_socket: str = ""  # "" = f"{API_SOCKET_DIR}/{name}.sock"
     conn_table_size: int = 1048576
     conn_timeout_s: int = 300  # UDP idle timeout; TCP entries leave by LRU eviction
+    # Refuse scripts that a non-root user could change (keepalived's enable_script_security).
+    script_security: bool = True
 
     def __post_init__(self) -> None:
         if not self.api_socket:
@@ -742,6 +744,7 @@ _NODE: dict[str, Conv] = {
     "api_socket": _str(_check_abs_path("/run/l4lb/lb1.sock", UNIX_PATH_MAX)),
     "conn_table_size": _int(1024, 67108864),
     "conn_timeout_s": _int(1, 86400),
+    "script_security": _bool,
 }
 
 
@@ -1718,7 +1721,15 @@ def check_system(cfg: Config) -> list[str]:
     def script(path: str, argv: tuple[str, ...] | None) -> None:
         if argv and argv[0] not in seen_scripts:
             seen_scripts.add(argv[0])
+            n = len(errors)
             _check_exe(errors, f"{path}[0]", argv[0])
+            if len(errors) == n and cfg.node.script_security:
+                from l4lb import scripts  # noqa: PLC0415 - l4lb.scripts imports nothing of ours
+
+                try:
+                    scripts.check_script(argv[0])
+                except scripts.ScriptRefused as e:
+                    errors.append(f"{path}[0]: {e}")
 
     if cfg.healthcheck.type == "script":
         script("healthcheck.script", cfg.healthcheck.script)

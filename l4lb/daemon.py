@@ -22,7 +22,7 @@ import socket
 import time
 from pathlib import Path
 
-from l4lb import netutil
+from l4lb import netutil, scripts
 from l4lb.config import (
     Capacity,
     Config,
@@ -101,7 +101,12 @@ class Daemon:
         self.started = time.time()
         self.prog: loader.Program | None = None
         self.tables: ServiceTables | None = None
-        self.health = HealthChecker(self._on_health)
+        scripts.configure(cfg.node.script_security)  # health, track and notify scripts
+        # Probes bind to the node's own address, never a VIP: a real would answer a
+        # probe from the VIP to itself (it holds the VIP on lo).
+        self.health = HealthChecker(self._on_health, source=netutil.SourcePicker(
+            cfg.node.interfaces, avoid=lambda: [v.address for v in self.cfg.vips] +
+            [i.ip for inst in self.cfg.vrrp for i in inst.vips]))
         self.macs: dict[str, str] = {}
         self._resolving: dict[str, asyncio.Future] = {}  # one ARP/ND resolution per address
         # What apply() last wrote per VIP key: a VIP whose signature is unchanged is

@@ -93,6 +93,8 @@ class L4lbCollector:
         yield from self._reals()
         yield from self._global(census)
         yield from self._vrrp()
+        if hasattr(d.vrrp, "metrics"):  # the VRRP thread: loop lags, real-time flag
+            yield from d.vrrp.metrics()
         if d.sync is not None:
             yield from d.sync.metrics()
 

@@ -199,17 +199,18 @@ async def start(argv: Sequence[str], env: Mapping[str, object] | None = None, *,
     Result saying why it was not started (refused by script security, not found...)."""
     if not argv:
         return Result(None, "empty command")
-    if security if security is not None else _security:
-        try:
-            check_script(argv[0])
-        except ScriptRefused as e:
-            if str(e) not in _refusals:  # once per reason, not every interval
-                _refusals.add(str(e))
-                log.error("not running %s: %s", argv[0], e)
-            return Result(None, f"refused: {e}")
+    try:
+        # The program that is checked is the one that runs (a bare name: from SAFE_PATH).
+        prog = check_script(argv[0]) if (security if security is not None else _security) \
+            else resolve(argv[0])
+    except ScriptRefused as e:
+        if str(e) not in _refusals:  # once per reason, not every interval
+            _refusals.add(str(e))
+            log.error("not running %s: %s", argv[0], e)
+        return Result(None, f"refused: {e}")
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            prog, *argv[1:], stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL, start_new_session=True, env=script_env(env),
             cwd="/")
     except (OSError, ValueError) as e:
