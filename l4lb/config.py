@@ -116,6 +116,9 @@ class NodeConfig:
     conn_timeout_s: int = 300  # UDP idle timeout; TCP entries leave by LRU eviction
     # Refuse scripts that a non-root user could change (keepalived's enable_script_security).
     script_security: bool = True
+    # SCHED_RR priority of the VRRP thread (keepalived's vrrp_rt_priority); 0 = normal.
+    # Refused by the system (EPERM): a warning, and VRRP runs at normal priority.
+    vrrp_rt_priority: int = 0
 
     def __post_init__(self) -> None:
         if not self.api_socket:
@@ -745,6 +748,7 @@ _NODE: dict[str, Conv] = {
     "conn_table_size": _int(1024, 67108864),
     "conn_timeout_s": _int(1, 86400),
     "script_security": _bool,
+    "vrrp_rt_priority": _int(0, 99),
 }
 
 

@@ -12,7 +12,6 @@ Every change, from the API or a reload, is a new validated Config handed to
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
 import logging
 import os
@@ -184,12 +183,13 @@ class Daemon:
                                   role="backup" if self.cfg.vrrp else "master")
             await self.sync.start()
         if self.cfg.vrrp:
-            from l4lb.vrrp.agent import VrrpAgent  # noqa: PLC0415
-            for inst in self.cfg.vrrp:
-                agent = VrrpAgent(inst, on_state=functools.partial(self._on_vrrp_state,
-                                                                   instance=inst.name))
-                self.vrrp.append(agent)
-                await agent.start()
+            from l4lb.vrrp.runner import VrrpRunner  # noqa: PLC0415
+            # The agents run in a thread with their own loop (real time if configured):
+            # nothing on this loop can delay an advert. Transitions come back here, in
+            # order; iterating the runner gives each instance's status().
+            self.vrrp = VrrpRunner(self.cfg.vrrp, on_state=self._on_vrrp_state,
+                                   rt_priority=self.cfg.node.vrrp_rt_priority)
+            await self.vrrp.start()
 
     def _on_vrrp_state(self, old, new, instance: str | None = None) -> None:
         log.info("vrrp %s: %s -> %s", instance or "", old, new)
@@ -199,9 +199,9 @@ class Daemon:
 
     async def shutdown(self) -> None:
         self.health.stop()
-        for agent in self.vrrp:
+        if self.vrrp:  # a master sends priority 0 and drops its VIPs, then the thread ends
             try:
-                await agent.stop(graceful=True)
+                await self.vrrp.stop(graceful=True)
             except Exception as e:  # noqa: BLE001 - stopping anyway
                 log.warning("vrrp stop: %s", e)
         if self.sync is not None:
