@@ -5,6 +5,9 @@ spread: open N TCP connections to a VIP, one after another, and count which real
 hold:   keep C long-lived connections open, each exchanging a line every
         --every seconds for --seconds; report per connection: the reals it saw,
         exchanges, errors (resets). JSON on stdout. SIGTERM/SIGINT ends early.
+        --udp: C UDP flows instead, each a connected socket (so only replies from
+        the VIP itself are seen, as a DNS or QUIC client would); a reply lost is
+        counted, --max-lost replies lost in a row end the flow as an error.
 probe:  start a TCP connect every --every seconds (not waiting for the last); a JSON line per
         answer with a timestamp and the real (used to measure outages).
 """
@@ -51,7 +54,8 @@ async def spread(host: str, port: int, count: int, timeout: float, parallel: int
 
 
 async def hold(host: str, port: int, conns: int, every: float, seconds: float,
-               timeout: float, ready_file: str | None) -> dict:
+               timeout: float, ready_file: str | None, udp: bool = False,
+               max_lost: int = 10) -> dict:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -94,7 +98,58 @@ async def hold(host: str, port: int, conns: int, every: float, seconds: float,
         finally:
             w.close()
 
-    tasks = [asyncio.create_task(one(i)) for i in range(conns)]
+    async def one_udp(i: int):
+        res = {"id": i, "reals": [], "exchanges": 0, "lost": 0, "error": None,
+               "max_gap_s": 0.0}
+        results.append(res)
+        replies: asyncio.Queue = asyncio.Queue()
+
+        class Flow(asyncio.DatagramProtocol):
+            def datagram_received(self, data, addr):  # type: ignore[override]
+                replies.put_nowait(data)
+
+            def error_received(self, exc):  # type: ignore[override]
+                replies.put_nowait(exc)  # ICMP unreachable: a reply lost
+
+        try:
+            transport, _ = await loop.create_datagram_endpoint(Flow, remote_addr=(host, port))
+        except OSError as e:
+            res["error"] = f"socket: {type(e).__name__}: {e}"
+            return
+        res["cport"] = transport.get_extra_info("sockname")[1]
+        last = time.monotonic()
+        n = in_a_row = 0
+        try:
+            while not stop.is_set():
+                n += 1
+                transport.sendto(f"{i} {n}\n".encode())
+                try:
+                    data = await asyncio.wait_for(replies.get(), min(timeout, 1.0))
+                except asyncio.TimeoutError:
+                    data = None
+                if not isinstance(data, bytes):
+                    res["lost"] += 1
+                    in_a_row += 1
+                    if in_a_row >= max_lost:
+                        res["error"] = f"no reply to {in_a_row} datagrams in a row"
+                        return
+                    continue
+                in_a_row = 0
+                name = data.split(b" ", 1)[0].decode()
+                if not res["reals"] or name != res["reals"][-1]:
+                    res["reals"].append(name)
+                res["exchanges"] += 1
+                now = time.monotonic()
+                res["max_gap_s"] = max(res["max_gap_s"], now - last)
+                last = now
+                try:
+                    await asyncio.wait_for(stop.wait(), every)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            transport.close()
+
+    tasks = [asyncio.create_task((one_udp if udp else one)(i)) for i in range(conns)]
     await asyncio.sleep(0)
     if ready_file:
         # Ready once every connection has had its first answer.
@@ -111,6 +166,7 @@ async def hold(host: str, port: int, conns: int, every: float, seconds: float,
     await asyncio.gather(*tasks)
     errors = [r for r in results if r["error"]]
     return {"conns": conns, "alive": conns - len(errors), "errors": len(errors),
+            "lost": sum(r.get("lost", 0) for r in results),
             "moved": sum(1 for r in results if len(r["reals"]) > 1),
             "max_gap_s": max((r["max_gap_s"] for r in results), default=0),
             "detail": results}
@@ -158,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     h.add_argument("--seconds", type=float, default=30.0)
     h.add_argument("--timeout", type=float, default=5.0)
     h.add_argument("--ready-file")
+    h.add_argument("--udp", action="store_true", help="UDP flows on connected sockets")
+    h.add_argument("--max-lost", type=int, default=10)
     pr = sub.add_parser("probe")
     pr.add_argument("target")
     pr.add_argument("--every", type=float, default=0.01)
@@ -170,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         out = asyncio.run(spread(host, port, a.count, a.timeout, a.parallel))
     elif a.cmd == "hold":
         out = asyncio.run(hold(host, port, a.conns, a.every, a.seconds, a.timeout,
-                               a.ready_file))
+                               a.ready_file, a.udp, a.max_lost))
     else:
         asyncio.run(probe(host, port, a.every, a.seconds, a.timeout))
         return

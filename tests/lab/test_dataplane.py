@@ -18,8 +18,9 @@ def vips(reals):
     for addr in ("10.99.0.100", "fd99::100"):
         fam6 = ":" in addr
         for port, mode in ((PORT_DR, "dr"), (PORT_TUN, "tun")):
-            out.append({"address": addr, "port": port, "mode": mode,
-                        "real": [{"address": r.ipv6 if fam6 else r.ipv4} for r in reals]})
+            for proto in ("tcp", "udp"):
+                out.append({"address": addr, "port": port, "mode": mode, "protocol": proto,
+                            "real": [{"address": r.ipv6 if fam6 else r.ipv4} for r in reals]})
     return out
 
 
@@ -43,6 +44,20 @@ def test_300_connections_spread_over_three_reals(lab, vip, port):
     assert set(res["reals"]) == {"real1", "real2", "real3"}
     for n in res["reals"].values():
         assert 0.20 * 300 <= n <= 0.47 * 300, res
+
+
+@pytest.mark.parametrize("vip", ["10.99.0.100", "[fd99::100]"])
+@pytest.mark.parametrize("port", [PORT_DR, PORT_TUN], ids=["dr", "tun"])
+def test_udp_flows_answered_from_the_vip_each_by_one_real(lab, vip, port):
+    """As a DNS or QUIC client sees it: a connected UDP socket per flow accepts only
+    replies from the VIP; every flow gets them, always from the same real."""
+    res = lab.client("client1", ["hold", f"{vip}:{port}", "--udp", "--conns", "30",
+                                 "--every", "0.05", "--seconds", "2"])
+    assert res["errors"] == 0, [d for d in res["detail"] if d["error"]]
+    assert res["moved"] == 0, [d for d in res["detail"] if len(d["reals"]) > 1]
+    assert all(d["exchanges"] >= 10 for d in res["detail"]), res["detail"]
+    seen = {d["reals"][0] for d in res["detail"]}
+    assert len(seen) >= 2 and seen <= {"real1", "real2", "real3"}, seen
 
 
 def test_long_lived_connection_survives_add_drain_and_restart(lab):
