@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -89,8 +90,11 @@ async def probe(addr: str, hc: HealthCheckConfig, source: str | None = None,
             detail = await asyncio.wait_for(_probe(addr, hc, source), hc.timeout_s)
     except asyncio.TimeoutError:
         detail = f"timeout after {hc.timeout_s:g}s"
-    except OSError as e:
-        detail, err = e.strerror or str(e) or type(e).__name__, e.errno or 0
+    except ssl.SSLError as e:
+        detail = f"TLS: {e.reason or e}"
+    except OSError as e:  # asyncio's connect error says "Connect call failed": name the errno
+        err = e.errno or 0
+        detail = os.strerror(err) if err else (e.strerror or str(e) or type(e).__name__)
     except asyncio.CancelledError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure of a probe is a failed check
