@@ -150,6 +150,33 @@ static __always_inline void push_flow_event(const struct flow_key *k, __u32 real
     flow_events.ringbuf_submit(ev, 0);
 }
 
+/* A connection's opening SYN: SYN without ACK, RST or FIN. */
+static __always_inline int tcp_syn(const struct packet *p)
+{
+    return (p->tcp_flags & (TCP_F_SYN | TCP_F_ACK | TCP_F_RST | TCP_F_FIN)) == TCP_F_SYN;
+}
+
+/* May one more flow enter conns on this CPU this second? Counted when not. */
+static __always_inline int guard_admit(__u64 now)
+{
+    __u32 zero = 0;
+    struct flow_guard_state *g = flow_guard.lookup(&zero);
+    if (!g)
+        return 1;
+    struct flow_guard_cfg *gc = flow_guard_cfg.lookup(&zero);
+    __u64 limit = gc && gc->max_per_s ? gc->max_per_s : FLOW_GUARD_RATE;
+    if (now - g->window_start_ns > ONE_SECOND_NS) {
+        g->window_start_ns = now;
+        g->admitted = 0;
+    }
+    if (g->admitted >= limit) {
+        count(ST_CONN_GUARD_LIMITED);
+        return 0;
+    }
+    g->admitted += 1;
+    return 1;
+}
+
 int xdp_balancer(struct xdp_md *ctx)
 {
     void *data = (void *)(long)ctx->data;
@@ -187,20 +214,33 @@ int xdp_balancer(struct xdp_md *ctx)
         count(p.is_icmp_err ? ST_PASS_ICMP : ST_PASS_NON_VIP);
         return XDP_PASS;
     }
-    /* Established flows first: the conn entry names the VIP by id. */
+    /* Established flows first: the conn entry names the VIP by id. A TCP flow
+     * between its SYN and its next packet lives in embryos instead. */
     struct vip_meta *vip = 0;
     struct conn_val *cv = conns.lookup(&p.key);
+    int in_main = cv != 0;
+    int in_embryo = 0;
+    if (!cv && p.key.proto == IPPROTO_TCP) {
+        cv = embryos.lookup(&p.key);
+        in_embryo = cv != 0;
+    }
     if (cv) {
         __u32 vid = cv->vip_id;
         struct vip_entry *ve = vip_by_id.lookup(&vid);
         if (ve && vip_entry_matches(ve, &p.key))
             vip = &ve->meta;
         else
-            cv = 0; /* its VIP is gone: treat the packet as a new flow */
+            cv = 0, in_main = in_embryo = 0; /* its VIP is gone: a new flow */
     }
     if (!vip)
         vip = find_vip(&p.key);
     if (!vip) {
+        /* A VIP address answers only its services: the rest never reaches the
+         * local stack (sync, metrics listen there). ICMP errors pass as before. */
+        if (!p.is_icmp_err && is_vip_addr(&p.key)) {
+            count(ST_DROP_NO_SERVICE);
+            return XDP_DROP;
+        }
         count(p.is_icmp_err ? ST_PASS_ICMP : ST_PASS_NON_VIP);
         return XDP_PASS;
     }
@@ -226,6 +266,7 @@ int xdp_balancer(struct xdp_md *ctx)
      * no end) by the idle timeout. */
     __u64 now = 0;
     int new_flow = 0;
+    int hit = 0;
     __u32 real_id = 0;
     struct real_def *real = 0;
 
@@ -241,6 +282,7 @@ int xdp_balancer(struct xdp_md *ctx)
                 cv->last_seen_ns = now; /* avoid dirtying the entry on every packet */
         }
         if (real && real->family && !(real->flags & REAL_F_DOWN) && !stale) {
+            hit = 1;
             count(ST_CONN_HIT);
         } else {
             real = 0; /* its real went down, or the flow idled out: reschedule */
@@ -257,16 +299,50 @@ int xdp_balancer(struct xdp_md *ctx)
             count(ST_DROP_NO_REAL);
             return XDP_DROP;
         }
-        if (!now)
-            now = bpf_ktime_get_coarse_ns();
-        /* ICMP errors follow their flow but never create one. */
-        if (!p.is_icmp_err) {
-            struct conn_val nv = {.real_id = real_id, .vip_id = vip_id, .last_seen_ns = now};
-            conns.update(&p.key, &nv);
-            new_flow = 1;
-            count(ST_CONN_MISS);
-            if (cfg->flags & CFG_F_FLOW_EVENTS)
-                push_flow_event(&p.key, real_id, vip_id, now);
+    }
+    /* Where the flow's state goes. ICMP errors follow their flow, never make one. */
+    if (!p.is_icmp_err) {
+        if (p.key.proto != IPPROTO_TCP || in_main) {
+            /* UDP (no handshake: its first packet is the flow), or a TCP flow
+             * already established whose real was rescheduled. */
+            if (!hit) {
+                now = now ? now : bpf_ktime_get_coarse_ns();
+                /* the guard bounds new entries; moving a known one is no admission */
+                if (in_main || guard_admit(now)) {
+                    struct conn_val nv = {.real_id = real_id, .vip_id = vip_id,
+                                          .last_seen_ns = now};
+                    conns.update(&p.key, &nv);
+                    new_flow = 1;
+                    count(ST_CONN_MISS);
+                    if (cfg->flags & CFG_F_FLOW_EVENTS)
+                        push_flow_event(&p.key, real_id, vip_id, now);
+                }
+            }
+        } else if (tcp_syn(&p)) {
+            /* A SYN (or its retransmission) waits in embryos: nothing synced yet. */
+            if (!hit) {
+                now = now ? now : bpf_ktime_get_coarse_ns();
+                struct conn_val nv = {.real_id = real_id, .vip_id = vip_id, .last_seen_ns = now};
+                embryos.update(&p.key, &nv);
+                new_flow = 1;
+                count(ST_CONN_MISS);
+            }
+        } else if (in_embryo) {
+            /* Its second packet: the flow is established; promote and sync it
+             * (unless the guard says too many flows arrive this second). */
+            now = now ? now : bpf_ktime_get_coarse_ns();
+            if (guard_admit(now)) {
+                struct conn_val nv = {.real_id = real_id, .vip_id = vip_id, .last_seen_ns = now};
+                conns.update(&p.key, &nv);
+                embryos.delete(&p.key);
+                count(ST_CONN_PROMOTED);
+                if (cfg->flags & CFG_F_FLOW_EVENTS)
+                    push_flow_event(&p.key, real_id, vip_id, now);
+            }
+        } else {
+            /* A non-SYN of no known flow (a flood of ACKs, or a flow this node
+             * never saw the start of): the ring decides, nothing is recorded. */
+            count(ST_CONN_MISS_NON_SYN);
         }
     }
     if (p.is_icmp_err)

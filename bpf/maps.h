@@ -18,6 +18,16 @@
 #ifndef CONN_TABLE_SIZE
 #define CONN_TABLE_SIZE 1048576
 #endif
+/* TCP flows wait here from their SYN until their next packet (the handshake's
+ * ACK) promotes them into conns: a SYN flood churns only this table. */
+#ifndef EMBRYO_TABLE_SIZE
+#define EMBRYO_TABLE_SIZE (CONN_TABLE_SIZE / 8 > 1024 ? CONN_TABLE_SIZE / 8 : 1024)
+#endif
+/* Admissions into conns (TCP promotions, new UDP flows) per CPU and second when
+ * flow_guard_cfg holds 0; beyond it flows are forwarded by the ring, no entry. */
+#ifndef FLOW_GUARD_RATE
+#define FLOW_GUARD_RATE 10000
+#endif
 #ifndef CONN_TABLE_FLAGS
 #define CONN_TABLE_FLAGS 0 /* BPF_F_NO_COMMON_LRU (2) for per-CPU LRU lists */
 #endif
@@ -128,6 +138,10 @@ enum stat_reason {
     ST_ICMP_FORWARDED,     /* frag-needed / packet-too-big sent after its flow */
     ST_FLOW_EVENT_LOST,    /* ring buffer full */
     ST_PASS_NOT_OURS,      /* VIP packet sent to another host's MAC (flooded by a switch) */
+    ST_DROP_NO_SERVICE,    /* TCP/UDP to a VIP address on a port no VIP serves */
+    ST_CONN_MISS_NON_SYN,  /* TCP non-SYN of no known flow: forwarded by the ring, no entry */
+    ST_CONN_PROMOTED,      /* TCP flow's second packet: moved from embryos into conns */
+    ST_CONN_GUARD_LIMITED, /* admission into conns refused by the rate guard: forwarded by the ring */
     ST_MAX,
 };
 
@@ -146,7 +160,22 @@ L4LB_MAP("array", __u32, struct vip_entry, vip_by_id, MAX_VIPS, 0);
 L4LB_MAP("array", __u32, struct real_def, reals, MAX_REALS, 0);
 L4LB_MAP("array", __u32, __u32, rings, RING_SLOTS * RING_MAX, 0);
 L4LB_MAP("lru_hash", struct flow_key, struct conn_val, conns, CONN_TABLE_SIZE, CONN_TABLE_FLAGS);
+/* Same key and value as conns; never synced. */
+L4LB_MAP("lru_hash", struct flow_key, struct conn_val, embryos, EMBRYO_TABLE_SIZE, CONN_TABLE_FLAGS);
 L4LB_MAP("array", __u32, struct lb_config, config, 1, 0);
+
+/* Admission guard (as Katran's is_under_flood): each CPU admits at most
+ * max_per_s flows into conns per one-second window. */
+struct flow_guard_cfg {
+    __u32 max_per_s; /* per CPU; 0 = FLOW_GUARD_RATE */
+    __u32 pad;
+};
+struct flow_guard_state {
+    __u64 window_start_ns;
+    __u64 admitted;
+};
+L4LB_MAP("array", __u32, struct flow_guard_cfg, flow_guard_cfg, 1, 0);
+L4LB_MAP("percpu_array", __u32, struct flow_guard_state, flow_guard, 1, 0);
 /* Our MAC per ingress ifindex: a VIP frame addressed to another MAC reached us
  * only by flooding (a switch that does not know the master's port yet) and must
  * not be forwarded, or its rewritten source MAC (= the master's) teaches the

@@ -32,7 +32,22 @@ struct packet {
     __u32 ip_len;        /* bytes of IP packet per its header (what we tunnel) */
     __u8 tos;            /* IPv4 TOS / IPv6 traffic class, copied to the outer header */
     __u8 is_icmp_err;    /* key was read from an ICMP error's inner header */
+    __u8 tcp_flags;      /* TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10); 0 otherwise */
 };
+
+#define TCP_F_FIN 0x01
+#define TCP_F_SYN 0x02
+#define TCP_F_RST 0x04
+#define TCP_F_ACK 0x10
+
+/* The flags byte of a TCP header at l4 (ports already checked to fit). */
+static __always_inline __u8 tcp_flags_at(void *l4, void *data_end)
+{
+    struct tcphdr *th = l4;
+    if ((void *)(th + 1) > data_end)
+        return 0;
+    return ((__u8 *)th)[13];
+}
 
 static __always_inline int parse_ports(void *l4, void *data_end, __u8 proto,
                                        __be16 *sport, __be16 *dport, int ports_only)
@@ -132,7 +147,11 @@ static __always_inline int parse_ipv4(void *l3, void *data_end, struct packet *p
         return P_FRAGMENT;
     if (iph->protocol == IPPROTO_ICMP)
         return parse_icmp4_inner((void *)(iph + 1), data_end, p);
-    return parse_ports((void *)(iph + 1), data_end, iph->protocol, &p->key.sport, &p->key.dport, 0);
+    int rc = parse_ports((void *)(iph + 1), data_end, iph->protocol, &p->key.sport,
+                         &p->key.dport, 0);
+    if (rc == P_OK && iph->protocol == IPPROTO_TCP)
+        p->tcp_flags = tcp_flags_at((void *)(iph + 1), data_end);
+    return rc;
 }
 
 static __always_inline int parse_ipv6(void *l3, void *data_end, struct packet *p)
@@ -151,11 +170,15 @@ static __always_inline int parse_ipv6(void *l3, void *data_end, struct packet *p
     __builtin_memcpy(p->key.src, &ip6->saddr, 16);
     __builtin_memcpy(p->key.dst, &ip6->daddr, 16);
     p->key.proto = ip6->nexthdr;
+    int rc;
     switch (ip6->nexthdr) {
     case IPPROTO_TCP:
     case IPPROTO_UDP:
-        return parse_ports((void *)(ip6 + 1), data_end, ip6->nexthdr,
-                           &p->key.sport, &p->key.dport, 0);
+        rc = parse_ports((void *)(ip6 + 1), data_end, ip6->nexthdr,
+                         &p->key.sport, &p->key.dport, 0);
+        if (rc == P_OK && ip6->nexthdr == IPPROTO_TCP)
+            p->tcp_flags = tcp_flags_at((void *)(ip6 + 1), data_end);
+        return rc;
     case IPPROTO_ICMPV6:
         return parse_icmp6_inner((void *)(ip6 + 1), data_end, p);
     case 0: case 43: case 44: case 50: case 51: case 60: case 135: case 139: case 140:

@@ -35,10 +35,19 @@ class BuildOptions:
     conn_table_size: int = M.DEFAULT_CONN_TABLE_SIZE
     per_cpu_lru: bool = False
     pin_dir: str | None = None  # None: private maps (tests); else pinned here
+    embryo_table_size: int | None = None  # None: M.default_embryo_table_size(conn_table_size)
+    flow_guard_rate: int = M.DEFAULT_FLOW_GUARD_RATE  # conns admissions per CPU and second
+
+    def embryos(self) -> int:
+        return self.embryo_table_size or M.default_embryo_table_size(self.conn_table_size)
 
     def cflags(self) -> list[str]:
+        if not 1 <= self.flow_guard_rate <= 0xFFFFFFFF:
+            raise DataplaneError(f"flow_guard_rate: {self.flow_guard_rate} is out of range "
+                                 "1..4294967295 (admissions per CPU and second)")
         f = [f"-I{BPF_DIR}", f"-DMAX_VIPS={self.max_vips}", f"-DMAX_REALS={self.max_reals}",
              f"-DRING_MAX={self.ring_max}", f"-DCONN_TABLE_SIZE={self.conn_table_size}",
+             f"-DEMBRYO_TABLE_SIZE={self.embryos()}", f"-DFLOW_GUARD_RATE={self.flow_guard_rate}U",
              f"-DCONN_TABLE_FLAGS={BPF_F_NO_COMMON_LRU if self.per_cpu_lru else 0}",
              "-Wno-macro-redefined", "-Wno-compare-distinct-pointer-types"]
         if self.pin_dir:
@@ -126,6 +135,28 @@ def compile_balancer(opts: BuildOptions) -> Program:
         ensure_bpffs()
         os.makedirs(opts.pin_dir, exist_ok=True)
     return Program("balancer.c", "xdp_balancer", opts.cflags())
+
+
+def set_flow_guard(table, max_per_s: int) -> None:
+    """Set the running program's admission guard (flow_guard_cfg): at most max_per_s
+    flows per CPU and second enter conns; 0 restores the compiled FLOW_GUARD_RATE.
+    `table` is a bcc table (Program.map("flow_guard_cfg")) or a pinned map's path."""
+    if not 0 <= max_per_s <= 0xFFFFFFFF:
+        raise ValueError(f"max_per_s: {max_per_s} is out of range 0..4294967295")
+    val = M.FlowGuardCfg(max_per_s=max_per_s)
+    if not isinstance(table, (str, os.PathLike)):
+        table[ct.c_uint32(0)] = val
+        return
+    lib = _bcc().libbcc.lib
+    fd = lib.bpf_obj_get(os.fsencode(table))
+    if fd < 0:
+        raise DataplaneError(f"cannot open pinned map {table}: {os.strerror(ct.get_errno() or 2)}")
+    try:
+        key = ct.c_uint32(0)
+        if lib.bpf_update_elem(fd, ct.byref(key), ct.byref(val), 0) != 0:
+            raise DataplaneError(f"cannot update {table}")
+    finally:
+        os.close(fd)
 
 
 def compile_decap() -> Program:

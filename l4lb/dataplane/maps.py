@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import ctypes as ct
 import ipaddress
+import re
 import socket
 import struct
 from enum import IntEnum
+from pathlib import Path
 
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5  # 5: embryos, flow_guard maps; more stat reasons
 
 FAMILY_V4 = 4
 FAMILY_V6 = 6
@@ -30,31 +32,55 @@ DEFAULT_MAX_VIPS = 64
 DEFAULT_MAX_REALS = 4096
 DEFAULT_RING_MAX = 65537
 DEFAULT_CONN_TABLE_SIZE = 1 << 20
+DEFAULT_FLOW_GUARD_RATE = 10000  # conns admissions per CPU and second (FLOW_GUARD_RATE)
 
 
-class StatReason(IntEnum):
-    """enum stat_reason in maps.h, in the same order."""
-
-    PASS_NON_IP = 0
-    PASS_NON_VIP = 1
-    PASS_MALFORMED_L3 = 2
-    PASS_ICMP = 3
-    TX_DR = 4
-    TX_TUN = 5
-    DROP_MALFORMED_L4 = 6
-    DROP_FRAGMENT = 7
-    DROP_IP_OPTIONS = 8
-    DROP_IPV6_EXT = 9
-    DROP_NO_REAL = 10
-    DROP_ENCAP = 11
-    CONN_HIT = 12
-    CONN_MISS = 13
-    CONN_RESCHEDULED = 14
-    ICMP_FORWARDED = 15
-    FLOW_EVENT_LOST = 16
-    PASS_NOT_OURS = 17
+def default_embryo_table_size(conn_table_size: int) -> int:
+    """EMBRYO_TABLE_SIZE's default in maps.h."""
+    return max(conn_table_size // 8, 1024)
 
 
+def _maps_h() -> str:
+    """bpf/maps.h: inside the package (l4lb/bpf) or beside it in a checkout."""
+    here = Path(__file__).resolve().parent.parent
+    for d in (here / "bpf", here.parent / "bpf"):
+        if (d / "maps.h").is_file():
+            return (d / "maps.h").read_text()
+    raise ImportError(f"bpf/maps.h not found under {here} or {here.parent}")
+
+
+_MAPS_H = _maps_h()
+
+
+def _enum(name: str) -> list[str]:
+    """The member names of `enum name { ... }` in maps.h, in order (no explicit values
+    after the first member, which must be 0: checked)."""
+    m = re.search(r"enum\s+" + name + r"\s*\{(.*?)\};", _MAPS_H, re.S)
+    if not m:
+        raise ImportError(f"enum {name} not found in bpf/maps.h")
+    body = re.sub(r"/\*.*?\*/|//[^\n]*", "", m.group(1), flags=re.S)
+    out = []
+    for item in (i.strip() for i in body.split(",")):
+        if not item:
+            continue
+        ident, _, value = (x.strip() for x in item.partition("="))
+        if value and not (value == "0" and not out):
+            raise ImportError(f"enum {name}: explicit value {item!r} is not supported")
+        out.append(ident)
+    return out
+
+
+def _define(name: str) -> int:
+    m = re.search(r"^#define\s+" + name + r"\s+(\d+)", _MAPS_H, re.M)
+    if not m:
+        raise ImportError(f"#define {name} not found in bpf/maps.h")
+    return int(m.group(1))
+
+
+# enum stat_reason of maps.h, ST_ prefix dropped: PASS_NON_IP = 0, ... (ST_MAX excluded).
+StatReason = IntEnum("StatReason", [(n.removeprefix("ST_"), i)
+                                    for i, n in enumerate(_enum("stat_reason")) if n != "ST_MAX"])
+StatReason.__doc__ = "enum stat_reason in bpf/maps.h (read from it at import)."
 ST_MAX = len(StatReason)
 
 
@@ -96,8 +122,16 @@ class OwnMac(ct.Structure):
     _fields_ = [("mac", ct.c_ubyte * 6), ("valid", ct.c_uint8), ("pad", ct.c_uint8)]
 
 
-MAX_IFINDEX = 1024
-VIP_FILTER_SIZE = 4096
+class FlowGuardCfg(ct.Structure):
+    _fields_ = [("max_per_s", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+class FlowGuardState(ct.Structure):
+    _fields_ = [("window_start_ns", ct.c_uint64), ("admitted", ct.c_uint64)]
+
+
+MAX_IFINDEX = _define("MAX_IFINDEX")
+VIP_FILTER_SIZE = _define("VIP_FILTER_SIZE")
 
 
 def _mix32(h: int) -> int:
@@ -129,7 +163,8 @@ class FlowEvent(ct.Structure):
 
 # Sizes must match the C side exactly; a mismatch is a bug caught at import.
 for _s, _n in ((VipKey, 20), (VipMeta, 16), (VipEntry, 36), (RealDef, 24), (FlowKey, 40), (ConnVal, 16),
-               (LbConfig, 32), (Counters, 24), (FlowEvent, 56)):
+               (LbConfig, 32), (Counters, 24), (FlowEvent, 56), (FlowGuardCfg, 8),
+               (FlowGuardState, 16)):
     assert ct.sizeof(_s) == _n, (_s.__name__, ct.sizeof(_s))
 
 
