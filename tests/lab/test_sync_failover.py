@@ -16,14 +16,14 @@ connection carries on. Without sync, the same failover resets most connections.
 
 from __future__ import annotations
 
-import json
 import shutil
-import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import halab  # tests/lab/halab.py: helpers shared with test_vip_source.py
 import pytest
+from halab import broken, end_hold, kill_and_unplug, wait_state
 
 from l4lb.lab import PIN_ROOT, Lab, wait_for
 
@@ -60,27 +60,8 @@ def status(lab: Lab, node: str) -> dict:
     return lab.l4lb_json(node, ["status"])
 
 
-def vrrp_state(lab: Lab, node: str) -> str | None:
-    r = lab.l4lb(node, ["status", "--json"], check=False, timeout=10)
-    if r.returncode != 0:
-        return None
-    v = json.loads(r.stdout).get("vrrp") or [{}]
-    return v[0].get("state")
-
-
-def wait_state(lab: Lab, node: str, state: str, timeout: float) -> None:
-    try:
-        wait_for(lambda: vrrp_state(lab, node) == state, timeout, 0.05,
-                 f"{node} VRRP {state}")
-    except TimeoutError:
-        raise AssertionError(f"{node} is {vrrp_state(lab, node)}, not {state}; log:\n"
-                             f"{lab.daemons[node].output()[-3000:]}") from None
-
-
 def conns(lab: Lab, node: str) -> dict[int, str]:
-    """Client port -> real address of the VIP's flows in the node's conn table."""
-    rows = lab.l4lb_json(node, ["conns", "--vip", VIP_KEY, "--limit", "100000"])
-    return {r["cport"]: r["real"] for r in rows}
+    return halab.conns(lab, node, VIP_KEY)
 
 
 def start_pair(lab: Lab, sync: bool) -> None:
@@ -94,24 +75,7 @@ def start_pair(lab: Lab, sync: bool) -> None:
 
 
 def start_hold(lab: Lab, tag: str):
-    ready = lab.workdir / f"{tag}-ready.json"
-    svc = lab.popen("client1", [sys.executable, "-m", "l4lb.labclient", "hold", f"{VIP}:{PORT}",
-                                "--conns", str(CONNS), "--every", "0.1", "--seconds", "150",
-                                "--ready-file", str(ready)], log_name=f"{tag}.log")
-    wait_for(ready.exists, 20, what=f"{tag}: {CONNS} connections")
-    assert json.loads(ready.read_text())["connected"] == CONNS, svc.output()[-2000:]
-    return svc
-
-
-def end_hold(svc) -> dict:
-    svc.proc.send_signal(signal.SIGTERM)
-    svc.proc.wait(30)
-    return json.loads(svc.output().strip().splitlines()[-1])
-
-
-def broken(report: dict) -> list:
-    return [(d["id"], d["reals"], d["error"]) for d in report["detail"]
-            if d["error"] or len(d["reals"]) > 1]
+    return halab.start_hold(lab, tag, f"{VIP}:{PORT}", CONNS)
 
 
 def real_names(report: dict) -> dict[str, int]:
@@ -120,11 +84,6 @@ def real_names(report: dict) -> dict[str, int]:
         if d["reals"]:
             out[d["reals"][0]] = out.get(d["reals"][0], 0) + 1
     return out
-
-
-def kill_and_unplug(lab: Lab, node: str) -> None:
-    lab.daemons[node].stop(signal.SIGKILL)  # XDP stays attached: the link goes too
-    lab.run(node, ["ip", "link", "set", "dev", "eth0", "down"])
 
 
 def reboot_wipe(lab: Lab, node: str) -> None:
