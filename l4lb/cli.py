@@ -468,6 +468,29 @@ def _print_labs(labs: list[dict], json_out: bool) -> None:
                        f"{n['ipv6']:<12}{n['mac']}")
 
 
+@app.command("import")
+def import_config(
+    files: list[str] = typer.Argument(..., metavar="[keepalived|haproxy] FILE...",
+                                      help="keepalived.conf and/or haproxy.cfg (format detected, or "
+                                           "named first)."),
+    node: Optional[str] = typer.Option(None, "--node", "-n",
+                                       help="[node] name (default: router_id); also keepalived's config id."),
+    interface: Optional[list[str]] = typer.Option(None, "--interface", "-i",
+                                                  help="[node] interfaces (default: the VRRP interfaces)."),
+    config_id: Optional[str] = typer.Option(None, "--config-id",
+                                            help="Which keepalived @ID lines apply (keepalived -i)."),
+    vip: Optional[list[str]] = typer.Option(None, "--vip",
+                                            help="VIP address for HAProxy wildcard binds (default: the "
+                                                 "keepalived virtual_ipaddress)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the TOML here (default: stdout)."),
+):
+    """Convert keepalived / HAProxy configs to an l4lb config; report what differs on stderr."""
+    from l4lb.importer.cli import run
+
+    raise typer.Exit(run(files, node=node, interfaces=interface or [], config_id=config_id,
+                         vips=vip or [], output=output))
+
+
 def main() -> None:
     try:
         app()
