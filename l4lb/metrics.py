@@ -7,10 +7,13 @@ prometheus_client adds the _total suffix of a counter itself (the family is
 named without it; the exposition says ``# TYPE l4lb_vip_packets_total counter``
 and the samples are ``l4lb_vip_packets_total``), so the names below carry none.
 
-Served by `l4lb start` on ``metrics.listen`` (a tiny asyncio HTTP/1.0 server:
-GET /metrics). The conn-table walk, the one part of a scrape that grows with
-traffic, runs in a thread with BPF_MAP_LOOKUP_BATCH; the rest reads the small
-per-VIP and per-real counter maps on the event loop.
+Served by `l4lb start` on ``metrics.listen`` (a tiny asyncio HTTP/1.0 server on
+the daemon's event loop: GET /metrics). The conn-table census (entries in all, by
+VIP, by real), the one part of a scrape that grows with traffic, is a walk of up
+to millions of entries: it runs in a thread with BPF_MAP_LOOKUP_BATCH, at most
+once every CENSUS_MAX_AGE_S, and scrapes in between reuse its counts (their age
+is l4lb_conn_table_census_age_seconds). The rest reads the small per-VIP and
+per-real counter maps on the event loop at scrape time.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import asyncio
 import errno
 import logging
 import os
+import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -34,6 +39,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 VRRP_STATES = ("initialize", "backup", "master", "fault")
 VERDICTS = ("pass", "drop", "tx")
 CONN_BATCH = 8192
+CENSUS_MAX_AGE_S = 10.0  # scrapes reuse conn-table counts younger than this
 
 
 @dataclass
@@ -44,6 +50,8 @@ class ConnCensus:
     by_vip: Counter = field(default_factory=Counter)
     by_real: Counter = field(default_factory=Counter)
     per_id: bool = True  # False: only `total` is known (no batch lookups here)
+    taken_at: float = field(default_factory=time.monotonic)  # when the walk ended
+    duration_s: float = 0.0  # how long the walk took
 
 
 def conn_census(tables) -> ConnCensus:
@@ -56,6 +64,7 @@ def conn_census(tables) -> ConnCensus:
     dtype = np.dtype([("real_id", "=u4"), ("vip_id", "=u4"), ("last_seen", "=u8")])
     if dtype.itemsize != CONN_VAL.size:
         raise RuntimeError(f"conn_val is {CONN_VAL.size} bytes, the census reads {dtype.itemsize}")
+    t0 = time.monotonic()
     c = ConnCensus()
     try:
         for _keys, vals, n in tables.conn_batches(CONN_BATCH):
@@ -66,8 +75,58 @@ def conn_census(tables) -> ConnCensus:
                 counter.update(dict(zip(ids.tolist(), counts.tolist(), strict=True)))
     except (OSError, AttributeError) as e:  # kernel without batch ops: one syscall per key
         log.debug("conn-table batch walk failed (%s); counting entry by entry", e)
-        return ConnCensus(total=tables.conn_count(), per_id=False)
+        return ConnCensus(total=tables.conn_count(), per_id=False,
+                          duration_s=time.monotonic() - t0)
+    c.taken_at = time.monotonic()
+    c.duration_s = c.taken_at - t0
     return c
+
+
+class CensusCache:
+    """The conn-table census, walked in a thread at most once every ``max_age_s``.
+
+    A scrape gets the cached counts while they are fresh; a scrape that finds them
+    older starts one walk in a thread and answers with the old counts meanwhile
+    (only the very first scrape waits for a walk). However many scrapes come, one
+    walk at a time.
+    """
+
+    def __init__(self, max_age_s: float = CENSUS_MAX_AGE_S):
+        self.max_age_s = max_age_s
+        self.census: ConnCensus | None = None
+        self.walks = 0
+        self._task: asyncio.Future | None = None
+
+    async def get(self, tables) -> ConnCensus:
+        c = self.census
+        if c is not None and time.monotonic() - c.taken_at < self.max_age_s:
+            return c
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(asyncio.to_thread(conn_census, tables))
+            self._task.add_done_callback(self._walked)
+        if c is None:
+            await asyncio.shield(self._task)  # raises if the first walk failed
+        return self.census if self.census is not None else c
+
+    def _walked(self, task: asyncio.Future) -> None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.warning("conn-table census failed: %r", task.exception())
+            return
+        self.census = task.result()
+        self.walks += 1
+
+
+# One cache per ServiceTables (a new data plane starts a new cache).
+_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def census_cache(tables) -> CensusCache:
+    cache = _caches.get(tables)
+    if cache is None:
+        cache = _caches[tables] = CensusCache()
+    return cache
 
 
 class L4lbCollector:
@@ -197,6 +256,14 @@ class L4lbCollector:
                                   value=g["flow_event_lost"])
         yield GaugeMetricFamily("l4lb_conn_table_entries", "Entries in the connection table.",
                                 value=census.total)
+        yield GaugeMetricFamily(
+            "l4lb_conn_table_census_age_seconds",
+            "Age of the conn-table counts (l4lb_conn_table_entries, l4lb_vip_conn_table_entries, "
+            f"l4lb_real_conn_table_entries): a walk in a thread, at most every "
+            f"{CENSUS_MAX_AGE_S:g} s.", value=max(0.0, time.monotonic() - census.taken_at))
+        yield GaugeMetricFamily("l4lb_conn_table_census_duration_seconds",
+                                "How long the last walk of the conn table for those counts took.",
+                                value=census.duration_s)
         yield GaugeMetricFamily("l4lb_conn_table_capacity",
                                 "Size of the connection table (an LRU: full means evictions).",
                                 value=d.cfg.node.conn_table_size)
@@ -244,10 +311,11 @@ def render(daemon, census: ConnCensus | None = None) -> bytes:
 
 
 async def scrape(daemon) -> bytes:
-    """One scrape: the conn-table walk in a thread, the rest on the loop."""
+    """One scrape: the conn-table census from its cache (walked in a thread), the
+    counter maps read now, on the loop."""
     census = None
     if daemon.tables is not None:
-        census = await asyncio.to_thread(conn_census, daemon.tables)
+        census = await census_cache(daemon.tables).get(daemon.tables)
     return render(daemon, census)
 
 

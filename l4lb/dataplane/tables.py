@@ -5,15 +5,24 @@ the loaded Program. Real ids are per (VIP, real address) and stable for the life
 of that real, because the conn table records them. The id assignment is kept in
 a JSON file beside the pinned maps, so a restarted control plane reattaches
 with the same ids and existing flows keep their reals.
+
+Crash consistency: tables.json always names at least every id the maps use. Ids
+are saved before the maps refer to them and freed in the maps before they leave
+the file; a new ring is written to the idle slot, saved, then flipped live. A
+restart reads the live slot from the maps themselves (and completes a flip cut
+in half), and maps that tables.json does not describe are reset (clean start).
+
+Conn-table walks (conn_entries, referenced_real_ids, conn_batches) block: they
+are for a thread, go a bounded slice per bpf(2) call, and stop early when they can.
 """
 
 from __future__ import annotations
 
 import ctypes as ct
-import errno
 import functools
 import ipaddress
 import json
+import logging
 import os
 import socket
 import struct
@@ -25,8 +34,17 @@ from pathlib import Path
 import numpy as np
 
 from l4lb import maglev
+from l4lb.dataplane import bpfsys
 from l4lb.dataplane import maps as M
 from l4lb.dataplane.loader import BuildOptions, Program
+
+log = logging.getLogger("l4lb.tables")
+
+WALK_BATCH = 4096  # conn entries per bpf(2) call of a walk (~1 ms each)
+STATE_SIZES = ("max_vips", "max_reals", "ring_max", "conn_table_size", "per_cpu_lru")
+# enum bpf_map_type values of the maps a clean start knows how to empty.
+_BPF_HASH, _BPF_ARRAY, _BPF_PERCPU_HASH, _BPF_PERCPU_ARRAY = 1, 2, 5, 6
+_BPF_LRU_HASH, _BPF_LRU_PERCPU_HASH = 9, 10
 
 
 class TablesError(Exception):
@@ -101,33 +119,166 @@ class ServiceTables:
         self._published: set[int] = set()  # VIP ids whose ring this process wrote
         self._slot_rings: dict[int, np.ndarray] = {}  # what each ring slot holds
         self._filter_slots: set[int] = set()  # vip_filter slots set to 1
-        if self.state_file and self.state_file.exists():
-            self._restore()
+        self._retired_at: dict[int, float] = {}  # real id -> monotonic time it was retired
+        # Why this start reset the maps (None: restored, or a first start).
+        self.clean_start_reason: str | None = None
+        self._restore_or_reset()
 
     # ----------------------------------------------------------- persistence
-    def _restore(self) -> None:
-        """Take over ids from a previous run whose pinned maps we reopened."""
-        data = json.loads(self.state_file.read_text())
-        for v in data.get("vips", []):
-            reals = {r["address"]: RealState(**r) for r in v.pop("reals")}
-            retired = {r["address"]: RealState(**r) for r in v.pop("retired", [])}
-            vs = VipState(**v, reals=reals, retired=retired)
+    def _restore_or_reset(self) -> None:
+        """Take over ids from a previous run whose pinned maps we reopened; maps that
+        tables.json does not describe are reset rather than reused with other ids."""
+        vips, why = self._load_state()
+        if vips is not None:
+            why = self._mismatch(vips)
+            if why is None:
+                self._adopt(vips)
+                return
+            why = f"{self.state_file} does not match the maps: {why}"
+        if self._maps_in_use():
+            self._start_clean(why)
+        elif why and self.state_file and self.state_file.exists():
+            log.warning("ignoring %s (the maps are empty anyway)", why)
+
+    def _load_state(self) -> tuple[list[VipState] | None, str]:
+        """The VIPs of tables.json, or None and why not."""
+        if not self.state_file or not self.state_file.exists():
+            return None, f"{self.state_file or 'tables.json'} is missing"
+        try:
+            data = json.loads(self.state_file.read_text())
+            if data.get("layout") != M.LAYOUT_VERSION:
+                return None, (f"{self.state_file} is for layout {data.get('layout')}, "
+                              f"the maps are layout {M.LAYOUT_VERSION}")
+            sizes = data.get("sizes")
+            if sizes is not None:  # files of older versions have no sizes
+                want = {k: getattr(self.opts, k) for k in STATE_SIZES}
+                if sizes != want:
+                    return None, f"{self.state_file} is for sizes {sizes}, the maps have {want}"
+            vips = []
+            for v in data["vips"]:
+                reals = {r["address"]: RealState(**r) for r in v.pop("reals")}
+                retired = {r["address"]: RealState(**r) for r in v.pop("retired", [])}
+                vips.append(VipState(**v, reals=reals, retired=retired))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            return None, f"{self.state_file} is unreadable ({type(e).__name__}: {e})"
+        return vips, ""
+
+    def _mismatch(self, vips: list[VipState]) -> str | None:
+        """Why these VIPs cannot be what the maps hold, or None. The file may name more
+        than the maps (saved before a write that never happened), never less."""
+        by_id: dict[int, VipState] = {}
+        real_addr: dict[int, str] = {}
+        for vs in vips:
+            if not 0 <= vs.vip_id < self.opts.max_vips or vs.vip_id in by_id:
+                return f"VIP {vs.key}: id {vs.vip_id} out of range or used twice"
+            if vs.slot not in (0, 1):
+                return f"VIP {vs.key}: ring slot {vs.slot} is not 0 or 1"
+            by_id[vs.vip_id] = vs
+            for r in [*vs.reals.values(), *vs.retired.values()]:
+                if not 1 <= r.real_id < self.opts.max_reals or r.real_id in real_addr:
+                    return f"real {r.address} of {vs.key}: id {r.real_id} out of range or used twice"
+                real_addr[r.real_id] = canon(r.address)
+        for i in range(self.opts.max_vips):
+            e = self._vip_by_id[ct.c_uint32(i)]
+            if not e.key.family:
+                continue
+            vs = by_id.get(i)
+            if vs is None or bytes(e.key) != bytes(M.vip_key(vs.address, vs.port, vs.proto)):
+                return f"vip_by_id[{i}] holds a VIP that the file does not give id {i}"
+            if e.meta.ring_slot - 2 * i not in (0, 1):
+                return f"vip_by_id[{i}] points at ring slot {e.meta.ring_slot}, not its own"
+        keys = {bytes(M.vip_key(v.address, v.port, v.proto)): v for v in vips}
+        for k, meta in self._vips_map.items():
+            vs = keys.get(bytes(k))
+            if vs is None or meta.vip_id != vs.vip_id or meta.ring_slot - 2 * vs.vip_id not in (0, 1):
+                return f"the vips map holds {M.addr_from16(k.addr, k.family)} port " \
+                       f"{socket.ntohs(k.port)} as id {meta.vip_id}, unlike the file"
+        rsize = ct.sizeof(M.RealDef)
+        for keys_b, vals_b, n in bpfsys.lookup_batches(self._reals_map.map_fd, 4, rsize, 4096):
+            for (rid,), off in zip(struct.iter_unpack("=I", keys_b), range(0, n * rsize, rsize), strict=False):
+                r = M.RealDef.from_buffer_copy(vals_b, off)
+                if r.family and real_addr.get(rid) != canon(M.addr_from16(r.addr, r.family)):
+                    return (f"reals[{rid}] is {M.addr_from16(r.addr, r.family)}, the file says "
+                            f"{real_addr.get(rid, 'nothing')}")
+        return None
+
+    def _adopt(self, vips: list[VipState]) -> None:
+        used_real_ids = set()
+        for vs in vips:
             self.vips[vs.key] = vs
-            self._free_vip_ids.remove(vs.vip_id)
-            for r in [*reals.values(), *retired.values()]:
-                self._free_real_ids.remove(r.real_id)
+            used_real_ids.update(r.real_id for r in [*vs.reals.values(), *vs.retired.values()])
+            self._live_slot_from_maps(vs)
+        used_vip_ids = {vs.vip_id for vs in vips}
+        self._free_vip_ids = deque(i for i in range(self.opts.max_vips) if i not in used_vip_ids)
+        self._free_real_ids = deque(i for i in range(1, self.opts.max_reals)
+                                    if i not in used_real_ids)
         self._sync_vip_addrs()
 
+    def _live_slot_from_maps(self, vs: VipState) -> None:
+        """The live ring slot is the one the maps name, whatever the file says (a crash
+        may have come between saving and flipping). A flip cut in half (vip_by_id
+        written, the vips map not yet) is completed: both slots hold whole rings."""
+        by_id = self._vip_by_id[ct.c_uint32(vs.vip_id)]
+        key = M.vip_key(vs.address, vs.port, vs.proto)
+        try:
+            meta = self._vips_map[key]
+        except KeyError:
+            meta = None
+        if by_id.key.family:
+            live = by_id.meta
+            if meta is None or bytes(meta) != bytes(live):
+                log.info("VIP %s: completing a ring flip a stop interrupted", vs.key)
+                self._vips_map[key] = live
+        elif meta is not None:  # a publish never gets here; a delete removes vips first
+            live = meta
+            self._vip_by_id[ct.c_uint32(vs.vip_id)] = M.VipEntry(key=key, meta=meta)
+        else:
+            return  # never published: no slot is live
+        vs.slot = live.ring_slot - 2 * vs.vip_id
+
+    def _maps_in_use(self) -> bool:
+        if len(self._vips_map.items()):
+            return True
+        if any(self._vip_by_id[ct.c_uint32(i)].key.family for i in range(self.opts.max_vips)):
+            return True
+        rsize = ct.sizeof(M.RealDef)
+        for _, vals, n in bpfsys.lookup_batches(self._reals_map.map_fd, 4, rsize, 4096):
+            fam = M.RealDef.family.offset
+            if any(vals[o + fam] for o in range(0, n * rsize, rsize)):
+                return True
+        for _ in bpfsys.lookup_batches(self.conns.map_fd, CONN_KEY.size, CONN_VAL.size, 8):
+            return True
+        return False
+
+    def _start_clean(self, why: str) -> None:
+        log.warning("starting with empty maps (conn table included): %s", why)
+        self.clean_start_reason = why
+        names = (sorted(os.listdir(self.opts.pin_dir)) if self.opts.pin_dir
+                 and os.path.isdir(self.opts.pin_dir) else _RESET_MAPS)
+        for name in names:
+            _empty_map(self.prog.map(name))
+        self._save()
+
     def _save(self) -> None:
+        """Write tables.json durably and atomically (fsync, rename, fsync the directory)."""
         if not self.state_file:
             return
         data = {"layout": M.LAYOUT_VERSION,
+                "sizes": {k: getattr(self.opts, k) for k in STATE_SIZES},
                 "vips": [dict(v.__dict__, reals=[r.__dict__ for r in v.reals.values()],
                               retired=[r.__dict__ for r in v.retired.values()])
                          for v in self.vips.values()]}
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
+        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(data, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.state_file)
+        dfd = os.open(self.state_file.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
     # --------------------------------------------------------------- config
     def set_config(self, tun_src4: str | None = None, tun_src6: str | None = None,
@@ -176,8 +327,7 @@ class ServiceTables:
                                                vs.ring_size) == params:
             return vs  # nothing but reals can have changed: set_reals publishes
         vs.mode, vs.hash, vs.all_down, vs.ring_size = params
-        self._publish_ring(vs)
-        self._save()
+        self._publish_ring(vs)  # saves
         return vs
 
     def delete_vip(self, key: str) -> None:
@@ -188,6 +338,7 @@ class ServiceTables:
         self._vip_by_id[ct.c_uint32(vs.vip_id)] = M.VipEntry()  # family 0: unused
         for r in [*vs.reals.values(), *vs.retired.values()]:
             self._free_real(r)
+        # Freed in the maps first, then in the file: the file names every id in use.
         self._free_vip_ids.append(vs.vip_id)
         self._published.discard(vs.vip_id)
         self._last_ring.pop(key, None)
@@ -215,38 +366,63 @@ class ServiceTables:
     # ---------------------------------------------------------------- reals
     def set_reals(self, key: str, reals: list[tuple[str, str, int]]) -> VipState:
         """Make the VIP's reals exactly `reals` = [(address, mac, weight)]; health state of
-        reals that stay is kept. New rings are published atomically."""
+        reals that stay is kept. New rings are published atomically. Too few free real
+        ids: refused before anything changes."""
         vs = self._vip(key)
         want = {canon(a): (mac, w) for a, mac, w in reals}
+        need = sum(1 for a in want if a not in vs.reals and a not in vs.retired)
+        if need > len(self._free_real_ids):
+            raise TablesError(f"VIP {key}: {need} new reals need ids but only "
+                              f"{len(self._free_real_ids)} are free "
+                              f"(max_reals {self.opts.max_reals - 1} in all)")
+        now = time.monotonic()
         for addr in list(vs.reals):
             if addr not in want:
-                vs.retired[addr] = vs.reals.pop(addr)
+                r = vs.retired[addr] = vs.reals.pop(addr)
+                self._retired_at[r.real_id] = now
+        to_write = []
         for addr, (mac, w) in want.items():
-            r = vs.reals.get(addr) or vs.retired.pop(addr, None)
-            if r is not None:
-                vs.reals[addr] = r
-            else:
-                if not self._free_real_ids:
-                    raise TablesError(f"no free real id (max {self.opts.max_reals - 1})")
+            r = vs.reals.get(addr)
+            if r is None and addr in vs.retired:
+                r = vs.retired.pop(addr)
+                self._retired_at.pop(r.real_id, None)
+            if r is None:
                 r = RealState(addr, self._free_real_ids.popleft(), mac, w)
                 self._zero_counters(self._stats_real, r.real_id)
-                vs.reals[addr] = r
+            vs.reals[addr] = r
             if r.mac != mac or r.real_id not in self._written:
                 r.mac = mac
-                self._write_real(r)
+                to_write.append(r)
             r.weight = w
-        self._publish_ring(vs)
-        self._save()
+        self._publish_ring(vs, to_write)  # saves the new ids before writing them
         return vs
 
-    def collect_retired(self) -> int:
-        """Free the ids of deleted reals that no conn entry names any more."""
+    def referenced_real_ids(self, batch: int = WALK_BATCH) -> RealIds:
+        """The real ids the conn table names. Blocking, a walk of the whole table: run it
+        in a thread, without the daemon's lock, and pass the result to collect_retired."""
+        ids = RealIds()
+        ids.started = time.monotonic()
+        for _, vals, n in self.conn_batches(batch):
+            ids.update(np.unique(np.frombuffer(vals, CONN_VAL_DTYPE, n)["real_id"]).tolist())
+        return ids
+
+    def collect_retired(self, referenced: set[int] | None = None) -> int:
+        """Free the ids of deleted reals that no conn entry names any more. Quick when
+        ``referenced`` (from referenced_real_ids) is given; else it walks the table.
+        A real retired after that walk began is kept for the next round: the walk
+        may have passed its newest flows."""
         if not any(v.retired for v in self.vips.values()):
             return 0
-        used = {v.real_id for _, v in self.conns.items()}
+        if referenced is None:
+            referenced = self.referenced_real_ids()
+        started = getattr(referenced, "started", None)
         freed = 0
         for vs in self.vips.values():
-            for addr in [a for a, r in vs.retired.items() if r.real_id not in used]:
+            for addr, r in list(vs.retired.items()):
+                if r.real_id in referenced:
+                    continue
+                if started is not None and self._retired_at.get(r.real_id, 0.0) >= started:
+                    continue
                 self._free_real(vs.retired.pop(addr))
                 freed += 1
         if freed:
@@ -257,7 +433,6 @@ class ServiceTables:
         r = self._real(key, address)
         r.weight = weight
         self._publish_ring(self.vips[key])
-        self._save()
 
     def set_down(self, key: str, address, down: bool) -> bool:
         """Health state of one real; True when it changed. A down real leaves the ring and
@@ -268,7 +443,6 @@ class ServiceTables:
         r.down = down
         self._write_real(r)
         self._publish_ring(self.vips[key])
-        self._save()
         return True
 
     def _vip(self, key: str) -> VipState:
@@ -292,6 +466,7 @@ class ServiceTables:
         # family 0 marks the id unused: flows still naming it are rescheduled.
         self._reals_map[ct.c_uint32(r.real_id)] = M.RealDef()
         self._written.discard(r.real_id)
+        self._retired_at.pop(r.real_id, None)
         self._free_real_ids.append(r.real_id)  # FIFO: an id is reused as late as possible
 
     # ---------------------------------------------------------------- rings
@@ -307,14 +482,31 @@ class ServiceTables:
                 return self._last_ring[vs.key]
         return ring
 
-    def _publish_ring(self, vs: VipState) -> None:
+    def _publish_ring(self, vs: VipState, write_reals=()) -> None:
+        """Write the new ring to the VIP's idle slot, save, write ``write_reals``, flip.
+        Saving before the flip keeps tables.json a superset of what the maps use."""
         ring = self.ring_for(vs)
         new_slot = vs.slot ^ 1 if self._vip_present(vs) else vs.slot
-        slot_index = 2 * vs.vip_id + new_slot
+        self._write_slot(2 * vs.vip_id + new_slot, ring)
+        old_slot, vs.slot = vs.slot, new_slot
+        self._save()
+        try:
+            for r in write_reals:
+                self._write_real(r)
+            self._flip(vs, len(ring))
+        except BaseException:
+            vs.slot = old_slot  # the maps still name the old slot (a restart reads them)
+            raise
+        self._last_ring[vs.key] = ring
+        self._published.add(vs.vip_id)
+
+    def _write_slot(self, slot_index: int, ring) -> None:
+        """Fill one ring slot; only ever called for a slot no lookup reads."""
         base = slot_index * self.opts.ring_max
-        n = len(ring)
         new = np.frombuffer(ring, dtype=np.uint32)
+        n = len(new)
         old = self._slot_rings.get(slot_index)
+        self._slot_rings.pop(slot_index, None)  # unknown until the write completes
         if old is not None and len(old) == n:
             # The idle slot holds the ring from two changes ago: rewrite only the
             # entries that differ (a weight change moves ~1-2% of them).
@@ -328,15 +520,15 @@ class ServiceTables:
                 (ct.c_uint32 * len(idx)).from_buffer(keys),
                 (ct.c_uint32 * len(idx)).from_buffer(vals))
         self._slot_rings[slot_index] = new.copy()
-        meta = M.VipMeta(vip_id=vs.vip_id, flags=vs.flags, ring_slot=slot_index, ring_size=n)
+
+    def _flip(self, vs: VipState, ring_size: int) -> None:
+        """One map update each flips the VIP to the complete new ring: by id
+        (established flows) first, then by key (new flows)."""
+        meta = M.VipMeta(vip_id=vs.vip_id, flags=vs.flags, ring_slot=2 * vs.vip_id + vs.slot,
+                         ring_size=ring_size)
         key = M.vip_key(vs.address, vs.port, vs.proto)
-        # One map update each flips the VIP to the complete new ring: by id
-        # (established flows) and by key (new flows).
         self._vip_by_id[ct.c_uint32(vs.vip_id)] = M.VipEntry(key=key, meta=meta)
         self._vips_map[key] = meta
-        vs.slot = new_slot
-        self._last_ring[vs.key] = ring
-        self._published.add(vs.vip_id)
 
     def _vip_present(self, vs: VipState) -> bool:
         try:
@@ -346,10 +538,18 @@ class ServiceTables:
             return False
 
     def live_ring(self, key: str) -> list[int]:
+        """The ring the data plane uses for the VIP, read from the maps (one syscall)."""
         vs = self._vip(key)
         meta = self._vips_map[M.vip_key(vs.address, vs.port, vs.proto)]
         base = meta.ring_slot * self.opts.ring_max
-        return [self._rings_map[ct.c_uint32(base + i)].value for i in range(meta.ring_size)]
+        out: list[int] = []
+        if not meta.ring_size:
+            return out
+        for _, vals, n in bpfsys.lookup_batches(self._rings_map.map_fd, 4, 4, meta.ring_size,
+                                                start=base):
+            out.extend(np.frombuffer(vals, "=u4", n).tolist())
+            break
+        return out[:meta.ring_size]
 
     # ---------------------------------------------------------------- stats
     def _zero_counters(self, table, idx: int) -> None:
@@ -384,16 +584,34 @@ class ServiceTables:
         return {r.real_id: (v.key, r.address) for v in self.vips.values()
                 for r in [*v.reals.values(), *v.retired.values()]}
 
-    def conn_entries(self, limit: int | None = None):
-        """Yield (client, cport, vip, vport, proto, real id) from the conn table."""
-        n = 0
-        for k, v in self.conns.items():
-            src, sport, dst, dport, proto = M.flow_tuple(k)
-            yield (str(src), sport, str(dst), dport, M.PROTO_NAME.get(proto, str(proto)),
-                   v.real_id)
-            n += 1
-            if limit is not None and n >= limit:
-                return
+    def conn_entries(self, limit: int | None = None, want=None, batch: int = WALK_BATCH,
+                     stats: dict | None = None) -> list[tuple]:
+        """(client, cport, vip, vport, proto, real id) of the conn table's entries.
+
+        At most ``limit`` of them (None: all); only the flows of ``want`` = (VIP address,
+        port, proto) when given, port 0 matching every port. Blocking: run it in a thread.
+        Reads ``batch`` entries per bpf(2) call and stops as soon as ``limit`` matched;
+        ``stats``, a dict, gets how many slices and entries were read.
+        """
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 0):
+            raise ValueError(f"limit must be a whole number >= 0, not {limit!r}")
+        match = _flow_filter(want)
+        out: list[tuple] = []
+        slices = read = 0
+        if limit != 0:
+            for keys, vals, n in self.conn_batches(batch):
+                slices, read = slices + 1, read + n
+                idx = None if match is None else \
+                    np.flatnonzero(match(np.frombuffer(keys, FLOW_KEY_DTYPE, n))).tolist()
+                if limit is not None and (n if idx is None else len(idx)) > limit - len(out):
+                    idx = (range(n) if idx is None else idx)[:limit - len(out)]
+                out.extend(_conn_rows(keys, vals, n, idx))
+                if limit is not None and len(out) >= limit:
+                    break
+        if stats is not None:
+            stats.update(slices=slices, entries=read)
+        return out
 
     def install_conn(self, src, sport, dst, dport, proto, real_id: int, vip_id: int,
                      now_ns: int) -> None:
@@ -401,18 +619,24 @@ class ServiceTables:
             real_id=real_id, vip_id=vip_id, last_seen_ns=now_ns)
 
     def conn_count(self) -> int:
-        return sum(1 for _ in self.conns.keys())
+        """Entries in the conn table (a batch walk: blocking, for a thread)."""
+        try:
+            return sum(n for _, _, n in self.conn_batches())
+        except OSError:  # a kernel without batch lookups (before 5.6): key by key
+            return sum(1 for _ in self.conns.keys())
 
-    # The conn table in bulk (sync): raw FlowKey / ConnVal records, CONN_KEY and
-    # CONN_VAL below, one bpf(2) call per batch instead of one per entry.
-    def conn_batches(self, batch: int = 1024):
+    # The conn table in bulk (sync, census): raw FlowKey / ConnVal records, CONN_KEY
+    # and CONN_VAL below, one bpf(2) call per batch instead of one per entry.
+    def conn_batches(self, batch: int = WALK_BATCH):
         """Walk the conn table with BPF_MAP_LOOKUP_BATCH, ``batch`` entries per call.
 
         Yields ``(keys, values, n)``: n packed FlowKey records and n ConnVal records
-        (bytes). Lazy: the caller may stop any time. Entries added or removed while
-        the walk runs may be missed or seen twice (a hash walk, by bucket).
+        (bytes, copies). Lazy: the caller may stop any time. Each slice is one bpf(2)
+        call, made with the GIL released, so a walk in a thread leaves the event loop
+        running. Entries added or removed while the walk runs may be missed or seen
+        twice (a hash walk, by bucket).
         """
-        yield from _lookup_batches(self.conns.map_fd, CONN_KEY.size, CONN_VAL.size, batch)
+        yield from bpfsys.lookup_batches(self.conns.map_fd, CONN_KEY.size, CONN_VAL.size, batch)
 
     def install_conns(self, keys: bytes, values: bytes, overwrite: bool = True) -> int:
         """Write packed FlowKey/ConnVal records (as conn_batches yields them) to the
@@ -425,9 +649,15 @@ class ServiceTables:
             return 0
         fd = self.conns.map_fd
         if overwrite:
-            _update_batch(fd, keys, values, n)
+            bpfsys.update_batch(fd, keys, values, n)
             return n
-        return _update_noexist(fd, keys, values, CONN_KEY.size, CONN_VAL.size)
+        return bpfsys.update_noexist(fd, keys, values, CONN_KEY.size, CONN_VAL.size)
+
+
+class RealIds(set):
+    """Real ids named by the conn table, and when the walk that found them began."""
+
+    started: float = 0.0
 
 
 def coarse_now_ns() -> int:
@@ -440,85 +670,87 @@ def coarse_now_ns() -> int:
 # ports in network order (as the data plane stores them), family 4/6.
 CONN_KEY = struct.Struct("!16s16sHHBB2x")
 CONN_VAL = struct.Struct("=IIQ")  # real_id, vip_id, last_seen_ns (host order)
-assert CONN_KEY.size == ct.sizeof(M.FlowKey) and CONN_VAL.size == ct.sizeof(M.ConnVal)
-
-# bcc's own batch helpers read the whole map in one go and share one variable
-# between the batch token and the count; these call bpf(2) directly.
-_SYS_BPF = 321  # x86_64
-_BPF_MAP_UPDATE_ELEM, _BPF_MAP_LOOKUP_BATCH, _BPF_MAP_UPDATE_BATCH = 2, 24, 26
-_BPF_NOEXIST = 1
-_libc = ct.CDLL(None, use_errno=True)
-_libc.syscall.restype = ct.c_long
-
-
-class _BatchAttr(ct.Structure):
-    _fields_ = [("in_batch", ct.c_uint64), ("out_batch", ct.c_uint64), ("keys", ct.c_uint64),
-                ("values", ct.c_uint64), ("count", ct.c_uint32), ("map_fd", ct.c_uint32),
-                ("elem_flags", ct.c_uint64), ("flags", ct.c_uint64)]
+# The same records as numpy sees them (the destination as two words, to compare fast).
+FLOW_KEY_DTYPE = np.dtype([("src", "V16"), ("dst_hi", "<u8"), ("dst_lo", "<u8"),
+                           ("sport", ">u2"), ("dport", ">u2"), ("proto", "u1"),
+                           ("family", "u1"), ("pad", "V2")])
+CONN_VAL_DTYPE = np.dtype([("real_id", "=u4"), ("vip_id", "=u4"), ("last_seen_ns", "=u8")])
+assert CONN_KEY.size == ct.sizeof(M.FlowKey) == FLOW_KEY_DTYPE.itemsize
+assert CONN_VAL.size == ct.sizeof(M.ConnVal) == CONN_VAL_DTYPE.itemsize
+assert FLOW_KEY_DTYPE.fields["dport"][1] == M.FlowKey.dport.offset
+assert CONN_VAL_DTYPE.fields["vip_id"][1] == M.ConnVal.vip_id.offset
 
 
-class _ElemAttr(ct.Structure):
-    _fields_ = [("map_fd", ct.c_uint32), ("_pad", ct.c_uint32), ("key", ct.c_uint64),
-                ("value", ct.c_uint64), ("flags", ct.c_uint64)]
+def _flow_filter(want):
+    """A vectorised test of FLOW_KEY_DTYPE records for ``want`` = (address, port, proto)."""
+    if want is None:
+        return None
+    try:
+        addr, port, proto = want
+    except (TypeError, ValueError):
+        raise ValueError(f"want must be (VIP address, port, protocol), not {want!r}") from None
+    try:
+        raw, fam = M.addr16(addr)
+    except ValueError as e:
+        raise ValueError(f"want address: {e}") from None
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"want port must be 0..65535 (0: every port), not {port!r}")
+    p = M.PROTO.get(proto) if isinstance(proto, str) else proto
+    if p not in M.PROTO.values():
+        raise ValueError(f"want protocol must be one of {', '.join(M.PROTO)}, not {proto!r}")
+    hi, lo = struct.unpack("<QQ", raw)
+
+    def match(k):
+        m = (k["dst_hi"] == hi) & (k["dst_lo"] == lo) & (k["family"] == fam) & (k["proto"] == p)
+        return m & (k["dport"] == port) if port else m
+    return match
 
 
-def _bpf(cmd: int, attr) -> int:
-    """bpf(2); returns 0 or the errno."""
-    if _libc.syscall(_SYS_BPF, cmd, ct.byref(attr), ct.sizeof(attr)) == 0:
-        return 0
-    return ct.get_errno()
+@functools.lru_cache(maxsize=4096)
+def _addr_str(raw: bytes, family: int) -> str:
+    if family == M.FAMILY_V4:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    if family == M.FAMILY_V6:
+        return str(ipaddress.IPv6Address(raw))
+    return f"family {family}: {raw.hex()}"  # never written by the data plane or sync
 
 
-def _lookup_batches(fd: int, ksize: int, vsize: int, batch: int):
-    keys = ct.create_string_buffer(ksize * batch)
-    vals = ct.create_string_buffer(vsize * batch)
-    tok_in, tok_out = ct.c_uint64(0), ct.c_uint64(0)  # hash maps: a u32 bucket index
-    first = True
-    while True:
-        attr = _BatchAttr(in_batch=0 if first else ct.addressof(tok_in),
-                          out_batch=ct.addressof(tok_out), keys=ct.addressof(keys),
-                          values=ct.addressof(vals), count=batch, map_fd=fd)
-        err = _bpf(_BPF_MAP_LOOKUP_BATCH, attr)
-        n = attr.count
-        if err == errno.ENOSPC and n == 0:  # one bucket holds more than `batch` entries
-            batch *= 2
-            keys = ct.create_string_buffer(ksize * batch)
-            vals = ct.create_string_buffer(vsize * batch)
-            continue
-        if err not in (0, errno.ENOENT):
-            raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
-        if n:
-            yield ct.string_at(keys, ksize * n), ct.string_at(vals, vsize * n), n
-        if err == errno.ENOENT:  # the walk is complete
-            return
-        tok_in.value = tok_out.value
-        first = False
+def _conn_rows(keys: bytes, vals: bytes, n: int, idx=None) -> list[tuple]:
+    """(client, cport, vip, vport, proto, real id) of records ``idx`` (None: all n)."""
+    ntop, af4, v4, name, addr = socket.inet_ntop, socket.AF_INET, M.FAMILY_V4, \
+        M.PROTO_NAME, _addr_str
+    rids = np.frombuffer(vals, CONN_VAL_DTYPE, n)["real_id"].tolist()
+    if idx is None:
+        recs = zip(CONN_KEY.iter_unpack(keys), rids, strict=True)
+    else:
+        recs = ((CONN_KEY.unpack_from(keys, i * CONN_KEY.size), rids[i]) for i in idx)
+    return [(ntop(af4, src[:4]) if fam == v4 else addr(src, fam), sport, addr(dst, fam), dport,
+             name.get(proto) or str(proto), rid)
+            for (src, dst, sport, dport, proto, fam), rid in recs]
 
 
-def _update_batch(fd: int, keys: bytes, values: bytes, n: int) -> None:
-    kbuf = ct.create_string_buffer(keys, len(keys))
-    vbuf = ct.create_string_buffer(values, len(values))
-    attr = _BatchAttr(keys=ct.addressof(kbuf), values=ct.addressof(vbuf), count=n, map_fd=fd)
-    err = _bpf(_BPF_MAP_UPDATE_BATCH, attr)
-    if err:
-        raise OSError(err, f"BPF_MAP_UPDATE_BATCH: {os.strerror(err)} after {attr.count} of {n}")
+# Maps a clean start empties when they are private (pinned ones: every file of the pin dir).
+_RESET_MAPS = ("vips", "vip_addrs", "vip_by_id", "reals", "conns", "vip_filter", "stats_vip",
+               "stats_real")
 
 
-def _update_noexist(fd: int, keys: bytes, values: bytes, ksize: int, vsize: int) -> int:
-    kbuf = ct.create_string_buffer(keys, len(keys))
-    vbuf = ct.create_string_buffer(values, len(values))
-    kbase, vbase = ct.addressof(kbuf), ct.addressof(vbuf)
-    written = 0
-    for i in range(len(keys) // ksize):
-        attr = _ElemAttr(map_fd=fd, key=kbase + i * ksize, value=vbase + i * vsize,
-                         flags=_BPF_NOEXIST)
-        err = _bpf(_BPF_MAP_UPDATE_ELEM, attr)
-        if err == 0:
-            written += 1
-        elif err != errno.EEXIST:
-            raise OSError(err, f"BPF_MAP_UPDATE_ELEM: {os.strerror(err)}")
-    return written
+def _empty_map(t) -> None:
+    """Empty a hash map or zero an array, a bounded batch per bpf(2) call."""
+    ksize, vsize = ct.sizeof(t.Key), ct.sizeof(t.Leaf)  # per-CPU: bcc's Leaf is per CPU
+    if t.ttype in (_BPF_HASH, _BPF_LRU_HASH, _BPF_PERCPU_HASH, _BPF_LRU_PERCPU_HASH):
+        for _ in bpfsys.lookup_batches(t.map_fd, ksize, vsize, WALK_BATCH, delete=True):
+            pass
+    elif t.ttype in (_BPF_ARRAY, _BPF_PERCPU_ARRAY):
+        step = max(1, min(65536, (1 << 22) // vsize))
+        zero = bytes(vsize * step)
+        for lo in range(0, t.max_entries, step):
+            n = min(step, t.max_entries - lo)
+            keys = np.arange(lo, lo + n, dtype=np.uint32).tobytes()
+            bpfsys.update_batch(t.map_fd, keys, zero[:n * vsize], n)
+    else:
+        raise TablesError(f"cannot empty a map of type {t.ttype}: stop l4lb, remove the "
+                          "node's pin directory and start again")
 
 
-__all__ = ["ServiceTables", "TablesError", "VipState", "RealState", "coarse_now_ns", "socket",
-           "CONN_KEY", "CONN_VAL"]
+__all__ = ["ServiceTables", "TablesError", "VipState", "RealState", "RealIds", "coarse_now_ns",
+           "socket", "CONN_KEY", "CONN_VAL", "FLOW_KEY_DTYPE", "CONN_VAL_DTYPE", "WALK_BATCH"]
