@@ -209,13 +209,14 @@ def real_list(family: int) -> list[tuple[str, str, int]]:
              f"02:99:00:01:00:{i + 1:02x}", 100) for i in range(N_REALS)]
 
 
-def case_frames(case: Case, count: int, series: int) -> bytes:
+def case_frames(case: Case, count: int, series: int, flags: int | None = None) -> bytes:
     if case.vip is None:
         dst, dport, family = ("10.200.0.99" if case.prog != "lb" else NON_VIP_DST), 80, 4
     else:
         addr, dport, _, _ = VIPS[case.vip]
         dst, family = addr, ipaddress.ip_address(addr).version
-    flags = TCP_SYN if case.flows == "new" else TCP_ACK
+    if flags is None:
+        flags = TCP_SYN if case.flows == "new" else TCP_ACK
     n = 1 if case.flows == "one" else count
     return flow_frames(client_base(family, series), dst, dport, n, flags)
 
@@ -487,8 +488,17 @@ def conn_table_size_for(flows_needed: int, default: int) -> int:
     return size
 
 
+def flow_entries(prog) -> int:
+    """Entries of the conn table and, where there is one, of the SYN-only table."""
+    n = sum(1 for _ in prog.map("conns").keys())
+    try:
+        return n + sum(1 for _ in prog.map("embryos").keys())
+    except KeyError:
+        return n
+
+
 def run(args) -> dict:
-    from l4lb.dataplane import loader, tables  # noqa: PLC0415
+    from l4lb.dataplane import loader, tables, testrun  # noqa: PLC0415
     from l4lb.dataplane import maps as M  # noqa: PLC0415
 
     if os.geteuid() != 0:
@@ -499,9 +509,11 @@ def run(args) -> dict:
     warmup = min(args.calls, 2000)
     new_per_case = warmup + args.rounds * args.calls
     flows_needed = args.flows + sum(new_per_case for c in cases if c.flows == "new") + 16
-    opts = loader.BuildOptions(
-        conn_table_size=conn_table_size_for(flows_needed, M.DEFAULT_CONN_TABLE_SIZE),
-        per_cpu_lru=args.per_cpu_lru)
+    conn_size = conn_table_size_for(flows_needed, M.DEFAULT_CONN_TABLE_SIZE)
+    extra = {}
+    if "embryo_table_size" in loader.BuildOptions.__dataclass_fields__:
+        extra["embryo_table_size"] = conn_size  # new flows' SYNs wait there: no eviction either
+    opts = loader.BuildOptions(conn_table_size=conn_size, per_cpu_lru=args.per_cpu_lru, **extra)
 
     if args.bpf_dir:
         loader.BPF_DIR = Path(args.bpf_dir).resolve()
@@ -517,6 +529,8 @@ def run(args) -> dict:
         for addr, port, mode, rfam in VIPS.values():
             vs = st.upsert_vip(addr, port, "tcp", mode=mode)
             st.set_reals(vs.key, real_list(rfam))
+        if hasattr(loader, "set_flow_guard"):  # the warm-up admits 100k flows at once
+            loader.set_flow_guard(progs["lb"].map("flow_guard_cfg"), 0xFFFFFFFF)
         own_macs = hasattr(st, "set_own_macs")
         if own_macs:  # as the daemon does; BPF_PROG_TEST_RUN's ingress is lo (ifindex 1)
             st.set_own_macs({1: LB_MAC.hex(":")})
@@ -534,6 +548,15 @@ def run(args) -> dict:
 
         # Warm-up (not measured): a single flow gets established; the many flows are
         # each run once, which installs them all; new-flow cases spend fresh frames.
+        # Established flows start with a SYN (a TCP flow enters the conn table by its
+        # SYN and its next packet); their measured packets are ACKs.
+        for series, c in enumerate(cases):
+            if c.prog == "lb" and c.vip is not None and c.flows != "new":
+                count = args.flows if c.flows == "many" else 1
+                syns = case_frames(c, count, series, TCP_SYN)
+                size = len(syns) // count
+                for i in range(count):
+                    testrun.test_run(progs["lb"].fd, syns[i * size:(i + 1) * size])
         for c in cases:
             r = runners[c.name]
             r.run(1, c.verdict)
@@ -543,7 +566,7 @@ def run(args) -> dict:
                 r.run(r.count, c.verdict)
             else:
                 r.run(warmup - 1 if c.flows == "new" else warmup, c.verdict)
-        conns_before = sum(1 for _ in st.conns.keys())
+        conns_before = flow_entries(progs["lb"])
 
         durations: list[int] = []
         runners["xdp_pass"].run(min(args.calls, 5000), XDP_PASS, keep=durations)
@@ -580,7 +603,7 @@ def run(args) -> dict:
                         runners[c.name].run_repeat(CROSS_CHECK_REPEAT, c.verdict))
             counters = st.global_counters()
         load = common.other_load(load_before, common.cpu_snapshot())
-        conns_after = sum(1 for _ in st.conns.keys())
+        conns_after = flow_entries(progs["lb"])
         expect_new = args.rounds * args.calls * sum(1 for c in cases if c.flows == "new")
         if conns_after - conns_before != expect_new:
             raise BenchError(f"conn table grew by {conns_after - conns_before}, expected "

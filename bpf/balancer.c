@@ -215,12 +215,15 @@ int xdp_balancer(struct xdp_md *ctx)
         return XDP_PASS;
     }
     /* Established flows first: the conn entry names the VIP by id. A TCP flow
-     * between its SYN and its next packet lives in embryos instead. */
+     * between its SYN and its next packet lives in embryos instead; a SYN itself
+     * does not look there (a retransmitted one is picked from the ring again: the
+     * same real unless the ring changed, and the lookup saved keeps new flows as
+     * cheap as they were). */
     struct vip_meta *vip = 0;
     struct conn_val *cv = conns.lookup(&p.key);
     int in_main = cv != 0;
     int in_embryo = 0;
-    if (!cv && p.key.proto == IPPROTO_TCP) {
+    if (!cv && p.key.proto == IPPROTO_TCP && !tcp_syn(&p)) {
         cv = embryos.lookup(&p.key);
         in_embryo = cv != 0;
     }
@@ -320,13 +323,11 @@ int xdp_balancer(struct xdp_md *ctx)
             }
         } else if (tcp_syn(&p)) {
             /* A SYN (or its retransmission) waits in embryos: nothing synced yet. */
-            if (!hit) {
-                now = now ? now : bpf_ktime_get_coarse_ns();
-                struct conn_val nv = {.real_id = real_id, .vip_id = vip_id, .last_seen_ns = now};
-                embryos.update(&p.key, &nv);
-                new_flow = 1;
-                count(ST_CONN_MISS);
-            }
+            now = now ? now : bpf_ktime_get_coarse_ns();
+            struct conn_val nv = {.real_id = real_id, .vip_id = vip_id, .last_seen_ns = now};
+            embryos.update(&p.key, &nv);
+            new_flow = 1;
+            count(ST_CONN_MISS);
         } else if (in_embryo) {
             /* Its second packet: the flow is established; promote and sync it
              * (unless the guard says too many flows arrive this second). */

@@ -248,6 +248,17 @@ class L4lbCollector:
         yield CounterMetricFamily("l4lb_conn_table_rescheduled",
                                   "Known flows moved because their real went down or idled out.",
                                   value=g["conn_rescheduled"])
+        yield CounterMetricFamily("l4lb_conn_table_promoted",
+                                  "TCP flows established (their packet after the SYN): moved from "
+                                  "the SYN table into the conn table, and synced.",
+                                  value=g["conn_promoted"])
+        yield CounterMetricFamily("l4lb_conn_table_misses_non_syn",
+                                  "TCP non-SYN packets of no known flow, forwarded by the ring "
+                                  "without an entry.", value=g["conn_miss_non_syn"])
+        yield CounterMetricFamily("l4lb_conn_table_admissions_refused",
+                                  "New conn-table entries refused by the per-CPU admission guard "
+                                  "(the flow is forwarded by the ring).",
+                                  value=g["conn_guard_limited"])
         yield CounterMetricFamily("l4lb_icmp_forwarded",
                                   "ICMP errors forwarded to the real of their flow.",
                                   value=g["icmp_forwarded"])

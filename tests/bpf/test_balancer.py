@@ -94,7 +94,7 @@ def test_dr_spreads_flows_and_sticks(prog, st, proto, pname, family):
         chosen[sport] = dr_real(run(prog, pkt), pkt)
     assert set(chosen.values()) == {m for _, m in REALS4}  # all three reals used
     for sport, mac in chosen.items():  # the same flow, the same real
-        pkt = mk(sport=sport, proto=proto, dst=vip)
+        pkt = mk(sport=sport, proto=proto, dst=vip, flags="A")
         assert dr_real(run(prog, pkt), pkt) == mac
     g = st.global_counters()
     assert g["conn_miss"] == 60 and g["conn_hit"] == 60 and g["tx_dr"] == 120
@@ -178,16 +178,18 @@ def test_conn_table_hit_survives_ring_change_and_drain(prog, st):
     for sport in range(43000, 43100):
         p = v4(sport=sport)
         first[sport] = dr_real(run(prog, p), p)
+        p = v4(sport=sport, flags="A")  # established
+        assert dr_real(run(prog, p), p) == first[sport]
     # add a fourth real: the ring changes, existing flows stay put
     st.set_reals(vs.key, [(a, m, 100) for a, m in REALS4] + [("10.99.0.34",
                                                                 "02:99:00:00:1e:22", 100)])
     for sport, mac in first.items():
-        p = v4(sport=sport)
+        p = v4(sport=sport, flags="PA")
         assert dr_real(run(prog, p), p) == mac
     # drain real1 (weight 0): its flows continue, it gets no new ones
     st.set_weight(vs.key, "10.99.0.31", 0)
     for sport, mac in first.items():
-        p = v4(sport=sport)
+        p = v4(sport=sport, flags="PA")
         assert dr_real(run(prog, p), p) == mac
     new = {dr_real(run(prog, p), p) for p in (v4(sport=s) for s in range(44000, 44200))}
     assert REALS4[0][1] not in new and len(new) == 3
@@ -199,9 +201,10 @@ def test_down_real_flows_are_rescheduled(prog, st):
     for sport in range(45000, 45100):
         p = v4(sport=sport)
         flows[sport] = dr_real(run(prog, p), p)
+        run(prog, v4(sport=sport, flags="A"))  # established
     st.set_down(vs.key, "10.99.0.32", True)
     for sport, mac in flows.items():
-        p = v4(sport=sport)
+        p = v4(sport=sport, flags="A")
         now = dr_real(run(prog, p), p)
         assert now != REALS4[1][1]
         if mac != REALS4[1][1]:
@@ -293,7 +296,7 @@ def test_counters_per_vip_and_real(prog, st):
     vs = add_vip(st, reals=REALS4[:1])
     sizes = []
     for i in range(10):
-        p = v4(sport=47000 + (i % 2), payload=b"x" * (10 + i))
+        p = v4(sport=47000 + (i % 2), payload=b"x" * (10 + i), flags=None if i < 2 else "A")
         sizes.append(len(raw(p)))
         run(prog, p)
     assert st.vip_counters(vs.key) == {"packets": 10, "bytes": sum(sizes), "new_flows": 2}
@@ -360,10 +363,11 @@ def test_udp_flows_idle_out_tcp_flows_do_not(prog, st):
     add_vip(st, port=80, proto="tcp")
     st.set_config(tun_src4="10.99.0.21", conn_timeout_s=1e-9)  # every UDP hit is idle
     try:
-        for mk in (lambda: v4(dport=53, proto=UDP), lambda: v4(dport=80)):
-            run(prog, mk())
+        for first, then in ((v4(dport=53, proto=UDP), v4(dport=53, proto=UDP)),
+                            (v4(dport=80), v4(dport=80, flags="A"))):
+            run(prog, first)
             time.sleep(0.05)  # the coarse clock ticks every few ms
-            run(prog, mk())
+            run(prog, then)
         g = st.global_counters()
         assert g["conn_rescheduled"] == 1  # the UDP flow, not the TCP one
         assert g["conn_hit"] == 1
