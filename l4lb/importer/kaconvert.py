@@ -572,11 +572,14 @@ class KaConverter:
             t.set("track_interfaces", uniq)
         if tracks_s:
             t.set("track_scripts", tracks_s)
-        # Move the notify keys after the rest (they were set in file order).
-        for k in ("notify", "notify_master", "notify_backup", "notify_fault"):
-            if k in t:
-                v = t.items.pop(k)
-                t.set(k, v)
+        # Keys in the order of configs/ha-lb1.toml, whatever the order in the file.
+        order = ("name", "interface", "vrid", "priority", "version", "advert_interval_s", "preempt",
+                 "preempt_delay_s", "accept_mode", "auth_pass", "unicast_src", "unicast_peers", "vips",
+                 "garp_count", "garp_refresh_s", "track_interfaces", "track_scripts", "notify",
+                 "notify_master", "notify_backup", "notify_fault")
+        items, notes = t.items, t.notes
+        t.items = {k: items[k] for k in sorted(items, key=order.index)}
+        t.notes = notes
         base = f["priority"]
         up = sum(w for _, w in weights if w > 0)
         down = sum(w for _, w in weights if w < 0)

@@ -208,7 +208,7 @@ class _Reader:
                                    "levels (a $PARAMETER that refers to itself?)")
             return
         if line.startswith("@"):
-            cond, _, rest = line.partition(" ")
+            cond, rest = (line.split(None, 1) + [""])[:2]
             neg = cond.startswith("@^")
             name = cond[2:] if neg else cond[1:]
             match = self.config_id is not None and name == self.config_id
