@@ -39,7 +39,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 VRRP_STATES = ("initialize", "backup", "master", "fault")
 VERDICTS = ("pass", "drop", "tx")
 CONN_BATCH = 8192
-CENSUS_MAX_AGE_S = 10.0  # scrapes reuse conn-table counts younger than this
+CENSUS_MAX_AGE_S = 5.0  # scrapes reuse conn-table counts younger than this
 
 
 @dataclass

@@ -14,6 +14,7 @@ import ipaddress
 import re
 import struct
 import subprocess
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -309,3 +310,89 @@ def _listen(cfg, host: str, port: int):
     """cfg with metrics.listen = host:port (port 0, an ephemeral port, only here)."""
     return dataclasses.replace(cfg, metrics=MetricsConfig(
         listen=Endpoint(ipaddress.ip_address(host), port)))
+
+
+class GatedTables(FakeTables):
+    """FakeTables whose walks are counted, note their thread, and can be held."""
+
+    def __init__(self, cfg, conns):
+        super().__init__(cfg, conns)
+        self.walks: list[bool] = []  # one per walk: ran outside the main thread
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail: Exception | None = None
+
+    def conn_batches(self, batch=1024):
+        self.walks.append(threading.current_thread() is not threading.main_thread())
+        if not self.gate.wait(10):
+            raise RuntimeError("test gate never opened")
+        if self.fail is not None:
+            raise self.fail
+        yield from super().conn_batches(batch)
+
+
+def test_scrapes_share_one_census_walk_in_a_thread():
+    d = fake_daemon()
+    d.tables = GatedTables(d.cfg, [(1, 0)] * 3)
+
+    async def go():
+        first = await asyncio.gather(*(metrics.scrape(d) for _ in range(5)))
+        return first, await metrics.scrape(d)
+
+    first, again = asyncio.run(go())
+    assert d.tables.walks == [True]  # six scrapes, one walk, not on the loop's thread
+    for text in (*first, again):
+        fams = parse(text.decode())
+        assert sample(fams, "l4lb_conn_table_entries") == 3
+        assert 0 <= sample(fams, "l4lb_conn_table_census_age_seconds") < metrics.CENSUS_MAX_AGE_S
+        assert sample(fams, "l4lb_conn_table_census_duration_seconds") >= 0
+
+
+def test_a_stale_census_answers_while_one_new_walk_runs():
+    t = GatedTables(_config(), [(1, 0)] * 3)
+    cache = metrics.CensusCache(max_age_s=0.05)
+
+    async def go():
+        c1 = await cache.get(t)
+        t._conns.append((2, 1))
+        await asyncio.sleep(0.06)
+        t.gate.clear()  # the next walk blocks in its thread
+        stale = [await cache.get(t) for _ in range(3)]  # none of them waits for it
+        for _ in range(200):  # the walk's thread has started (and is held)
+            if len(t.walks) == 2:
+                break
+            await asyncio.sleep(0.01)
+        stale += [await cache.get(t) for _ in range(3)]
+        walks_meanwhile = len(t.walks)
+        t.gate.set()
+        for _ in range(200):
+            if cache.census is not c1:
+                break
+            await asyncio.sleep(0.01)
+        return c1, stale, walks_meanwhile, cache.census
+
+    c1, stale, walks_meanwhile, fresh = asyncio.run(go())
+    assert c1.total == 3 and all(c is c1 for c in stale)
+    assert walks_meanwhile == 2 and cache.walks == 2  # one walk at a time
+    assert fresh.total == 4 and fresh.by_vip == {0: 3, 1: 1}
+
+
+def test_a_failed_census_walk_keeps_the_old_counts(caplog):
+    t = GatedTables(_config(), [(1, 0)] * 3)
+    cache = metrics.CensusCache(max_age_s=0.0)  # every get starts a walk
+
+    async def go():
+        c1 = await cache.get(t)
+        t.fail = RuntimeError("map gone")
+        c2 = await cache.get(t)
+        await asyncio.sleep(0.2)
+        return c1, c2, await cache.get(t)
+
+    c1, c2, c3 = asyncio.run(go())
+    assert c1.total == 3 and c2 is c1 and c3 is c1
+    assert "conn-table census failed: RuntimeError('map gone')" in caplog.text
+    # Without any census yet, the failure reaches the scrape (an HTTP 500 there).
+    t2 = GatedTables(_config(), [])
+    t2.fail = RuntimeError("map gone")
+    with pytest.raises(RuntimeError):
+        asyncio.run(metrics.CensusCache().get(t2))
