@@ -68,6 +68,7 @@ class HaConverter:
         self.wild = [ipaddress.ip_address(a) for a in wildcard_vips]
         self.vips: list[VipDraft] = []
         self.dr_noted = False
+        self.used: set[str] = set()  # backends that became a VIP's reals
 
     def run(self) -> list[VipDraft]:
         defaults: dict[str, _Proxy] = {}
@@ -94,6 +95,11 @@ class HaConverter:
                 fronts.append(px)
         for px in fronts:
             self.frontend(px, backends)
+        for name, px in backends.items():
+            if px.sec.kind == "backend" and name not in self.used:
+                self.r.unsupported(px.sec.loc, f"backend {name}", "not the default_backend of any frontend "
+                                                                  "(only chosen by layer-7 rules, or unused): "
+                                                                  "its servers are not converted")
         return self.vips
 
     def global_line(self, ln: Line) -> None:
@@ -227,6 +233,7 @@ class HaConverter:
                 self.r.unsupported(sec.loc, f"frontend {sec.name}", "no default_backend: no reals; no VIP written")
                 return
             be = backends.get(name)
+            self.used.add(name)
             if be is None:
                 self.r.error(px.default_backend.loc if px.default_backend else sec.loc,
                              f"backend {name!r} is not defined")
