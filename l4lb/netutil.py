@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -27,6 +28,7 @@ IFA_F_DEPRECATED = 0x20
 IFA_F_TENTATIVE = 0x40
 IFA_F_NOPREFIXROUTE = 0x200
 INFINITY_LFT = 0xFFFFFFFF
+log = logging.getLogger("l4lb.netutil")
 SOURCE_REFRESH_S = 10.0  # SourcePicker re-reads the addresses this often
 NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # reachable/stale/delay/probe/noarp/perm
 
@@ -95,6 +97,7 @@ class SourcePicker:
         self.ifnames = tuple(ifnames)
         self.avoid = avoid
         self._cache: dict[int, tuple[float, str | None]] = {}
+        self._said: dict[int, str | None] = {}
         self._lock: asyncio.Lock | None = None
 
     def invalidate(self) -> None:
@@ -111,6 +114,14 @@ class SourcePicker:
             if hit and time.monotonic() - hit[0] < SOURCE_REFRESH_S:
                 return hit[1]
             addr = await asyncio.to_thread(own_address, self.ifnames, family, list(self.avoid()))
+            if self._said.get(family, "") != addr:  # say it when it changes
+                self._said[family] = addr
+                if addr is None:
+                    log.warning("no IPv%d address of %s other than a VIP: health checks of "
+                                "IPv%d reals go unbound (the kernel picks their source)",
+                                family, ",".join(self.ifnames), family)
+                else:
+                    log.info("health checks of IPv%d reals come from %s", family, addr)
             self._cache[family] = (time.monotonic(), addr)
             return addr
 
