@@ -1217,6 +1217,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
+    scripts.configure(cfg.node.script_security)  # track and notify scripts
     insts = list(cfg.vrrp)
     if args.instance:
         known = {i.name for i in insts}
