@@ -468,20 +468,23 @@ def _print_labs(labs: list[dict], json_out: bool) -> None:
                        f"{n['ipv6']:<12}{n['mac']}")
 
 
+IMPORT_FILES = typer.Argument(..., metavar="[keepalived|haproxy] FILE...",
+                              help="keepalived.conf and/or haproxy.cfg (format detected, or named first).")
+IMPORT_IFACES = typer.Option(None, "--interface", "-i",
+                             help="[node] interfaces (default: the VRRP interfaces).")
+IMPORT_VIPS = typer.Option(None, "--vip", help="VIP address for HAProxy wildcard binds (default: the "
+                                               "keepalived virtual_ipaddress).")
+
+
 @app.command("import")
 def import_config(
-    files: list[str] = typer.Argument(..., metavar="[keepalived|haproxy] FILE...",
-                                      help="keepalived.conf and/or haproxy.cfg (format detected, or "
-                                           "named first)."),
+    files: list[str] = IMPORT_FILES,
     node: Optional[str] = typer.Option(None, "--node", "-n",
                                        help="[node] name (default: router_id); also keepalived's config id."),
-    interface: Optional[list[str]] = typer.Option(None, "--interface", "-i",
-                                                  help="[node] interfaces (default: the VRRP interfaces)."),
+    interface: Optional[list[str]] = IMPORT_IFACES,
     config_id: Optional[str] = typer.Option(None, "--config-id",
                                             help="Which keepalived @ID lines apply (keepalived -i)."),
-    vip: Optional[list[str]] = typer.Option(None, "--vip",
-                                            help="VIP address for HAProxy wildcard binds (default: the "
-                                                 "keepalived virtual_ipaddress)."),
+    vip: Optional[list[str]] = IMPORT_VIPS,
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the TOML here (default: stdout)."),
 ):
     """Convert keepalived / HAProxy configs to an l4lb config; report what differs on stderr."""

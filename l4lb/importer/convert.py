@@ -38,7 +38,7 @@ def detect_format(path: str | os.PathLike[str], root: Path | None = None) -> str
     rep.raise_errors()
     assert text is not None
     for no, raw in enumerate(text.splitlines(), 1):
-        line = keepalived._strip_comment(raw).strip()
+        line = keepalived.strip_comment(raw).strip()
         if not line:
             continue
         first = line.split()[0]

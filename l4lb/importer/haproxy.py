@@ -154,8 +154,7 @@ def parse_file(path: str | os.PathLike[str], report: Report, *, root: Path | Non
                               "is this an haproxy.cfg?")
             break
         sec = sections[-1]
-        probe = words[1] if kw == "no" and len(words) > 1 else kw
-        if not known_keyword(sec.kind, probe if kw != "no" else "option"):
+        if not known_keyword(sec.kind, kw):
             close = difflib.get_close_matches(kw, sorted(PROXY_KEYWORDS), n=1, cutoff=0.75)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             report.error(loc, f"unknown keyword '{kw}' in {sec.kind} section{hint}")

@@ -150,7 +150,7 @@ def split_words(text: str, loc: Loc, report: Report) -> tuple[list[str], list[bo
     return words, quoted
 
 
-def _strip_comment(line: str) -> str:
+def strip_comment(line: str) -> str:
     q = None
     for i, c in enumerate(line):
         if q:
@@ -181,7 +181,7 @@ class _Reader:
         it = iter(enumerate(text.splitlines(), 1))
         for no, raw in it:
             loc = Loc(shown, no)
-            line = _strip_comment(raw).strip()
+            line = strip_comment(raw).strip()
             if not line:
                 continue
             first = line.split(None, 1)[0]
@@ -276,62 +276,63 @@ class _Reader:
             yield from self.lines(p, stack + (real,), loc)
 
 
+class _Tree:
+    """Builds statements from the words of each line; blocks nest by '{' and '}'."""
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+        self.top: list[Stmt] = []
+        self.open: list[Stmt] = []  # statements whose block is open
+        self.last: Stmt | None = None  # the statement that ended the previous line
+
+    def _add(self, words: list[str], quoted: list[bool], loc: Loc) -> Stmt | None:
+        if not words:
+            return None
+        st = Stmt(words[0], words[1:], loc, None, quoted)
+        (self.open[-1].children if self.open else self.top).append(st)  # type: ignore[union-attr]
+        return st
+
+    def line(self, words: list[str], quoted: list[bool], loc: Loc) -> None:
+        cur: list[str] = []
+        cur_q: list[bool] = []
+        for w, q in zip(words, quoted, strict=True):
+            if q or w not in ("{", "}"):
+                cur.append(w)
+                cur_q.append(q)
+                continue
+            st = self._add(cur, cur_q, loc)
+            cur, cur_q = [], []
+            if w == "{":
+                st = st or self.last  # "keyword" on one line, "{" on the next
+                if st is None or st.children is not None:
+                    self.report.error(loc, "'{' without a keyword before it")
+                else:
+                    st.children = []
+                    self.open.append(st)
+            elif not self.open:
+                self.report.error(loc, "unbalanced '}': no block is open here")
+            else:
+                self.open.pop()
+            self.last = None
+        self.last = self._add(cur, cur_q, loc)
+
+
 def parse_file(path: str | os.PathLike[str], report: Report, *, config_id: str | None = None,
                root: Path | None = None) -> Parsed:
     """Read `path` (and its includes) into statements. Raises ImportFailed on any error."""
     p = Path(path)
     reader = _Reader(report, config_id, root)
-    top: list[Stmt] = []
-    stack: list[Stmt] = []  # statements whose block is open
-    last: Stmt | None = None  # the statement that ended at the end of the previous line
+    tree = _Tree(report)
     for loc, line in reader.lines(p, (p.resolve(),), None):
         split = split_words(line, loc, report)
-        if split is None:
-            continue
-        words, quoted = split
-        cur: list[str] = []
-        cur_q: list[bool] = []
-        line_last: Stmt | None = None
-
-        def flush() -> Stmt | None:
-            if not cur:
-                return None
-            st = Stmt(cur[0], cur[1:], loc, None, list(cur_q))
-            (stack[-1].children if stack else top).append(st)  # type: ignore[union-attr]
-            cur.clear()
-            cur_q.clear()
-            return st
-
-        for w, q in zip(words, quoted, strict=True):
-            if w == "{" and not q:
-                st = flush()
-                if st is None:
-                    st = line_last if line_last is not None else last
-                    if st is None or st.children is not None:
-                        report.error(loc, "'{' without a keyword before it")
-                        continue
-                st.children = []
-                stack.append(st)
-                line_last = None
-                last = None
-            elif w == "}" and not q:
-                flush()
-                if not stack:
-                    report.error(loc, "unbalanced '}': no block is open here")
-                else:
-                    stack.pop()
-                line_last = None
-            else:
-                cur.append(w)
-                cur_q.append(q)
-        st = flush()
-        last = st if st is not None else None
-    for st in stack:
+        if split is not None:
+            tree.line(*split, loc)
+    for st in tree.open:
         report.error(st.loc, f"'{{' of {st.keyword} is never closed; add the missing '}}'")
     report.raise_errors()
-    if not top:
+    if not tree.top:
         raise ImportFailed([f"{display_name(p, root)}: no configuration statements (empty file?)"])
-    return Parsed(top, reader.skipped, reader.files)
+    return Parsed(tree.top, reader.skipped, reader.files)
 
 
 def walk(stmts: list[Stmt]) -> Iterator[Stmt]:

@@ -65,7 +65,7 @@ def test_unbalanced(tmp_path, capsys, text, line, msg):
     f = write(tmp_path, "k.conf", text)
     rc, err = convert_cli(tmp_path, capsys, [f])
     assert rc == 1
-    assert re.search(rf"k\.conf:\d+: ", err), err
+    assert re.search(r"k\.conf:\d+: ", err), err
     if msg:
         assert f"k.conf:{line}: {msg}" in err, err
     else:

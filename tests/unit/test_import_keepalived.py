@@ -192,7 +192,7 @@ def test_ipv6_instance_is_v3_and_v3_drops_auth(tmp_path):
 
 
 def test_track_script_weights_and_reverse(tmp_path):
-    text = """vrrp_script up { 
+    text = """vrrp_script up {
     script "/bin/true"
     weight 10
 }
