@@ -182,3 +182,38 @@ def test_bad_options():
         import_files([f], Options(node="lb 1", vips=["10.0.0.1"]))
     with pytest.raises(ImportFailed, match="--interface"):
         import_files([f], Options(interfaces=["a/b"], vips=["10.0.0.1"]))
+
+
+def test_mutated_inputs_never_crash(tmp_path):
+    """Samples with lines deleted, words replaced, junk inserted: a result or ImportFailed, never a traceback."""
+    import random
+
+    vectors = Path(__file__).resolve().parent.parent / "import_vectors"
+    files = sorted((vectors / "keepalived-samples").iterdir()) + sorted((vectors / "paper").iterdir())
+    junk = ["{", "}", '"', "'", "#", "!", "@x", "$A", "${A}", "include x", "-1", "99999", "0", "::",
+            "1.2.3.4", "fd00::1/64", "weight", "\\", "*:80", "check", ":", "$A=b \\"]
+    rnd = random.Random(15)
+    converted = failed = 0
+    for _ in range(300):
+        f = rnd.choice(files)
+        lines = f.read_text().splitlines()
+        for _ in range(rnd.randint(1, 4)):
+            i = rnd.randrange(len(lines))
+            op = rnd.random()
+            if op < 0.3:
+                del lines[i]
+            elif op < 0.6 and lines[i].split():
+                w = lines[i].split()
+                w[rnd.randrange(len(w))] = rnd.choice(junk)
+                lines[i] = " ".join(w)
+            else:
+                lines.insert(i, f"{rnd.choice(junk)} {rnd.choice(junk)}")
+        p = tmp_path / ("x.cfg" if f.suffix == ".cfg" else "x.conf")
+        p.write_text("\n".join(lines) + "\n")
+        try:
+            import_files([str(p)], Options(node="lb1"), root=tmp_path)
+            converted += 1
+        except ImportFailed as e:
+            assert all(line.strip() for line in e.errors)
+            failed += 1
+    assert converted > 30 and failed > 30  # both outcomes were exercised
