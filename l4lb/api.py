@@ -252,7 +252,16 @@ def request(sock_path: str, cmd: str, timeout: float = 30.0, **args):
     """Blocking client call used by the CLI; raises ApiError with the daemon's message."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
-        s.connect(sock_path)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                s.connect(sock_path)
+                break
+            except BlockingIOError:  # the listen backlog is full: the daemon is busy
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{sock_path}: the daemon accepts no connection") \
+                        from None
+                time.sleep(0.01)
         s.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
         buf = b""
         while not buf.endswith(b"\n"):
