@@ -121,8 +121,8 @@ def import_files(paths: list[str], opts: c.Options | None = None, *, fmt: str | 
     shown = [keepalived.display_name(Path(kinds[k]), root) for k in FORMATS if k in kinds]
     draft.header = [
         f"l4lb config converted by `l4lb import` from {' and '.join(shown)}.",
-        "Every setting without an exact equivalent is listed in the import report (stderr),",
-        "with file and line; comments below say where each table came from.",
+        "Every setting without an exact equivalent is listed in the import report (stderr, and",
+        "at the end of this file) with file and line; comments say where each table came from.",
     ]
     if ka is not None and ka.summary:
         draft.header.append("VRRP priorities (keepalived's weight rules: + while a track is up, - while down):")
@@ -142,6 +142,12 @@ def import_files(paths: list[str], opts: c.Options | None = None, *, fmt: str | 
         draft.sync = ka.sync
     if not draft.vips and not draft.vrrp:
         report.note(None, "result", "nothing to balance or fail over was convertible; the config holds [node] only")
+    # The file carries its own report, so what l4lb lacks stays next to the config.
+    findings = report.lines()
+    if findings:
+        draft.trailer = [f"Import report: {len(findings)} setting(s) dropped or with a different meaning "
+                         "(unsupported = no l4lb equivalent; changed = converted, behaves differently; "
+                         "note = kept, worth knowing):", *findings]
     data = draft.to_dict()
     text = draft.to_toml()
     if tomllib.loads(text) != data:  # the emitter must write what was built
