@@ -267,6 +267,8 @@ class LvsPart(KaBase):
         if k == "SMTP_CHECK":
             self.r.changed(chosen.loc, k, "l4lb has no SMTP dialogue check: written as a TCP connect check")
         interval, timeout = vs["delay_loop"], vs["conn_timeout"]
+        if k == "MISC_CHECK":
+            timeout = None  # misc_timeout, else keepalived gives the script the whole delay_loop
         retry = vs["retry"]
         port = rport if rport not in (None, 0) and rport != vport else None
         urls: list[Stmt] = []
@@ -319,6 +321,8 @@ class LvsPart(KaBase):
         if port is not None:
             hc["port"] = port
         hc["interval_s"] = float(interval)
+        if timeout is None:
+            timeout = interval
         if timeout > interval:
             notes["timeout_s"] = f"keepalived's {timeout:g} s is longer than the interval; l4lb needs timeout <= interval"
             timeout = interval
