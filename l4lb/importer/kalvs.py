@@ -11,6 +11,9 @@ from l4lb.importer.kabase import NO_EQUIV, KaBase
 from l4lb.importer.keepalived import Stmt
 from l4lb.importer.report import Loc
 
+INHIBIT = ("l4lb moves a failed real's established flows to the other reals; keepalived's weight 0 "
+           "keeps them on it. To keep them, drain the real instead (weight 0, `l4lb real drain`)")
+
 
 class LvsPart(KaBase):
     """virtual_server / real_server / checkers (mixed into KaConverter)."""
@@ -160,8 +163,7 @@ class LvsPart(KaBase):
                                                                   "reals is unchanged, with no timeout")
         t.set("hash", hash_)
         if vs["inhibit"] is not None:
-            self.r.note(vs["inhibit"], "inhibit_on_failure", "l4lb's behaviour already: a failed real gets no new "
-                                                             "flows and its established flows stay")
+            self.r.changed(vs["inhibit"], "inhibit_on_failure", INHIBIT)
         vip = VipDraft(t, origin="keepalived", loc=loc)
         seen: dict[str, Loc] = {}
         for rs in reals:
@@ -228,8 +230,7 @@ class LvsPart(KaBase):
             elif k == "virtualhost" and ch.args:
                 rv["host"] = ch.args[0]
             elif k == "inhibit_on_failure":
-                self.r.note(ch.loc, k, "l4lb's behaviour already: a failed real gets no new flows and its "
-                                       "established flows stay")
+                self.r.changed(ch.loc, k, INHIBIT)
             elif k == "lvs_method" and ch.args:
                 if ch.args[0].upper() != {"dr": "DR", "tun": "TUN"}[mode]:
                     self.r.unsupported(ch.loc, k, f"{ch.args[0]}: l4lb forwards a VIP's reals one way, "
