@@ -8,6 +8,7 @@ accept that dict. A failure of either is an ImportFailed, never a file.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +156,19 @@ def import_files(paths: list[str], opts: c.Options | None = None, *, fmt: str | 
     try:
         cfg = config_from_dict(data, source="<import>")
     except ConfigError as e:
-        raise ImportFailed(["the converted config is not valid l4lb config:"] + [f"  {x}" for x in e.errors]) from None
+        raise ImportFailed([_where(draft, x) for x in e.errors]) from None
     return Result(text, cfg, report)
+
+
+def _where(draft: Draft, error: str) -> str:
+    """A config validation error, prefixed with the input line its table came from."""
+    m = re.match(r"(vip|vrrp)\[(\d+)\]", error)
+    loc = None
+    if m:
+        i = int(m.group(2))
+        if m.group(1) == "vip" and i < len(draft.vips):
+            loc = draft.vips[i].loc
+        elif m.group(1) == "vrrp" and i < len(draft.vrrp):
+            loc = draft.vrrp[i].loc
+    return f"{loc}: l4lb refuses the result: {error}" if loc else f"l4lb refuses the result: {error}"
 

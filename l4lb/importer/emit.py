@@ -20,10 +20,11 @@ def _one_line(s: str) -> str:
 class Table:
     """Ordered key = value pairs, each with an optional trailing comment, and comment lines above."""
 
-    def __init__(self, comments: list[str] | None = None) -> None:
+    def __init__(self, comments: list[str] | None = None, loc: Loc | None = None) -> None:
         self.items: dict[str, Any] = {}
         self.notes: dict[str, str] = {}
         self.comments: list[str] = list(comments or [])
+        self.loc = loc  # where the table came from, for errors found by config validation
 
     def set(self, key: str, value: Any, note: str | None = None) -> None:
         self.items[key] = value

@@ -21,7 +21,7 @@ class VrrpPart(KaBase):
         name = c.safe_name(raw, c.VRRP_NAME, 64)
         if name != raw:
             self.r.changed(st.loc, "vrrp_instance", f"name {raw!r} written as {name!r} (l4lb names use A-Z a-z 0-9 _ . -)")
-        t = Table([f"vrrp_instance {raw} ({st.loc})"])
+        t = Table([f"vrrp_instance {raw} ({st.loc})"], st.loc)
         t.set("name", name)
         f: dict[str, Any] = {"version": None, "advert": 1.0, "vips": [], "peers": [], "src": None,
                              "auth": None, "priority": 100}

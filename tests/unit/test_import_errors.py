@@ -217,3 +217,10 @@ def test_mutated_inputs_never_crash(tmp_path):
             assert all(line.strip() for line in e.errors)
             failed += 1
     assert converted > 30 and failed > 30  # both outcomes were exercised
+
+
+def test_what_l4lb_refuses_is_an_error_at_the_input_line(tmp_path, capsys):
+    two = GOOD_KA + GOOD_KA.replace("VI_1", "VI_2").replace("10.0.0.100", "10.0.0.101")
+    rc, err = convert_cli(tmp_path, capsys, [write(tmp_path, "k.conf", two)])
+    assert rc == 1
+    assert "k.conf:8: l4lb refuses the result: vrrp[1].vrid: 51 on eth0 (IPv4) is already used" in err, err
