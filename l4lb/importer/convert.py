@@ -79,7 +79,23 @@ def _node(draft: Draft, opts: c.Options, ka: kaconvert.KaResult | None, report: 
         t.set("interfaces", ["eth0"], "a guess: give --interface with the NIC that receives VIP traffic")
         report.note(None, "node.interfaces", "no VRRP interface to take it from: XDP attaches to eth0; "
                                              "give --interface")
+    if ka is not None and ka.script_security is not None:
+        t.set("script_security", True, f"enable_script_security ({ka.script_security})")
     draft.node = t
+
+
+def _script_security(draft: Draft, report: Report) -> None:
+    """l4lb checks scripts by default; keepalived only with enable_script_security: say so."""
+    if "script_security" in draft.node:
+        return
+    argv_keys = ("track_scripts", "notify", "notify_master", "notify_backup", "notify_fault")
+    scripts = any(k in t for t in draft.vrrp for k in argv_keys) or any(
+        "script" in r.hc for v in draft.vips for r in v.reals)
+    if scripts:
+        report.changed(None, "script_security", "l4lb refuses scripts that a non-root user could change "
+                                                "([node] script_security = true, keepalived's "
+                                                "enable_script_security, which the input does not set); "
+                                                "check their permissions, or set it false")
 
 
 def import_files(paths: list[str], opts: c.Options | None = None, *, fmt: str | None = None,
@@ -141,6 +157,7 @@ def import_files(paths: list[str], opts: c.Options | None = None, *, fmt: str | 
     if ka is not None:
         draft.vrrp = ka.vrrp
         draft.sync = ka.sync
+    _script_security(draft, report)
     if not draft.vips and not draft.vrrp:
         report.note(None, "result", "nothing to balance or fail over was convertible; the config holds [node] only")
     # The file carries its own report, so what l4lb lacks stays next to the config.

@@ -31,7 +31,6 @@ NO_EQUIV: dict[str, str] = {
     "vmac_xmit_base": "no VRRP virtual MAC in l4lb",
     "vrrp_sync_group": "l4lb's VRRP instances are independent, nothing moves them together: give them "
                        "the same priorities and tracks, or put the VIPs into one instance",
-    "enable_script_security": "l4lb always applies its own script security (l4lb/scripts.py)",
     "script_user": "l4lb runs scripts as its own user, in their own process group with a minimal environment",
     "user": "l4lb runs scripts as its own user, in their own process group with a minimal environment",
     "net_namespace": "run l4lb itself inside that namespace (nsenter --net=...)",
@@ -106,6 +105,7 @@ class KaResult:
     vrrp_vips: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = field(default_factory=list)
     instances: dict[str, dict[str, Any]] = field(default_factory=dict)  # converted, by name
     summary: list[str] = field(default_factory=list)  # comment lines for the output's header
+    script_security: Loc | None = None  # where global_defs enables it
 
 
 def close_match(word: str, choices: set[str] | frozenset[str]) -> str:

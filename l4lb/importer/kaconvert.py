@@ -81,6 +81,8 @@ class KaConverter(VrrpPart, LvsPart):
                     if len(ch.args) > 2:
                         self.r.unsupported(ch.loc, k, f"options {' '.join(ch.args[2:])} dropped: l4lb sync is "
                                                       f"unicast UDP to port {c.SYNC_PORT} with an HMAC key")
+            elif k == "enable_script_security":
+                self.out.script_security = ch.loc
             elif k == "vrrp_strict":
                 self.r.changed(ch.loc, k, "l4lb always follows RFC 5798 on the wire; it adds no firewall rules")
             else:

@@ -291,3 +291,16 @@ virtual_server fwmark 1 {
                    (36, "UDP_CHECK"), (44, "virtual_server")]:
         assert expect in got, (expect, got)
     assert any(k == CHANGED and d == "lb_algo" for k, d in [(f.kind, f.directive) for f in res.report.findings])
+
+
+def test_script_security(tmp_path):
+    script = 'vrrp_script chk {\n  script "/bin/true"\n}\n'
+    inst = INST.format(extra="track_script {\n chk\n }")
+    res = conv(tmp_path, "global_defs {\n  enable_script_security\n}\n" + script + inst)
+    assert res.config.node.script_security is True
+    assert "script_security = true  # enable_script_security (keepalived.conf:2)" in res.text
+    assert not [f for f in res.report.findings if f.directive == "script_security"]
+    res = conv(tmp_path, script + inst)  # keepalived ran it regardless; l4lb checks: reported
+    assert [f.kind for f in res.report.findings if f.directive == "script_security"] == [CHANGED]
+    res = conv(tmp_path, INST.format(extra=""))  # no scripts, nothing to say
+    assert not [f for f in res.report.findings if f.directive == "script_security"]
