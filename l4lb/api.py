@@ -197,7 +197,12 @@ async def _serve_conn(daemon, clients: _Clients, reader: asyncio.StreamReader,
             return
         clients.working(writer)
         resp = await _answer(daemon, line)
-        writer.write(json.dumps(resp, default=str).encode() + b"\n")
+        if isinstance(resp.get("result"), list) and len(resp["result"]) > 1000:
+            # a long `conns` answer: encode it beside the loop (VRRP, health share it)
+            data = await asyncio.to_thread(json.dumps, resp, default=str)
+        else:
+            data = json.dumps(resp, default=str)
+        writer.write(data.encode() + b"\n")
         await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
     except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
         pass

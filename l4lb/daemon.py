@@ -12,7 +12,6 @@ Every change, from the API or a reload, is a new validated Config handed to
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import shutil
@@ -393,15 +392,11 @@ class Daemon:
         t = self.tables
         if not any(vs.retired for vs in t.vips.values()):
             return
-        if hasattr(t, "referenced_real_ids"):
-            # The conn-table walk runs in a thread without the lock; only the quick
-            # bookkeeping holds it.
-            referenced = await asyncio.to_thread(t.referenced_real_ids)
-            async with self._lock:
-                t.collect_retired(referenced)
-        else:
-            async with self._lock:
-                await asyncio.to_thread(t.collect_retired)
+        # The conn-table walk runs in a thread without the lock; only the quick
+        # bookkeeping holds it.
+        referenced = await asyncio.to_thread(t.referenced_real_ids)
+        async with self._lock:
+            t.collect_retired(referenced)
 
     # ----------------------------------------------------------------- VIPs
     def _vip_iface(self) -> str:
@@ -531,28 +526,14 @@ class Daemon:
             v = self.cfg.vip_by_key(vip)  # KeyError: no such VIP
             want = (str(v.address), v.port, v.protocol)
         names = self.tables.real_by_id()
-        rows = await asyncio.to_thread(_conn_rows, self.tables, want, limit)
-        out = []
-        for src, sport, dst, dport, proto, rid in rows:
-            vkey, real = names.get(rid, ("?", f"id {rid}"))
-            out.append({"client": src, "cport": sport, "vip": dst, "vport": dport,
-                        "proto": proto, "real": real})
-        return out
+        t = self.tables
 
+        def rows() -> list[dict]:  # in a thread: the walk and the row building
+            return [{"client": src, "cport": sport, "vip": dst, "vport": dport,
+                     "proto": proto, "real": names.get(rid, ("?", f"id {rid}"))[1]}
+                    for src, sport, dst, dport, proto, rid in t.conn_entries(limit, want)]
 
-def _conn_rows(t: ServiceTables, want, limit: int) -> list[tuple]:
-    """Blocking: conn entries matching `want` = (vip address, port, proto), port 0 = all."""
-    if "want" in inspect.signature(t.conn_entries).parameters:
-        return list(t.conn_entries(limit=limit, want=want))
-    out = []  # tables.py without the filtered walk: filter here, still off the loop
-    for row in t.conn_entries():
-        src, sport, dst, dport, proto, rid = row
-        if want and (dst, dport if want[1] else 0, proto) != want:
-            continue
-        out.append(row)
-        if len(out) >= limit:
-            break
-    return out
+        return await asyncio.to_thread(rows)
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -63,7 +63,7 @@ def lab():
 
 
 # ------------------------------------------------------------------ the pinned maps
-_SYS_BPF, _OBJ_GET, _LOOKUP = 321, 7, 1
+_SYS_BPF, _OBJ_GET, _LOOKUP, _UPDATE_BATCH = 321, 7, 1, 26
 _libc = ct.CDLL(None, use_errno=True)
 _libc.syscall.restype = ct.c_long
 
@@ -77,13 +77,19 @@ class _ElemAttr(ct.Structure):
                 ("value", ct.c_uint64), ("flags", ct.c_uint64)]
 
 
+class _BatchAttr(ct.Structure):
+    _fields_ = [("in_batch", ct.c_uint64), ("out_batch", ct.c_uint64), ("keys", ct.c_uint64),
+                ("values", ct.c_uint64), ("count", ct.c_uint32), ("map_fd", ct.c_uint32),
+                ("elem_flags", ct.c_uint64), ("flags", ct.c_uint64)]
+
+
 class PinnedMaps:
     """The daemon's maps as the XDP program sees them, opened by pin path."""
 
     def __init__(self, pin_dir: str):
         self.ring_max = int(re.search(r"-r(\d+)-", pin_dir).group(1))
         self.fds = {}
-        for name in ("vips", "rings", "reals"):
+        for name in ("vips", "rings", "reals", "conns"):
             path = ct.create_string_buffer(f"{pin_dir}/{name}".encode())
             attr = _ObjAttr(pathname=ct.addressof(path))
             fd = _libc.syscall(_SYS_BPF, _OBJ_GET, ct.byref(attr), ct.sizeof(attr))
@@ -117,6 +123,20 @@ class PinnedMaps:
         r = M.RealDef()
         assert self._get("reals", ct.c_uint32(rid), r)
         return r
+
+    def add_conns(self, entries: list[tuple]) -> None:
+        """Write conn entries (client, cport, vip, vport, real id, vip id), TCP."""
+        from l4lb.dataplane.tables import CONN_KEY, CONN_VAL
+
+        keys = b"".join(CONN_KEY.pack(socket.inet_aton(c) + bytes(12), socket.inet_aton(v) +
+                                      bytes(12), cp, vp, socket.IPPROTO_TCP, M.FAMILY_V4)
+                        for c, cp, v, vp, _, _ in entries)
+        vals = b"".join(CONN_VAL.pack(rid, vid, 0) for *_, rid, vid in entries)
+        kb, vb = ct.create_string_buffer(keys), ct.create_string_buffer(vals)
+        attr = _BatchAttr(keys=ct.addressof(kb), values=ct.addressof(vb), count=len(entries),
+                          map_fd=self.fds["conns"])
+        assert _libc.syscall(_SYS_BPF, _UPDATE_BATCH, ct.byref(attr), ct.sizeof(attr)) == 0, \
+            os.strerror(ct.get_errno())
 
     def programmed_reals(self, max_reals: int = M.DEFAULT_MAX_REALS) -> dict[int, str]:
         """id -> address of every id the reals map holds (family 0 = unused)."""
@@ -314,6 +334,44 @@ def test_changes_that_do_not_fit_are_refused_whole(lab):
         for key in added:
             request(lab.sock, "vip_del", vip=key)
     assert len(status(lab)["vips"]) == 11
+
+
+def test_conns_stops_at_limit_and_filters_off_the_loop(lab):
+    """`conns` reads the conn table in a thread, in slices, and stops at --limit; status
+    (the loop) answers meanwhile."""
+    st = status(lab)
+    maps = PinnedMaps(st["pin_dir"])
+    main = {v["vip"]: v for v in st["vips"]}[MAIN]
+    rid = main["reals"][0]["id"]
+    vid = maps.vip(MAIN).vip_id
+    other = maps.vip(TVIPS[1]).vip_id
+    try:  # 60,000 flows from clients outside the lab's hosts; 1,000 of them for TVIPS[1]
+        for b in range(6):
+            maps.add_conns([(f"10.98.{b * 40 + i // 250}.{1 + i % 250}", 1024 + i % 50000,
+                             "10.99.0.100", 9101 if (b == 0 and i < 1000) else PORT, rid,
+                             other if (b == 0 and i < 1000) else vid) for i in range(10000)])
+    finally:
+        maps.close()
+    one = lab.l4lb_json("lb1", ["conns", "--limit", "1"])
+    assert len(one) == 1
+    some = lab.l4lb_json("lb1", ["conns", "--vip", TVIPS[1], "--limit", "10"])
+    assert len(some) == 10 and {r["vport"] for r in some} == {9101}
+    assert {r["vip"] for r in some} == {"10.99.0.100"}
+    # The whole table (60k rows) while status keeps answering from the loop.
+    lat = []
+    walker = threading.Thread(target=lambda: request(lab.sock, "conns", timeout=60,
+                                                     limit=100000))
+    t0 = time.monotonic()
+    walker.start()
+    while walker.is_alive():
+        t1 = time.monotonic()
+        status(lab)
+        lat.append(time.monotonic() - t1)
+    walk = time.monotonic() - t0
+    walker.join()
+    print(f"conns of 60k+ entries took {walk:.2f} s; {len(lat)} status calls meanwhile, "
+          f"slowest {max(lat) * 1000:.0f} ms")
+    assert len(lat) >= 2 and max(lat) < max(1.0, walk / 2)
 
 
 def test_idle_api_clients_are_timed_out_and_new_ones_served(lab):
