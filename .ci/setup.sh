@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 PKGS=(python3-bpfcc bpfcc-tools python3-venv python3-pip iproute2 ethtool iperf3 wrk
       nginx-light haproxy keepalived tcpdump curl iputils-ping linux-headers-amd64 util-linux procps
-      prometheus)  # prometheus: promtool, for `promtool check metrics` in the tests
+      prometheus  # prometheus: promtool, for `promtool check metrics` in the tests
+      frr)  # frr: bgpd/bfdd/zebra for ECMP scale-out (the lab router and each balancer, in namespaces)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup: must run as root (apt-get, /lib/modules links); try: sudo make setup" >&2
@@ -20,7 +21,7 @@ for p in "${PKGS[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${missing[*]}"
-    # Keep the packaged daemons (nginx, haproxy, keepalived) from starting on the
+    # Keep the packaged daemons (nginx, haproxy, keepalived, frr) from starting on the
     # host: the lab starts its own copies inside namespaces.
     policy=/usr/sbin/policy-rc.d
     created_policy=0
@@ -35,6 +36,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     # at the next boot of a systemd host.
     if command -v systemctl >/dev/null 2>&1; then
         systemctl disable prometheus >/dev/null 2>&1 || true
+        systemctl disable frr >/dev/null 2>&1 || true
     fi
 fi
 

@@ -263,6 +263,7 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     vrrp: tuple[VrrpConfig, ...] = ()
     sync: SyncConfig = SyncConfig()
+    bgp: BgpConfig | None = None  # l4lb/config_bgp.py: ECMP mode when set
     source: str = field(default="<string>", compare=False)
 
     def vip_by_key(self, key: str) -> VipConfig:
@@ -1239,7 +1240,7 @@ SYNC_KEY_MIN = 16
 
 
 def _parse_sync(
-    ctx: _Ctx, raw: Any, vrrp_names: list[str], names_known: bool = True
+    ctx: _Ctx, raw: Any, vrrp_names: list[str], names_known: bool = True, ecmp: bool = False
 ) -> SyncConfig | None:
     tbl = _table(ctx, "sync", raw, _SYNC)
     if tbl is None:
@@ -1270,7 +1271,7 @@ def _parse_sync(
                 'or key_file = "/etc/l4lb/sync.key"',
             )
             ok = False
-        if "vrrp_instance" not in tbl:
+        if "vrrp_instance" not in tbl and not ecmp:  # ECMP: every node sends
             hint = f' = "{vrrp_names[0]}"' if len(vrrp_names) == 1 else ' = "VI_1"'
             ctx.err(
                 "sync.vrrp_instance",
@@ -1319,7 +1320,7 @@ def _parse_sync(
     return SyncConfig(**v)
 
 
-_TOP = ("node", "healthcheck", "vip", "metrics", "vrrp", "sync")
+_TOP = ("node", "healthcheck", "vip", "metrics", "vrrp", "sync", "bgp")
 
 
 def config_from_dict(
@@ -1405,7 +1406,14 @@ def config_from_dict(
 
     sync = SyncConfig()
     if "sync" in data:
-        sync = _parse_sync(ctx, data["sync"], list(dict.fromkeys(raw_names)), names_known) or sync
+        sync = _parse_sync(ctx, data["sync"], list(dict.fromkeys(raw_names)), names_known,
+                           ecmp="bgp" in data) or sync
+
+    bgp = None
+    if "bgp" in data:
+        from l4lb.config_bgp import parse_bgp  # noqa: PLC0415 - it imports this module
+
+        bgp = parse_bgp(ctx, data["bgp"], {v.address for v in vips}, bool(vrrp) or bool(data.get("vrrp")))
 
     if ctx.errors or node is None:
         raise ConfigError(ctx.errors or ["node: invalid"], source)
@@ -1416,6 +1424,7 @@ def config_from_dict(
         metrics=metrics,
         vrrp=tuple(vrrp),
         sync=sync,
+        bgp=bgp,
         source=source,
     )
     # What any data plane holds (ring sizes are chosen at start to fit the file;
@@ -1563,6 +1572,8 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     if cfg.vrrp:
         out["vrrp"] = [_plain(v) for v in cfg.vrrp]
     out["sync"] = _plain(cfg.sync)
+    if cfg.bgp is not None:
+        out["bgp"] = _plain(cfg.bgp)
     return out
 
 
@@ -1773,4 +1784,8 @@ def check_system(cfg: Config) -> list[str]:
                     errors.append(
                         f"sync.key_file: {exc}; put the shared secret in it (e.g. `openssl rand -hex 32`)"
                     )
+    if cfg.bgp is not None:
+        from l4lb.config_bgp import check_bgp_system  # noqa: PLC0415
+
+        errors += check_bgp_system(cfg.bgp)
     return errors

@@ -7,6 +7,11 @@ balancer, real) is a namespace "<prefix>-<node>" whose eth0 is one end of a
 veth pair; the other end, "p-<node>", is a port of br0. Addresses come from
 10.99.0.0/24 and fd99::/64 and never leave the lab: nothing is routed to the host.
 
+With router=True (ECMP scale-out, DESIGN.md §8) a "router" node stands between a
+second bridge br1, where the clients live (10.99.128.0/24, fd99:128::/64), and br0
+(balancers, reals; default route via the router at 10.99.0.1 / fd99::1). It
+forwards with an L4 multipath hash; start_frr() runs FRR in it (and in balancers).
+
 Reals hold the VIPs on lo with arp_ignore=1 / arp_announce=2, so that only the
 balancer answers ARP for a VIP (without arp_announce=2 a real's ARP requests
 would teach the client the VIP's MAC is the real's).
@@ -49,6 +54,13 @@ IFA_F_NODAD = 0x02
 ROLE_BASE = {"client": 10, "balancer": 20, "real": 30}
 ROLE_PREFIX = {"client": "client", "balancer": "lb", "real": "real"}
 PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
+# router=True: the clients' subnet behind the router, and the router's addresses.
+CLIENT_SUBNET4 = ipaddress.IPv4Network("10.99.128.0/24")
+CLIENT_SUBNET6 = ipaddress.IPv6Network("fd99:128::/64")
+ROUTER4, ROUTER6 = "10.99.0.1", "fd99::1"
+ROUTER_CLIENT4, ROUTER_CLIENT6 = "10.99.128.1", "fd99:128::1"
+CLIENT_BRIDGE = "br1"
+FRR_DIR = Path("/var/run/frr")  # FRR's per-pathspace state: /var/run/frr/<netns>/
 
 
 class LabError(Exception):
@@ -188,7 +200,7 @@ def destroy(prefix: str) -> list[str]:
         except OSError:
             pass
     # Balancers of this lab pin maps and keep state under their node names.
-    for pattern in (f"{PIN_ROOT}/{prefix}-*", f"/run/l4lb/{prefix}-*"):
+    for pattern in (f"{PIN_ROOT}/{prefix}-*", f"/run/l4lb/{prefix}-*", f"{FRR_DIR}/{prefix}-*"):
         for path in glob.glob(pattern):
             if os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
@@ -230,7 +242,7 @@ class Lab:
 
     def __init__(self, prefix: str = "l4lab", clients: int = 1, balancers: int = 2,
                  reals: int = 3, mtu: int = 1500, persistent: bool = False,
-                 vips: tuple[str, ...] = (str(VIP4), str(VIP6))):
+                 vips: tuple[str, ...] = (str(VIP4), str(VIP6)), router: bool = False):
         if not PREFIX_RE.match(prefix):
             raise LabError(f"lab prefix '{prefix}' is invalid: use 1-12 lowercase letters "
                            "and digits, starting with a letter")
@@ -245,6 +257,7 @@ class Lab:
         self.workdir = Path(tempfile.mkdtemp(prefix=f"l4lb-lab-{prefix}-"))  # logs, configs
         self._counts = {"client": clients, "balancer": balancers, "real": reals}
         self.brns = f"{prefix}-br"
+        self.router = router  # clients behind a router node (ECMP lab)
 
     # ----------------------------------------------------------------- build
     def __enter__(self) -> Lab:
@@ -290,18 +303,39 @@ class Lab:
             br.link("set", index=bridx, state="up", mtu=self.mtu)
             lo = br.link_lookup(ifname="lo")[0]
             br.link("set", index=lo, state="up")
+            cbridx = bridx
+            if self.router:
+                br.link("add", ifname=CLIENT_BRIDGE, kind="bridge", br_mcast_snooping=0,
+                        br_forward_delay=0)
+                cbridx = br.link_lookup(ifname=CLIENT_BRIDGE)[0]
+                br.link("set", index=cbridx, state="up", mtu=self.mtu)
+                self._add_router(br, bridx, cbridx)
             for role in ("client", "balancer", "real"):
                 for i in range(1, self._counts[role] + 1):
-                    self._add_node(br, bridx, role, i)
+                    self._add_node(br, cbridx if role == "client" else bridx, role, i)
         for node in self.nodes.values():
             self._configure_node(node)
+
+    def _add_router(self, br: NetNS, bridx: int, cbridx: int) -> None:
+        """The router node: eth0 on br0 (ROUTER4), eth1 on br1 (ROUTER_CLIENT4)."""
+        node = Node(name="router", role="router", netns=f"{self.prefix}-router",
+                    port="p-router", ipv4=ROUTER4, ipv6=ROUTER6, mac="02:99:00:00:01:01")
+        netns.create(node.netns)
+        for port, ifname, master in (("p-router", "eth0", bridx), ("c-router", "eth1", cbridx)):
+            br.link("add", ifname=port, kind="veth",
+                    peer={"ifname": ifname, "net_ns_fd": node.netns})
+            pidx = br.link_lookup(ifname=port)[0]
+            br.link("set", index=pidx, master=master, mtu=self.mtu, state="up")
+        self.nodes["router"] = node
 
     def _add_node(self, br: NetNS, bridx: int, role: str, i: int) -> None:
         name = f"{ROLE_PREFIX[role]}{i}"
         host = ROLE_BASE[role] + i
+        behind = self.router and role == "client"  # on br1, behind the router
         node = Node(name=name, role=role, netns=f"{self.prefix}-{name}", port=f"p-{name}",
-                    ipv4=str(SUBNET4.network_address + host),
-                    ipv6=f"fd99::{host}",  # reads like the IPv4 host part
+                    ipv4=str((CLIENT_SUBNET4 if behind else SUBNET4).network_address + host),
+                    # reads like the IPv4 host part
+                    ipv6=f"fd99:128::{host}" if behind else f"fd99::{host}",
                     mac="02:99:00:00:%02x:%02x" % (ROLE_BASE[role], host))
         netns.create(node.netns)
         br.link("add", ifname=node.port, kind="veth",
@@ -322,6 +356,13 @@ class Lab:
             # client: loose reverse-path checking keeps them.
             sysctls["net.ipv4.conf.all.rp_filter"] = "0"
             sysctls["net.ipv4.conf.eth0.rp_filter"] = "0"
+        if node.role == "router":
+            # ECMP over the balancers by an L4 hash: a flow stays on one node, flows spread.
+            sysctls.update({"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1",
+                            "net.ipv4.fib_multipath_hash_policy": "1",
+                            "net.ipv6.fib_multipath_hash_policy": "1",
+                            "net.ipv6.conf.eth1.accept_dad": "0",
+                            "net.ipv4.conf.all.rp_filter": "0"})
         self.sysctl(node.name, sysctls)
         with NetNS(node.netns) as ns:
             lo = ns.link_lookup(ifname="lo")[0]
@@ -336,6 +377,21 @@ class Lab:
                 for vip in self.vips:
                     ns.addr("add", index=lo, address=str(vip),
                             prefixlen=vip.max_prefixlen, flags=IFA_F_NODAD)
+            if self.router:
+                self._route_node(ns, node)
+
+    def _route_node(self, ns: NetNS, node: Node) -> None:
+        """router=True: the router's client side; everyone else's default route."""
+        if node.role == "router":
+            idx = ns.link_lookup(ifname="eth1")[0]
+            ns.link("set", index=idx, mtu=self.mtu, state="up")
+            ns.addr("add", index=idx, address=ROUTER_CLIENT4, prefixlen=CLIENT_SUBNET4.prefixlen)
+            ns.addr("add", index=idx, address=ROUTER_CLIENT6, prefixlen=CLIENT_SUBNET6.prefixlen,
+                    flags=IFA_F_NODAD)
+            return
+        gw4, gw6 = (ROUTER_CLIENT4, ROUTER_CLIENT6) if node.role == "client" else (ROUTER4, ROUTER6)
+        ns.route("add", dst="0.0.0.0/0", gateway=gw4)
+        ns.route("add", dst="::/0", gateway=gw6, family=10)
 
     # ------------------------------------------------------------- teardown
     def down(self) -> None:
@@ -443,6 +499,55 @@ http {{
         svc = self.popen(name, ["iperf3", "-s", "-p", str(port)])
         self.wait_listening(svc, port)
         return svc
+
+    def start_frr(self, name: str, conf: str, daemons: tuple[str, ...] = ("zebra", "bgpd", "bfdd"),
+                  timeout: float = 20.0) -> list[Service]:
+        """FRR in a node, one instance per namespace (DESIGN.md §5): the daemons run in the
+        foreground with pathspace <netns> (`vtysh -N <netns>`), config `conf`."""
+        import grp  # noqa: PLC0415
+        import pwd  # noqa: PLC0415
+
+        node = self.node(name)
+        if not Path("/usr/lib/frr/zebra").exists():
+            raise LabError("FRR is not installed; run `make setup` (Debian package frr)")
+        try:
+            uid, gid = pwd.getpwnam("frr").pw_uid, grp.getgrnam("frr").gr_gid
+        except KeyError:
+            raise LabError("FRR's user 'frr' is missing; reinstall the frr package") from None
+        d = FRR_DIR / node.netns  # FRR's state dir; holds the config too (readable by frr)
+        d.mkdir(parents=True, exist_ok=True)
+        os.chown(d, uid, gid)
+        (d / "frr.conf").write_text(conf)
+        os.chown(d / "frr.conf", uid, gid)
+        svcs = [self.popen(name, [f"/usr/lib/frr/{dmn}", "-N", node.netns, "-f", str(d / "frr.conf")],
+                           log_name=f"{name}-frr-{dmn}-{len(self.services)}.log")
+                for dmn in daemons]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for svc in svcs:
+                if not svc.alive:
+                    raise LabError(f"{name}: {svc.argv[0]} exited: {svc.output()[-500:]}")
+            if all((d / f"{dmn}.vty").exists() for dmn in daemons):
+                r = subprocess.run(["vtysh", "-N", node.netns, "-c", "show version"],
+                                   capture_output=True, text=True, timeout=10)
+                if r.returncode == 0:
+                    return svcs
+            time.sleep(0.1)
+        raise LabError(f"{name}: FRR did not answer vtysh in {timeout}s")
+
+    def vtysh(self, name: str, *commands: str, check: bool = True) -> str:
+        """vtysh against the node's FRR instance."""
+        argv = ["vtysh", "-N", self.node(name).netns]
+        for c in commands:
+            argv += ["-c", c]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        if check and r.returncode != 0:
+            raise LabError(f"{name}: vtysh {' '.join(commands)}: {r.stderr.strip()[-300:]}")
+        return r.stdout
+
+    def frr_json(self, name: str, command: str):
+        out = self.vtysh(name, command)
+        return json.loads(out) if out.strip() else {}
 
     def status(self) -> dict:
         return read_state(self.prefix) or {}
