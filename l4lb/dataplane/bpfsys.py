@@ -21,7 +21,7 @@ _SYS_BPF_BY_ARCH = {
     "mips64": 5315,
 }
 
-BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM = 1, 2
+BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_OBJ_GET = 1, 2, 7
 BPF_PROG_TEST_RUN = 10
 BPF_MAP_LOOKUP_BATCH, BPF_MAP_LOOKUP_AND_DELETE_BATCH = 24, 25
 BPF_MAP_UPDATE_BATCH, BPF_MAP_DELETE_BATCH = 26, 27
@@ -56,11 +56,27 @@ class ElemAttr(ct.Structure):
                 ("value", ct.c_uint64), ("flags", ct.c_uint64)]
 
 
+class ObjAttr(ct.Structure):
+    """union bpf_attr, the BPF_OBJ_* member."""
+    _fields_ = [("pathname", ct.c_uint64), ("bpf_fd", ct.c_uint32), ("file_flags", ct.c_uint32)]
+
+
 def bpf(cmd: int, attr) -> int:
     """bpf(2); returns 0 or the errno."""
     if _libc.syscall(SYS_BPF, cmd, ct.byref(attr), ct.sizeof(attr)) == 0:
         return 0
     return ct.get_errno()
+
+
+def obj_get(path: str) -> int:
+    """A new fd for the map (or program) pinned at ``path``; the caller closes it."""
+    buf = ct.create_string_buffer(os.fsencode(path))
+    attr = ObjAttr(pathname=ct.addressof(buf))
+    fd = _libc.syscall(SYS_BPF, BPF_OBJ_GET, ct.byref(attr), ct.sizeof(attr))
+    if fd < 0:
+        err = ct.get_errno()
+        raise OSError(err, f"BPF_OBJ_GET {path}: {os.strerror(err)}")
+    return fd
 
 
 def lookup_batches(fd: int, ksize: int, vsize: int, batch: int, delete: bool = False,

@@ -4,6 +4,8 @@ One program with a 2^20-entry conn table; the million-entry tests fill it once.
 """
 
 import asyncio
+import os
+import shutil
 import time
 
 import numpy as np
@@ -191,3 +193,25 @@ def test_full_walk_in_a_thread_leaves_the_loop_running(million):
           f"{stats['slices']} slices; loop wake-ups {len(lags)}, max lag {max(lags) * 1e3:.1f} ms")
     # Walked on the loop this would be one stall of the whole walk (about a second).
     assert max(lags) < 0.5 and len(lags) > 10
+
+
+def test_pinned_map_opened_by_path():
+    opts = loader.BuildOptions(max_vips=4, max_reals=16, ring_max=7, conn_table_size=256,
+                               pin_dir=f"/sys/fs/bpf/l4lbtest-tables-{os.getpid()}/obj/v1")
+    loader.ensure_bpffs()
+    p = loader.compile_balancer(opts)
+    try:
+        st = tables.ServiceTables(p, opts)
+        st.install_conns(*records(10))
+        fd = bpfsys.obj_get(f"{opts.pin_dir}/conns")
+        try:
+            assert sum(n for _, _, n in bpfsys.lookup_batches(fd, 40, 16, 4)) == 10
+        finally:
+            os.close(fd)
+        with pytest.raises(OSError) as e:
+            bpfsys.obj_get(f"{opts.pin_dir}/nothing")
+        assert "BPF_OBJ_GET" in str(e.value) and "No such file" in str(e.value)
+    finally:
+        p.close()
+        loader.remove_pins(opts.pin_dir)
+        shutil.rmtree(f"/sys/fs/bpf/l4lbtest-tables-{os.getpid()}", ignore_errors=True)
