@@ -153,15 +153,16 @@ class Daemon:
         for ifname in self.cfg.node.interfaces:
             self.prog.attach(ifname, self.cfg.node.xdp_mode)
             log.info("XDP attached to %s (%s mode)", ifname, self.cfg.node.xdp_mode)
-        self.ready = True
         await self._start_ha()
         if not self.vrrp:
             await self._hold_vips(True)
+        self.ready = True  # changes from here on (their VIP holding depends on self.vrrp)
         tasks = [asyncio.create_task(self._resolver_loop())]
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
         loop.add_signal_handler(signal.SIGINT, self.stop_event.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: tasks.append(
+            asyncio.create_task(self._sighup())))
         sd_notify("READY=1")
         log.info("l4lb %s ready: %d VIPs on %s", self.cfg.node.name, len(self.cfg.vips),
                  ",".join(self.cfg.node.interfaces))
@@ -446,6 +447,18 @@ class Daemon:
             cfg = self._candidate(mutate)
             await self._apply_locked(cfg)
         return cfg
+
+    async def _sighup(self) -> None:
+        """SIGHUP: reload; a refused file is logged as such (no traceback), the running
+        config stays."""
+        try:
+            r = await self.reload()
+        except (ConfigError, NotReady, DaemonError) as e:
+            log.error("reload refused, nothing applied:\n  %s", str(e).replace("\n", "\n  "))
+        except Exception:  # noqa: BLE001 - a bug: say where, keep running
+            log.exception("reload failed")
+        else:
+            log.info("reload (SIGHUP): %s", r)
 
     async def reload(self) -> dict:
         self.require_ready(changes=True)

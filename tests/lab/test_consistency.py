@@ -11,6 +11,7 @@ import os
 import random
 import re
 import resource
+import signal
 import socket
 import stat
 import sys
@@ -316,6 +317,9 @@ def test_changes_that_do_not_fit_are_refused_whole(lab):
         r = lab.l4lb("lb1", ["reload"], check=False)
         assert r.returncode == 1 and "vip[0].ring_size: 131071 is above the compiled maximum " \
             "65537" in r.stderr, r.stderr
+        lab.daemon.proc.send_signal(signal.SIGHUP)  # the same file by SIGHUP: logged, refused
+        wait_for(lambda: "reload refused, nothing applied" in lab.daemon.output(), 10,
+                 what="SIGHUP refusal logged")
         lab.write_config("lb1", config(lab))
         assert _dp_state(lab) == before
         # VIPs up to the compiled maximum of 64, then the 65th is refused
@@ -485,6 +489,7 @@ def test_kill9_during_changes(lab):
             pause.set()
             with busy:  # no change in flight while we compare
                 settled_agree(lab)
+            assert "starting with empty maps" not in lab.daemon.output()  # ids, conns kept
             pause.clear()
     finally:
         stop.set()
