@@ -27,6 +27,7 @@ import os
 import socket
 import struct
 import time
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,14 +208,16 @@ class ServiceTables:
         for vs in vips:
             self.vips[vs.key] = vs
             used_real_ids.update(r.real_id for r in [*vs.reals.values(), *vs.retired.values()])
-            self._live_slot_from_maps(vs)
+            if self._live_slot_from_maps(vs):
+                # what "all_down = keep" serves from, as the previous run did
+                self._last_ring[vs.key] = array("I", self.live_ring(vs.key))
         used_vip_ids = {vs.vip_id for vs in vips}
         self._free_vip_ids = deque(i for i in range(self.opts.max_vips) if i not in used_vip_ids)
         self._free_real_ids = deque(i for i in range(1, self.opts.max_reals)
                                     if i not in used_real_ids)
         self._sync_vip_addrs()
 
-    def _live_slot_from_maps(self, vs: VipState) -> None:
+    def _live_slot_from_maps(self, vs: VipState) -> bool:
         """The live ring slot is the one the maps name, whatever the file says (a crash
         may have come between saving and flipping). A flip cut in half (vip_by_id
         written, the vips map not yet) is completed: both slots hold whole rings."""
@@ -233,8 +236,9 @@ class ServiceTables:
             live = meta
             self._vip_by_id[ct.c_uint32(vs.vip_id)] = M.VipEntry(key=key, meta=meta)
         else:
-            return  # never published: no slot is live
+            return False  # never published: no slot is live
         vs.slot = live.ring_slot - 2 * vs.vip_id
+        return True
 
     def _maps_in_use(self) -> bool:
         if len(self._vips_map.items()):

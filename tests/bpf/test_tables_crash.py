@@ -170,6 +170,18 @@ def test_a_flip_cut_in_half_is_completed(pinned, state, caplog):
     assert live_slot(t2, t2.vips[vs1.key]) == live ^ 1 == t2.vips[vs1.key].slot
 
 
+def test_all_reals_down_keeps_the_last_ring_across_a_restart(pinned, state):
+    t1 = restart(pinned, state)
+    vs1 = setup_vip(t1)
+    for a, _ in REALS:
+        t1.set_down(vs1.key, a, True)
+    ring = t1.live_ring(vs1.key)  # all_down = "keep": the ring of the last real up
+    assert set(ring) == {vs1.reals[REALS[2][0]].real_id}
+    t2 = restart(pinned, state)
+    t2.set_weight(vs1.key, REALS[0][0], 70)  # a new ring is published: still all down
+    assert t2.live_ring(vs1.key) == ring
+
+
 def test_first_start_is_quiet(pinned, state, caplog):
     with caplog.at_level(logging.INFO, "l4lb.tables"):
         t = restart(pinned, state)
