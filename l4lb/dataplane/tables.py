@@ -131,11 +131,15 @@ class ServiceTables:
         tables.json does not describe are reset rather than reused with other ids."""
         vips, why = self._load_state()
         if vips is not None:
-            why = self._mismatch(vips)
-            if why is None:
-                self._adopt(vips)
-                return
-            why = f"{self.state_file} does not match the maps: {why}"
+            try:
+                why = self._mismatch(vips)
+            except (ValueError, KeyError, TypeError, OverflowError) as e:  # a bad value in it
+                why = f"{self.state_file} is unreadable ({type(e).__name__}: {e})"
+            else:
+                if why is None:
+                    self._adopt(vips)
+                    return
+                why = f"{self.state_file} does not match the maps: {why}"
         if self._maps_in_use():
             self._start_clean(why)
         elif why and self.state_file and self.state_file.exists():
@@ -196,7 +200,8 @@ class ServiceTables:
                        f"{socket.ntohs(k.port)} as id {meta.vip_id}, unlike the file"
         rsize = ct.sizeof(M.RealDef)
         for keys_b, vals_b, n in bpfsys.lookup_batches(self._reals_map.map_fd, 4, rsize, 4096):
-            for (rid,), off in zip(struct.iter_unpack("=I", keys_b), range(0, n * rsize, rsize), strict=False):
+            for (rid,), off in zip(struct.iter_unpack("=I", keys_b), range(0, n * rsize, rsize),
+                                   strict=True):
                 r = M.RealDef.from_buffer_copy(vals_b, off)
                 if r.family and real_addr.get(rid) != canon(M.addr_from16(r.addr, r.family)):
                     return (f"reals[{rid}] is {M.addr_from16(r.addr, r.family)}, the file says "
@@ -230,6 +235,7 @@ class ServiceTables:
         if by_id.key.family:
             live = by_id.meta
             if meta is None or bytes(meta) != bytes(live):
+                # a flip (or a delete) cut between its two map writes
                 log.info("VIP %s: completing a ring flip a stop interrupted", vs.key)
                 self._vips_map[key] = live
         elif meta is not None:  # a publish never gets here; a delete removes vips first

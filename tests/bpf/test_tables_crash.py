@@ -205,6 +205,9 @@ def _other_vip_id(data):
     (lambda d: d["sizes"].update(conn_table_size=1 << 20), "is for sizes"),
     (lambda d: d["vips"][0].update(bogus=1), "is unreadable (TypeError"),
     ("{not json", "is unreadable (JSONDecodeError"),
+    (lambda d: d["vips"][0].update(address="10.99.0.999"), "is unreadable (ValueError"),
+    (lambda d: d["vips"][0].update(port=70000), "is unreadable (OverflowError"),
+    (lambda d: d["vips"][0]["reals"][0].update(real_id="1"), "is unreadable (TypeError"),
 ])
 def test_pins_that_tables_json_does_not_describe_start_clean(pinned, state, caplog, damage, why):
     t1 = restart(pinned, state)
