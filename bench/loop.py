@@ -314,7 +314,7 @@ class LagPoller:
 
     def poll(self) -> None:
         try:
-            lag = vrrp(self.lab, self.node)["thread"]["loop_lag"]
+            lag = vrrp(self.lab, self.node)["runner"]["loop_lag"]
         except Exception:  # noqa: BLE001 - the next poll
             return
         for k in self.max:
@@ -340,7 +340,7 @@ def measure(lab, seconds: float, load: Load | None, interval: float) -> dict:
     got = cap.result()
     maxes = poller.stop()
     v1 = {n: vrrp(lab, n) for n in ("lb1", "lb2")}
-    th0, th1 = v0["lb1"]["thread"], v1["lb1"]["thread"]
+    th0, th1 = v0["lb1"]["runner"], v1["lb1"]["runner"]
     main0, main1 = th0["loop_lag"]["main"], th1["loop_lag"]["main"]
     vr0, vr1 = th0["loop_lag"]["vrrp"], th1["loop_lag"]["vrrp"]
     flips = sum(transitions(v1[n]) - transitions(v0[n]) for n in ("lb1", "lb2"))

@@ -1,6 +1,6 @@
-"""The VRRP thread (l4lb/vrrp/runner.py): agents on their own loop, transitions handed
-to the caller's loop in order, adverts on time while the caller's loop is blocked,
-SCHED_RR and what happens when the system refuses it."""
+"""The VRRP runners (l4lb/vrrp/runner.py): agents on their own loop, in a thread (with
+fake sockets) or in a child process (in a network namespace of its own, on a veth); transitions handed to the caller's loop in order, adverts on time while
+the caller's loop is blocked, SCHED_RR and what happens when the system refuses it."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_agents_run_in_their_thread_and_report_to_the_callers_loop():
         assert runner.native_id != threading.get_native_id()
         await wait_state(runner, 0, "master")  # no peer: takes over after MDI
         st = runner[0].status()
-        assert st["vips_held"] and st["thread"]["rt_active"] is False
+        assert st["vips_held"] and st["runner"]["rt_active"] is False
         assert [a.status()["state"] for a in runner] == ["master"]
         await runner.stop(graceful=True)
         _nl, tr, _l2 = fakes["VI_1"]
@@ -77,7 +77,7 @@ def test_adverts_keep_their_interval_while_the_callers_loop_is_blocked():
         time.sleep(1.0)  # the daemon's loop held for a second (a map walk on the loop)
         sent = tr.sent[n0:]
         await asyncio.sleep(0.2)  # the probe's callback runs now; the thread records it
-        th = runner.thread_status()
+        th = runner[0].status()["runner"]
         await runner.stop()
         gaps = [b[0] - a[0] for a, b in zip(sent, sent[1:], strict=False)]
         assert len(sent) >= 8, len(sent)  # 0.1 s adverts through a 1 s block
@@ -106,7 +106,7 @@ def test_realtime_priority_applies_to_the_vrrp_thread_only():
         runner, _ = make_runner([_cfg(priority=100)], rt_priority=10)
         await runner.start()
         try:
-            assert runner.thread_status()["rt_active"] is True
+            assert runner[0].status()["runner"]["rt_active"] is True
             # SCHED_RR, and children / threads it starts run normal
             assert os.sched_getscheduler(runner.native_id) == \
                 os.SCHED_RR | os.SCHED_RESET_ON_FORK
@@ -129,7 +129,7 @@ def test_a_refused_realtime_priority_warns_and_runs_normal(monkeypatch, caplog):
         await runner.start()
         try:
             await wait_state(runner, 0, "master")
-            th = runner[0].status()["thread"]
+            th = runner[0].status()["runner"]
             assert th["rt_priority"] == 50 and th["rt_active"] is False
             assert "Operation not permitted" in th["rt_error"] and "CAP_SYS_NICE" in th["rt_error"]
         finally:
@@ -164,7 +164,7 @@ def test_metrics_families():
     text = asyncio.run(run())
     assert 'l4lb_event_loop_lag_seconds_bucket{le="+Inf",loop="main"}' in text
     assert 'l4lb_event_loop_lag_seconds_count{loop="vrrp"}' in text
-    assert "l4lb_vrrp_thread_realtime 0.0" in text
+    assert "l4lb_vrrp_realtime 0.0" in text
 
 
 def test_lag_stats_buckets_and_recent_window():
@@ -178,4 +178,77 @@ def test_lag_stats_buckets_and_recent_window():
     assert snap["buckets"][R.LAG_BUCKETS.index(5.0)] == 1
     s.record(0.001, 2.0 + R.RECENT_S + 1)  # the older ones leave the window
     assert s.snapshot()["recent_max_ms"] == 1.0 and s.snapshot()["max_ms"] == 2500.0
-    assert s.snapshot(pending=3.0)["recent_max_ms"] == 3000.0
+
+
+# ---- the process (what the daemon runs) ------------------------------------------------
+
+# The child in a namespace of its own (gone with it) with one veth pair: nothing
+# on this host is touched. `exec` keeps the child's pid, so PDEATHSIG and the parent
+# check see the test process as parent.
+NETNS = ["unshare", "--net", "sh", "-c",
+         "ip link add d0 type veth peer name d1 && ip addr add 10.77.0.1/24 dev d0 && "
+         "ip link set d1 up && ip link set d0 up && exec \"$@\"", "sh"]
+
+
+def _dummy_cfg(**kw):
+    from ipaddress import IPv4Interface  # noqa: PLC0415
+
+    return _cfg(interface="d0", vips=(IPv4Interface("10.77.0.100/24"),), **kw)
+
+
+def test_process_runs_the_agents_and_stops_them_gracefully():
+    async def run():
+        events = []
+        p = R.VrrpProcess([_dummy_cfg(priority=100)],
+                          lambda o, n, i: events.append((o, n, i, threading.get_ident())),
+                          rt_priority=5, child_prefix=NETNS)
+        await p.start()
+        pid = p.proc.pid
+        assert pid != os.getpid()
+        await wait_state(p, 0, "master")  # nobody else on d0/d1: master after MDI
+        st = p[0].status()
+        assert st["vips_held"] and st["master_address"] == "10.77.0.1"
+        rs = st["runner"]
+        assert rs["mode"] == "process" and rs["pid"] == pid and rs["rt_active"] is True
+        assert os.sched_getscheduler(rs["native_id"]) == os.SCHED_RR | os.SCHED_RESET_ON_FORK
+        time.sleep(0.5)  # this loop blocked: the child goes on advertising
+        sent0 = st["counters"]["adverts_sent"]
+        await asyncio.sleep(0.1)
+        assert p[0].status()["counters"]["adverts_sent"] >= sent0 + 4
+        assert p[0].status()["runner"]["loop_lag"]["main"]["max_ms"] >= 400
+        await p.stop(graceful=True)
+        assert p.proc.returncode == 0
+        st = p[0].status()
+        assert st["state"] == "initialize" and st["counters"]["priority_zero_sent"] == 1
+        assert [(o, n) for o, n, _i, _t in events] == [
+            ("initialize", "backup"), ("backup", "master"), ("master", "initialize")]
+        assert all(t == threading.get_ident() for *_x, t in events)
+
+    asyncio.run(run())
+
+
+def test_process_start_failure_is_the_agents_error():
+    async def run():
+        p = R.VrrpProcess([_cfg(priority=100, interface="nosuch0")], child_prefix=NETNS)
+        with pytest.raises(AgentError, match="interface nosuch0 not found"):
+            await p.start()
+        assert p.proc.returncode == 1
+        await p.stop()  # harmless
+
+    asyncio.run(run())
+
+
+def test_process_killed_with_the_daemon_and_a_crash_shows_in_status():
+    async def run():
+        p = R.VrrpProcess([_dummy_cfg(priority=100)], child_prefix=NETNS)
+        await p.start()
+        os.kill(p.proc.pid, 9)  # a crash of the VRRP process
+        t0 = time.monotonic()
+        while p[0].status().get("error") is None:
+            assert time.monotonic() - t0 < 5
+            await asyncio.sleep(0.02)
+        st = p[0].status()
+        assert st["state"] == "initialize" and "exited (code -9)" in st["error"]
+        await p.stop()
+
+    asyncio.run(run())
