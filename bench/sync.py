@@ -13,8 +13,9 @@ translated by real address as in production.
    chunk) and entries/s the standby installed (walk start to its last install;
    the standby's table is counted afterwards: entries lost, if any).
 2. Lag: new flows at --rate per second (10,000) made by BPF_PROG_TEST_RUN of a
-   TCP SYN through the master's XDP program; each flow's lag runs from the
-   test run (its first packet) to the moment the standby's map update of its
+   TCP SYN and then an ACK through the master's XDP program (the data plane
+   syncs a TCP flow once established: its second packet); each flow's lag runs
+   from the test run of its ACK to the moment the standby's map update of its
    entry returned. Measured for each ring-buffer reading mode of the agent
    (the default, "epoll", gives lag_p50_ms/lag_p99_ms), and while a full walk
    of the N-entry table is running (the walk must not stall the stream): one
@@ -104,9 +105,11 @@ def _csum(data: bytes) -> int:
     return ~s & 0xFFFF
 
 
-def syn_frame(src: bytes) -> bytes:
+def syn_frame(src: bytes, flags: int = 0x02) -> bytes:
+    """A TCP SYN (or, with flags 0x10, the handshake's ACK) from src to the VIP."""
     dst = ipaddress.IPv4Address(VIP).packed
-    tcp = struct.pack("!HHIIBBHHH", LAG_SPORT, VPORT, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
+    seq, ack = (1, 0) if flags == 0x02 else (2, 1)
+    tcp = struct.pack("!HHIIBBHHH", LAG_SPORT, VPORT, seq, ack, 5 << 4, flags, 65535, 0, 0)
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0x4000, 64, 6, 0, src, dst)
     ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
     tcp = tcp[:16] + struct.pack("!H", _csum(src + dst + struct.pack("!BBH", 0, 6, 20) + tcp)) \
@@ -163,7 +166,7 @@ class Worker:
             kw["periodic_entries_per_s"] = self.args["periodic_rate"]
         self.agent = SyncAgent(sync_cfg(self.port, self.peer_port, self.args["max_datagram"]),
                                self.role, self.tables, self.prog, role=role, ring_mode=mode,
-                               install_hook=self.hook, **kw)
+                               install_hook=self.hook, state_dir=None, **kw)
         await self.agent.start()
         recv = self.agent.receiver
         on_datagram = recv.on_datagram
@@ -316,7 +319,7 @@ def prog_id(fd: int) -> int:
 
 
 def gen_main(conn) -> None:
-    """New flows by BPF_PROG_TEST_RUN of a TCP SYN through the master's program."""
+    """New flows by BPF_PROG_TEST_RUN of a TCP SYN and ACK through the master's program."""
     from l4lb.dataplane import testrun  # noqa: PLC0415
 
     conn.send(("ready", None))
@@ -332,7 +335,8 @@ def gen_main(conn) -> None:
             continue
         if cmd == "prepare":  # the frames first: building them takes a while
             first, count = arg
-            frames = [syn_frame(struct.pack("!I", LAG_SRC + first + i)) for i in range(count)]
+            frames = [(syn_frame(src), syn_frame(src, 0x10)) for src in
+                      (struct.pack("!I", LAG_SRC + first + i) for i in range(count))]
             conn.send(("ok", None))
             continue
         pid, rate = arg
@@ -344,9 +348,11 @@ def gen_main(conn) -> None:
             d = t0 + i / rate - time.time()
             if d > 0.0002:
                 time.sleep(d)
-            sent[i] = time.time()
-            if testrun.test_run(fd, frames[i]).verdict != "TX":
-                conn.send(("error", "the balancer did not forward a SYN"))
+            syn, ack = frames[i]
+            ok = testrun.test_run(fd, syn).verdict == "TX"
+            sent[i] = time.time()  # the flow is synced from its second packet on
+            if not ok or testrun.test_run(fd, ack).verdict != "TX":
+                conn.send(("error", "the balancer did not forward a SYN or its ACK"))
                 break
         else:
             conn.send(("ok", {"t0": t0, "t1": time.time(), "sent": sent}))
@@ -478,7 +484,7 @@ def lag_run(master: Node, standby: Node, gen_node: Node, first: int, count: int,
            # ... of which from the master's batch (oldest entry) to the standby reading it
            "transit_p50_ms": round(pct(transit, 50), 3),
            "transit_p99_ms": round(pct(transit, 99), 3),
-           # the ring buffer alone: first packet to the agent having the event
+           # the ring buffer alone: second packet to the agent having the event
            "ring_p50_ms": round(pct(ring, 50), 3), "ring_p99_ms": round(pct(ring, 99), 3),
            "_lags": lags, "_ring": ring}
     if full:
@@ -674,7 +680,7 @@ def render(r: dict) -> tuple[str, str]:
           f"per run, {r['max_datagram']}-byte datagrams, two processes on 127.0.0.1, "
           f"{r['cpus']} CPUs (load average {r['loadavg_before']} before the run; other "
           f"processes kept {r['other_cpus_busy']} CPUs busy during it), kernel "
-          f"{r['kernel']}, {r['timestamp']}. Lag: a flow's first packet (BPF_PROG_TEST_RUN "
+          f"{r['kernel']}, {r['timestamp']}. Lag: a flow's second packet (BPF_PROG_TEST_RUN "
           "on the master) to its entry written on the standby. lag_p50_ms/lag_p99_ms are "
           "the default ring mode's (epoll). Full walks a peer waits for (it appeared, "
           f"restarted, turned backup) are paced at {r['pace_full_entries_per_s']:,.0f} "

@@ -57,30 +57,48 @@ from __future__ import annotations
 import asyncio
 import ctypes as ct
 import errno
+import functools
 import ipaddress
+import json
 import logging
 import operator
+import os
 import socket
 import struct
 import threading
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import numpy as np
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from l4lb import netutil
 from l4lb.dataplane import maps as M
 from l4lb.dataplane.tables import CONN_KEY, CONN_VAL, coarse_now_ns
-from l4lb.sync.codec import MAX_DATAGRAM, PREFIX_LEN, SyncEntry, entry_capacity
+from l4lb.sync.codec import (
+    MAX_DATAGRAM,
+    PREFIX_LEN,
+    SHAPE_LENS,
+    PackedEntries,
+    SyncEntry,
+    entry_capacity,
+)
 from l4lb.sync.machine import (
     REJECT_REASONS,
+    Backlog,
     InstallEntries,
     PeerDown,
     PeerRole,
     PeerUp,
     Receiver,
+    SendChallenge,
     Sender,
+    SendResponse,
+    new_session,
 )
 
 log = logging.getLogger("l4lb.sync")
@@ -92,30 +110,63 @@ RING_MODES = ("epoll", "thread", "poll")
 #: Reasons an entry received from the peer is not installed.
 SKIP_REASONS = ("unknown_vip", "unknown_real", "local_entry")
 
-# struct flow_event = flow_key (40) | real_id u32 | vip_id u32 | ts_ns u64 (host order)
-_EVENT = struct.Struct("=40sIIQ")
-assert _EVENT.size == ct.sizeof(M.FlowEvent)
-assert M.FlowEvent.real_id.offset == 40 and M.FlowEvent.ts_ns.offset == 48
+# Byte layouts come from the ctypes mirrors (maps.py): offsets of struct flow_key,
+# struct conn_val and struct flow_event fields.
+_KS, _VS = ct.sizeof(M.FlowKey), ct.sizeof(M.ConnVal)
+_K_SRC, _K_DST = M.FlowKey.src.offset, M.FlowKey.dst.offset
+_K_SPORT, _K_DPORT = M.FlowKey.sport.offset, M.FlowKey.dport.offset
+_K_PROTO, _FAM_OFF = M.FlowKey.proto.offset, M.FlowKey.family.offset
+_EV_KEY, _EV_RID = M.FlowEvent.key.offset, M.FlowEvent.real_id.offset
+_EV_SIZE = ct.sizeof(M.FlowEvent)
+_VAL_DT = np.dtype({"names": ["real_id", "vip_id", "last_seen_ns"],
+                    "formats": ["=u4", "=u4", "=u8"],
+                    "offsets": [M.ConnVal.real_id.offset, M.ConnVal.vip_id.offset,
+                                M.ConnVal.last_seen_ns.offset], "itemsize": _VS})
+assert CONN_KEY.size == _KS and CONN_VAL.size == _VS
+
+
+def _layout(fields: list[tuple[int, str]], size: int, order: str = "!") -> struct.Struct:
+    """A struct over some fields of a C struct: (offset, format) pairs, gaps padded."""
+    fmt, pos = order, 0
+    for off, f in sorted(fields):
+        if off < pos:
+            raise AssertionError("overlapping fields")
+        fmt += f"{off - pos}x{f}" if off > pos else f
+        pos = off + struct.calcsize("=" + f)
+    return struct.Struct(f"{fmt}{size - pos}x" if size > pos else fmt)
+
+
+# struct flow_event = flow_key | real_id u32 | vip_id u32 | ts_ns u64 (host order)
+_EVENT = _layout([(_EV_KEY, f"{_KS}s"), (_EV_RID, "I")], _EV_SIZE, "=")
 # Walk fast paths: a flow_key of one family as (src, dst, sport, dport, proto), and
 # a conn_val as (real_id, last_seen_ns).
-_KEY4 = struct.Struct("!4s12x4s12xHHB3x")
-_KEY6 = struct.Struct("!16s16sHHB3x")
-_VAL_RS = struct.Struct("=I4xQ")
-_FAM_OFF = 37  # offset of flow_key.family
-_VAL_ID_NOW = struct.Struct("=IIQ")
+_PORTS = [(_K_SPORT, "H"), (_K_DPORT, "H"), (_K_PROTO, "B")]
+_KEY4 = _layout([(_K_SRC, "4s"), (_K_DST, "4s"), *_PORTS], _KS)
+_KEY6 = _layout([(_K_SRC, "16s"), (_K_DST, "16s"), *_PORTS], _KS)
+_VAL_RS = _layout([(M.ConnVal.real_id.offset, "I"), (M.ConnVal.last_seen_ns.offset, "Q")],
+                  _VS, "=")
+_VAL_ID_NOW = _layout([(M.ConnVal.real_id.offset, "I"), (M.ConnVal.vip_id.offset, "I"),
+                       (M.ConnVal.last_seen_ns.offset, "Q")], _VS, "=")
 assert _KEY4.size == _KEY6.size == CONN_KEY.size and _VAL_RS.size == CONN_VAL.size
+_LENS_BY_CODE = {code: (lens, size) for lens, (code, size) in SHAPE_LENS.items()}
+NUMPY_MIN = 64  # entries: below, plain struct code is faster than numpy's set-up
 
-WALK_BATCH = 1024  # conn-table entries per BPF_MAP_LOOKUP_BATCH call
+WALK_BATCH = 4096  # conn-table entries per BPF_MAP_LOOKUP_BATCH call (walk thread)
+WALK_AHEAD = 256  # full-walk chunks the walk thread may have ready ahead of sending
 RECV_BURST = 256  # datagrams read per wake-up before installing
-FULL_SLICE = 512  # full-walk entries installed per loop turn (new flows go first)
-DEFER_MAX_BYTES = 64 << 20  # full-walk datagrams set aside, at most
+RECV_TURN_BYTES = 256 << 10  # ... and at most this many bytes (MAC work per loop turn)
+FULL_TURN_BYTES = 128 << 10  # set-aside full-walk datagrams authenticated per loop turn
+DEFER_MAX_BYTES = 16 << 20  # full-walk datagrams set aside (unauthenticated), at most
+INSTALL_AHEAD = 2  # full-walk install slices queued for the install thread, at most
 REPLAY_WINDOW = 1 << 17  # messages: covers the full-walk chunks set aside
 # The first body bytes of a full-walk chunk: msgpack fixarray(9), kind 2 (codec.py)
 _FULL_HEAD = bytes((0x99, 2))
 SOCK_BUF = 8 << 20  # socket buffers: a full walk's burst and a slow loop tick
 TRANSLATE_TTL_S = 1.0  # rebuild the id <-> address maps at least this often
 TRANSLATE_MISS_S = 0.05  # ... and on a miss, at most this often
-WALK_LOOP_ENTRIES = 1000  # full-walk entries per loop tick (bounds the stall)
+WALK_LOOP_ENTRIES = 4000  # full-walk entries framed and sent per loop tick (bounds the stall)
+STATE_FILE = "sync.json"  # in the node's state dir: our last session, peers' highest
+DEFAULT_STATE_ROOT = "/run/l4lb"  # daemon.STATE_ROOT: /run/l4lb/<node>/
 
 
 def _packed(addr: str, _cache: dict[str, bytes] = {}) -> bytes:  # noqa: B006 - a cache
@@ -147,6 +198,7 @@ class Translator:
         self.real_addr: dict[int, bytes] = {}
         self.refreshed_at = float("-inf")
         self.refreshes = 0
+        self._rtab = None  # (real_addr it was built from, lengths, addresses)
         self.refresh()
 
     def refresh(self) -> None:
@@ -236,6 +288,130 @@ class Translator:
         skipped.update(more)
         return out, skipped
 
+    # ----------------------------------------------------------------- bulk (numpy)
+
+    def _real_table(self):
+        """(address length by real id, 16-byte address rows by real id) as arrays."""
+        ra = self.real_addr
+        cached = self._rtab
+        if cached is not None and cached[0] is ra:
+            return cached[1], cached[2]
+        size = max(ra, default=-1) + 1
+        lens = np.zeros(size, np.uint8)
+        addrs = np.zeros((size, 16), np.uint8)
+        for rid, a in ra.items():
+            lens[rid] = len(a)
+            addrs[rid, :len(a)] = np.frombuffer(a, np.uint8)
+        self._rtab = (ra, lens, addrs)
+        return lens, addrs
+
+    def records_to_rows(self, keys: bytes, vals: bytes, now_ns: int = 0, timeout_ns: int = 0
+                        ) -> tuple[dict[tuple[int, int, int], np.ndarray], Counter]:
+        """Conn-table records -> wire records (codec layout), as uint8 arrays by
+        address shape (len(src), len(dst), len(real)); no Python object per entry.
+        Idle entries (``timeout_ns``), unknown real ids and records the data
+        plane never writes (family, protocol) are left out and counted."""
+        n = len(vals) // _VS
+        skipped: Counter = Counter()
+        if not n:
+            return {}, skipped
+        K = np.frombuffer(keys, np.uint8, n * _KS).reshape(n, _KS)
+        V = np.frombuffer(vals, _VAL_DT, n)
+        fam, proto = K[:, _FAM_OFF], K[:, _K_PROTO]
+        keep = ((fam == M.FAMILY_V4) | (fam == M.FAMILY_V6)) & ((proto == 6) | (proto == 17))
+        if not keep.all():
+            skipped["bad"] = int(n - keep.sum())
+        if timeout_ns:
+            fresh = V["last_seen_ns"] >= now_ns - timeout_ns
+            skipped["idle"] = int((keep & ~fresh).sum())
+            keep &= fresh
+        rid = V["real_id"].astype(np.int64)
+        lens, addrs = self._real_table()
+        if (rid[keep] >= len(lens)).any() or not lens[rid[keep & (rid < len(lens))]].all():
+            if self.maybe_refresh(missed=True):
+                lens, addrs = self._real_table()
+        inrange = rid < len(lens)
+        rlen = np.zeros(n, np.uint8)
+        rlen[inrange] = lens[rid[inrange]]
+        unknown = keep & (rlen == 0)
+        if unknown.any():
+            skipped["unknown_real"] = int(unknown.sum())
+            keep &= ~unknown
+        out: dict[tuple[int, int, int], np.ndarray] = {}
+        for f, alen in ((M.FAMILY_V4, 4), (M.FAMILY_V6, 16)):
+            for rl in (4, 16):
+                m = keep & (fam == f) & (rlen == rl)
+                if not m.any():
+                    continue
+                sel = K[m]
+                rows = np.empty((len(sel), 2 * alen + 5 + rl), np.uint8)
+                rows[:, 0:alen] = sel[:, _K_SRC:_K_SRC + alen]
+                rows[:, alen:alen + 2] = sel[:, _K_SPORT:_K_SPORT + 2]  # network order both
+                rows[:, alen + 2:2 * alen + 2] = sel[:, _K_DST:_K_DST + alen]
+                rows[:, 2 * alen + 2:2 * alen + 4] = sel[:, _K_DPORT:_K_DPORT + 2]
+                rows[:, 2 * alen + 4] = sel[:, _K_PROTO]
+                rows[:, 2 * alen + 5:] = addrs[rid[m], :rl]
+                out[(alen, alen, rl)] = rows
+        return out, skipped
+
+    def groups_to_records(self, groups: Iterable[tuple[int, bytes]], now_ns: int
+                          ) -> tuple[bytes, bytes, Counter]:
+        """Wire records (codec groups: (shape code, blob)) -> packed FlowKey/ConnVal
+        records with local ids, like entries_to_records but without a Python
+        object per entry: each distinct (VIP, port, protocol, real) is looked up once."""
+        by_code: dict[int, list[bytes]] = {}
+        for code, blob in groups:
+            by_code.setdefault(code, []).append(blob)
+        skipped: Counter = Counter()
+        keys_out, vals_out = [], []
+        for code, blobs in by_code.items():
+            (alen, _, rl), size = _LENS_BY_CODE[code]
+            blob = b"".join(blobs)
+            m = len(blob) // size
+            if not m:
+                continue
+            R = np.frombuffer(blob, np.uint8, m * size).reshape(m, size)
+            combo = np.ascontiguousarray(R[:, alen + 2:]).view(f"V{size - alen - 2}").ravel()
+            uniq, inv = np.unique(combo, return_inverse=True)
+            inv = inv.ravel()
+            ids = self._ids_of(uniq, alen)
+            if any(type(t) is str for t in ids) and self.maybe_refresh(missed=True):
+                ids = self._ids_of(uniq, alen)
+            ok_u = np.array([type(t) is not str for t in ids], bool)
+            if not ok_u.all():
+                counts = np.bincount(inv, minlength=len(uniq))
+                for t, c in zip(ids, counts.tolist(), strict=True):
+                    if type(t) is str:
+                        skipped[t] += c
+            rid_u = np.array([0 if type(t) is str else t[0] for t in ids], np.uint32)
+            vid_u = np.array([0 if type(t) is str else t[1] for t in ids], np.uint32)
+            ok = ok_u[inv]
+            sel = R[ok]
+            inv_ok = inv[ok]
+            k = np.zeros((len(sel), _KS), np.uint8)
+            k[:, _K_SRC:_K_SRC + alen] = sel[:, 0:alen]
+            k[:, _K_SPORT:_K_SPORT + 2] = sel[:, alen:alen + 2]
+            k[:, _K_DST:_K_DST + alen] = sel[:, alen + 2:2 * alen + 2]
+            k[:, _K_DPORT:_K_DPORT + 2] = sel[:, 2 * alen + 2:2 * alen + 4]
+            k[:, _K_PROTO] = sel[:, 2 * alen + 4]
+            k[:, _FAM_OFF] = M.FAMILY_V4 if alen == 4 else M.FAMILY_V6
+            v = np.zeros(len(sel), _VAL_DT)
+            v["real_id"] = rid_u[inv_ok]
+            v["vip_id"] = vid_u[inv_ok]
+            v["last_seen_ns"] = now_ns
+            keys_out.append(k.tobytes())
+            vals_out.append(v.tobytes())
+        return b"".join(keys_out), b"".join(vals_out), skipped
+
+    def _ids_of(self, uniq: np.ndarray, alen: int) -> list:
+        """(real id, VIP id) or the skip reason, for each distinct dst|dport|proto|real."""
+        out = []
+        for u in uniq.tolist():  # bytes each
+            t = self._target(u[:alen], int.from_bytes(u[alen:alen + 2], "big"), u[alen + 2],
+                             u[alen + 3:], 0)
+            out.append(t if type(t) is str else t[2])
+        return out
+
     # ----------------------------------------------------------------- standby side
 
     def entries_to_records(self, entries: Iterable[SyncEntry], now_ns: int
@@ -257,7 +433,7 @@ class Translator:
         if rid is None:
             return "unknown_real"
         return (M.FAMILY_V4 if len(dst) == 4 else M.FAMILY_V6,
-                _VAL_ID_NOW.pack(rid, v[0], now_ns))
+                _VAL_ID_NOW.pack(rid, v[0], now_ns), (rid, v[0]))
 
     def _records(self, entries: list, now_ns: int):
         kpack = CONN_KEY.pack
@@ -290,7 +466,7 @@ def decode_events(raws: Iterable[bytes]) -> tuple[list[tuple], int]:
     unpack_ev, unpack_key = _EVENT.unpack_from, CONN_KEY.unpack
     for raw in raws:
         try:
-            key, rid, _vid, _ts = unpack_ev(raw)
+            key, rid = unpack_ev(raw)
         except struct.error:
             bad += 1
             continue
@@ -357,6 +533,125 @@ def _ring_epoll_fd(prog) -> int:
     return fd
 
 
+# =========================================================================== walk thread
+
+
+class _WalkClosed(Exception):
+    pass
+
+
+class _WalkFeed:
+    """A full walk made in a thread: BPF batch lookups, translation to wire
+    records and cutting into datagram-sized chunks all run there; the loop only
+    takes ready chunks (``get``, never blocks) to frame, sign and send them at
+    the walk's pace. At most ``ahead`` chunks wait; the thread wakes the loop
+    (``wake``, thread-safe) when the loop found none ready."""
+
+    def __init__(self, produce: Callable[[_WalkFeed], None], wake: Callable[[], None],
+                 ahead: int = WALK_AHEAD) -> None:
+        self._q: deque = deque()
+        self._cv = threading.Condition()
+        self._ahead = ahead
+        self._wake = wake
+        self._want = False
+        self._closed = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, args=(produce,),
+                                        name="sync-walk", daemon=True)
+        self._thread.start()
+
+    def _main(self, produce) -> None:
+        try:
+            produce(self)
+        except _WalkClosed:
+            return
+        except Exception as e:  # noqa: BLE001 - handed to the sender (full_failed)
+            with self._cv:
+                self._error = e
+                self._want = False
+            self._wake()
+
+    def put(self, chunk: PackedEntries, last: bool) -> None:
+        """(walk thread) Queue one chunk; blocks while ``ahead`` are waiting."""
+        with self._cv:
+            while len(self._q) >= self._ahead and not self._closed:
+                self._cv.wait(0.5)
+            if self._closed:
+                raise _WalkClosed
+            self._q.append((chunk, last))
+            want, self._want = self._want, False
+        if want:
+            self._wake()
+
+    def get(self):
+        """(loop) The next (chunk, last), or None if none is ready yet."""
+        with self._cv:
+            if self._q:
+                item = self._q.popleft()
+                self._cv.notify()
+                return item
+            if self._error is not None:
+                raise self._error
+            self._want = True
+            return None
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._q.clear()
+            self._cv.notify_all()
+
+
+# =========================================================================== local address
+
+
+def local_address(peer, avoid: Iterable = ()) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address to bind sync to when ``listen`` names none: this node's own
+    address (netutil.own_address: never a VIP) on the interface the kernel
+    routes ``peer`` through."""
+    ip = ipaddress.ip_address(peer)
+    _gw, oif = netutil.next_hop(ip)
+    ifname = socket.if_indextoname(oif)
+    got = netutil.own_address([ifname], ip.version, avoid)
+    if got is None:
+        raise RuntimeError(f"no address of this node on {ifname} (towards {ip}); "
+                           "set sync.listen to this node's address")
+    return ipaddress.ip_address(got)
+
+
+# =========================================================================== state file
+
+
+def _load_state(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.warning("sync: ignoring %s: %s", path, e)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+_state_lock = threading.Lock()
+
+
+def _save_state(path: Path | None, data: dict) -> None:
+    """Write atomically (a reader never sees half a file); runs in a thread."""
+    if path is None:
+        return
+    with _state_lock:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("sync: cannot save %s: %s", path, e)
+
+
 # =========================================================================== agent
 
 
@@ -368,14 +663,23 @@ class SyncAgent:
     appeared, restarted or turned backup; this node became master),
     ``periodic_entries_per_s`` the periodic ones. ``clock`` is wall time on
     both nodes (the lag is measured across them). ``install_hook`` (tests,
-    benches) is called with ``(keys, values, now)`` after each install.
+    benches) is called with ``(keys, values, now)`` after each install, in the
+    install thread. ``state_dir`` (default /run/l4lb/<node>; None: keep
+    nothing) holds STATE_FILE: this node's last session number and the
+    highest session accepted from each peer (machine.py: sessions).
+
+    Only datagrams from the configured peers' addresses are heard (checked
+    before any MAC work); the socket is bound to ``listen``, or when that is a
+    wildcard, to this node's own address towards the first peer (never a VIP,
+    so nothing the peer hears from us comes from an address that moves).
     """
 
     def __init__(self, cfg, node_name: str, tables, prog, *, role: str = "backup",
-                 ring_mode: str = "epoll", full_entries_per_s: float = 400_000.0,
+                 ring_mode: str = "epoll", full_entries_per_s: float = 2_000_000.0,
                  periodic_entries_per_s: float = 50_000.0,
                  clock: Callable[[], float] = time.time,
-                 install_hook: Callable[[bytes, bytes, float], None] | None = None) -> None:
+                 install_hook: Callable[[bytes, bytes, float], None] | None = None,
+                 state_dir: str | Path | None | type(...) = ...) -> None:
         if ring_mode not in RING_MODES:
             raise ValueError(f"ring_mode must be one of {RING_MODES}")
         if cfg.listen is None or not cfg.peers:
@@ -403,12 +707,21 @@ class SyncAgent:
         self._rate_urgent = max(1.0, full_entries_per_s / cap)  # chunks/s
         self._rate_periodic = max(1.0, periodic_entries_per_s / cap)
         self._urgent = role == "master"  # the walk due now is one a peer waits for
-        self.receiver = Receiver(key, None, MAX_DATAGRAM, REPLAY_WINDOW, node_id=node_name)
-        self.translator = Translator(tables)
+        # full-walk entries per datagram, by address shape (len of src, dst, real)
+        self._caps = {lens: entry_capacity(cfg.max_datagram, node_name, lens)
+                      for lens in SHAPE_LENS}
+        self._key = key
         self.peers = [(str(p.host), p.port) for p in cfg.peers]
-        self.counters: Counter = Counter()  # events, installed, send_errors, ...
+        self.receiver = self._new_receiver({})
+        if state_dir is ...:
+            state_dir = Path(DEFAULT_STATE_ROOT) / node_name
+        self.state_path = None if state_dir is None else Path(state_dir) / STATE_FILE
+        self._saved_sessions: dict[str, int] = {}
+        self.translator = Translator(tables)
+        # (keys the threads write are there from the start: status() may iterate)
+        self.counters: Counter = Counter(installed=0, install_errors=0)
         self.skipped: Counter = Counter({r: 0 for r in SKIP_REASONS})
-        self.walk_skipped: Counter = Counter()
+        self.walk_skipped: Counter = Counter(idle=0, unknown_real=0, bad=0)
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -420,12 +733,18 @@ class SyncAgent:
         self._ring_stop = threading.Event()
         self._events: list[bytes] = []
         self._rbuf = bytearray(MAX_DATAGRAM + 1)
-        self._deferred: deque[tuple[bytes, object]] = deque()
-        self._deferred_bytes = 0
+        self._deferred = Backlog(DEFER_MAX_BYTES, FULL_TURN_BYTES)
         self._full_handle: asyncio.Handle | None = None
+        self._pool: ThreadPoolExecutor | None = None  # installs, in order, off the loop
+        self._full_inflight = 0  # full-walk install slices handed to the pool
+        self.bound: tuple | None = None  # the socket's address
         self._conn_timeout_ns: int | None = None
         self._last_send_error = 0.0
         self.started_at: float | None = None
+
+    def _new_receiver(self, known: dict[str, int]) -> Receiver:
+        return Receiver(self._key, None, MAX_DATAGRAM, REPLAY_WINDOW, node_id=self.node_name,
+                        peer_addrs=self.peers, known_sessions=known)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -434,8 +753,29 @@ class SyncAgent:
         self._loop = loop
         self._loop_thread = threading.get_ident()
         self._wake = asyncio.Event()
+        # A session provably newer than the last run's (machine.new_session); the
+        # peers' sessions we accepted then, so that a restart reopens no replay.
+        state = await asyncio.to_thread(_load_state, self.state_path)
+        last = state.get("session")
+        last = last if type(last) is int and 0 <= last < (1 << 64) - 1 else None
+        self.sender.session = new_session(last, time.time_ns())
+        peers = state.get("peers")
+        known = {n: v for n, v in peers.items() if type(v) is int} \
+            if isinstance(peers, dict) else {}
+        self._saved_sessions = dict(known)
+        self.receiver = self._new_receiver(known)
+        await asyncio.to_thread(_save_state, self.state_path,
+                                {"session": self.sender.session, "peers": known})
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sync-install")
         ep = self.cfg.listen
-        fam = socket.AF_INET6 if ep.host.version == 6 else socket.AF_INET
+        host = ep.host
+        if host.is_unspecified:  # never the wildcard: a VIP could become our source
+            exclude = [vs.address for vs in list(self.tables.vips.values())]
+            try:
+                host = await asyncio.to_thread(local_address, self.cfg.peers[0].host, exclude)
+            except Exception as e:  # noqa: BLE001 - netlink said no: say what to set
+                raise RuntimeError(f"sync.listen {ep}: {e}") from None
+        fam = socket.AF_INET6 if host.version == 6 else socket.AF_INET
         sock = socket.socket(fam, socket.SOCK_DGRAM)
         try:
             if fam == socket.AF_INET6:
@@ -446,18 +786,20 @@ class SyncAgent:
                     sock.setsockopt(socket.SOL_SOCKET, force, SOCK_BUF)
                 except OSError:  # not root: as much as net.core.*mem_max allows
                     sock.setsockopt(socket.SOL_SOCKET, plain, SOCK_BUF)
-            sock.bind((str(ep.host), ep.port))
+            sock.bind((str(host), ep.port))
         except OSError as e:
             sock.close()
-            raise RuntimeError(f"sync.listen {ep}: cannot bind ({e.strerror})") from None
+            raise RuntimeError(f"sync.listen {ep}: cannot bind {host} ({e.strerror})") from None
         sock.setblocking(False)
         self._sock = sock
+        self.bound = sock.getsockname()[:2]
         loop.add_reader(sock.fileno(), self._on_readable)
         self._start_ring(loop)
         self.started_at = self._clock()
         self._task = loop.create_task(self._run(), name="sync")
-        log.info("sync: %s on %s, peers %s, role %s, ring %s", self.node_name, ep,
-                 ", ".join(str(p) for p in self.cfg.peers), self.sender.role, self.ring_mode)
+        log.info("sync: %s on %s, peers %s, role %s, ring %s, session %d", self.node_name,
+                 _fmt_addr(self.bound), ", ".join(str(p) for p in self.cfg.peers),
+                 self.sender.role, self.ring_mode, self.sender.session)
 
     async def stop(self) -> None:
         """Send what is pending (a stopping master's last flows), then close."""
@@ -474,6 +816,7 @@ class SyncAgent:
         except Exception as e:  # noqa: BLE001
             log.warning("sync: final flush failed: %s", e)
         await self._stop_ring()
+        self.sender.set_role("backup", self._clock())  # ends a walk (and its thread)
         if self._full_handle is not None:
             self._full_handle.cancel()
             self._full_handle = None
@@ -482,6 +825,10 @@ class SyncAgent:
                 self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
+        self._deferred.clear()
+        if self._pool is not None:  # let queued installs finish
+            await asyncio.to_thread(self._pool.shutdown, True)
+            self._pool = None
 
     # ----------------------------------------------------------------- role
 
@@ -554,7 +901,7 @@ class SyncAgent:
         if s.full_due(now):
             s.full_rate = self._rate_urgent if self._urgent else self._rate_periodic
             self._urgent = False
-            fid = s.start_full(self._walk(), now)
+            fid = s.start_full(self._walk_feed(), now, packed=True)
             log.debug("sync: full walk %d started", fid)
         self._send(s.poll(now))
         for action in self.receiver.poll(now):
@@ -589,17 +936,51 @@ class SyncAgent:
                 self._conn_timeout_ns = 0
         return self._conn_timeout_ns
 
-    def _walk(self) -> Iterator[SyncEntry]:
-        """The conn table as entries, read lazily in BPF batches (a full walk)."""
+    def _walk_feed(self) -> _WalkFeed:
+        """A full walk of the conn table, made in a thread (see _WalkFeed)."""
+        loop = self._loop
+
+        def wake() -> None:
+            if loop is not None:
+                try:
+                    loop.call_soon_threadsafe(self._kick)
+                except RuntimeError:  # the loop is closed
+                    pass
+
+        return _WalkFeed(self._produce_walk, wake)
+
+    def _produce_walk(self, feed: _WalkFeed) -> None:
+        """(walk thread) The conn table in BPF batches, translated to wire records
+        with numpy and cut into datagram-sized chunks (no Python object per entry)."""
         tr = self.translator
         tr.maybe_refresh()
         self._conn_timeout_ns = None
         timeout_ns = self._conn_timeout()
+        carry: dict[tuple, np.ndarray] = {}  # per shape: records short of a whole chunk
+        pending: PackedEntries | None = None  # sent once we know whether it is the last
+
+        def emit(lens: tuple, rows: np.ndarray) -> None:
+            nonlocal pending
+            if pending is not None:
+                feed.put(pending, False)
+            pending = PackedEntries(((SHAPE_LENS[lens][0], rows.tobytes()),))
+
         for keys, vals, _n in self.tables.conn_batches(WALK_BATCH):
             tr.maybe_refresh()
-            entries, skipped = tr.records_to_entries(keys, vals, coarse_now_ns(), timeout_ns)
+            rows_by_shape, skipped = tr.records_to_rows(keys, vals, coarse_now_ns(), timeout_ns)
             self.walk_skipped.update(skipped)
-            yield from entries
+            for lens, rows in rows_by_shape.items():
+                cap = self._caps[lens]
+                if lens in carry:
+                    rows = np.concatenate((carry.pop(lens), rows))
+                whole = len(rows) // cap * cap
+                for i in range(0, whole, cap):
+                    emit(lens, rows[i:i + cap])
+                if whole < len(rows):
+                    carry[lens] = rows[whole:]
+        for lens, rows in carry.items():
+            emit(lens, rows)
+        feed.put(pending if pending is not None else PackedEntries(()), True)
 
     # ----------------------------------------------------------------- new flows
 
@@ -693,69 +1074,93 @@ class SyncAgent:
         if sock is None:
             return
         now = self._clock()
+        recv = self.receiver
         new: list[InstallEntries] = []
         deferred = self._deferred
         buf = self._rbuf
         view = memoryview(buf)
+        budget = RECV_TURN_BYTES  # bytes authenticated in this turn, at most
         for _ in range(RECV_BURST):
             try:
                 n, addr = sock.recvfrom_into(buf)
-                data = bytes(view[:n])
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:  # e.g. ICMP errors reported on the socket
                 if e.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                     log.warning("sync: receive failed: %s", e)
                 break
-            if data[PREFIX_LEN:PREFIX_LEN + 2] == _FULL_HEAD:  # a full-walk chunk: later
-                if self._deferred_bytes + n > DEFER_MAX_BYTES:  # the next walk repairs it
-                    self.counters["full_deferred_dropped"] += 1
-                else:
-                    deferred.append((data, addr))
-                    self._deferred_bytes += n
+            if not recv.addr_allowed(addr):  # not a peer: no copy, no MAC
+                recv.reject("foreign_addr", addr, now)
                 continue
-            for action in self.receiver.on_datagram(data, addr, now):
+            if view[PREFIX_LEN:PREFIX_LEN + 2] == _FULL_HEAD:  # a full-walk chunk: later
+                if not deferred.offer(bytes(view[:n]), addr):  # the next walk repairs it
+                    recv.reject("backlog_full", addr, now)
+                continue
+            for action in recv.on_datagram(bytes(view[:n]), addr, now):
                 if isinstance(action, InstallEntries):
                     new.append(action)
                 else:
                     self._on_action(action, now)
+            budget -= n
+            if budget <= 0:
+                break  # the rest waits in the socket for the next turn
         if new:
             self._install(new, now)
-        if deferred and self._full_handle is None and self._loop is not None:
+        self._schedule_deferred()
+
+    def _schedule_deferred(self) -> None:
+        if (self._deferred and self._full_handle is None and self._loop is not None
+                and self._sock is not None and self._full_inflight < INSTALL_AHEAD):
             self._full_handle = self._loop.call_soon(self._process_deferred)
 
     # A full walk arrives at the walk's pace, new flows at theirs, in one socket.
     # Reading must keep up, or new flows queue in the socket behind the walk: so
     # full-walk chunks (told apart by their first body bytes) are only read and
-    # set aside, raw, and authenticated, decoded and installed a slice per loop
-    # turn, after whatever new flows came in meanwhile. (The receiver's replay
-    # window is wide enough for the reordering; raw bytes also give the garbage
-    # collector nothing to walk through.)
+    # set aside, raw and bounded (Backlog), and authenticated and decoded
+    # FULL_TURN_BYTES per loop turn, after whatever new flows came in meanwhile;
+    # translating and installing them runs in the install thread, at most
+    # INSTALL_AHEAD slices queued (new flows' installs go in between). (The
+    # receiver's replay window is wide enough for the reordering; raw bytes also
+    # give the garbage collector nothing to walk through.)
     def _process_deferred(self) -> None:
         self._full_handle = None
+        if self._full_inflight >= INSTALL_AHEAD:
+            return  # _full_installed calls again
         now = self._clock()
-        d = self._deferred
         batch: list[InstallEntries] = []
-        n = 0
-        while d and n < FULL_SLICE:
-            data, addr = d.popleft()
-            self._deferred_bytes -= len(data)
+        for data, addr in self._deferred.take():
             for action in self.receiver.on_datagram(data, addr, now):
                 if isinstance(action, InstallEntries):
                     batch.append(action)
-                    n += len(action.entries)
                 else:
                     self._on_action(action, now)
         if batch:
-            self._install(batch, now)
-        if d and self._loop is not None and self._sock is not None:
-            self._full_handle = self._loop.call_soon(self._process_deferred)
+            self._install(batch, now, full=True)
+        self._schedule_deferred()
+
+    def _send_to(self, data: bytes, addr) -> None:
+        if self._sock is None:
+            return
+        try:
+            self._sock.sendto(data, addr)
+        except OSError:
+            self.counters["send_errors"] += 1
+
+    def _persist(self) -> None:
+        """Save the peers' highest sessions when they grew (in a thread)."""
+        known = self.receiver.known_sessions()
+        if known == self._saved_sessions or self._loop is None or self.state_path is None:
+            return
+        self._saved_sessions = known
+        self._loop.run_in_executor(None, _save_state, self.state_path,
+                                   {"session": self.sender.session, "peers": known})
 
     def _on_action(self, action, now: float) -> None:
         s = self.sender
         if isinstance(action, PeerUp):
             log.info("sync: peer %s up at %s (%s%s)", action.sender, _fmt_addr(action.addr),
                      action.role, ", restarted" if action.restarted else "")
+            self._persist()
             if s.role == "master":
                 self.request_full()  # a new or restarted standby starts empty
             elif action.role == "backup" and s.role == "backup":
@@ -769,29 +1174,60 @@ class SyncAgent:
         elif isinstance(action, PeerDown):
             log.warning("sync: peer %s silent since %.1fs", action.sender,
                         now - action.last_seen)
+        elif isinstance(action, SendChallenge):
+            log.info("sync: %s speaks in a session not newer than one seen: challenging it",
+                     action.sender)
+            self._send_to(s.challenge(action.nonce, now), action.addr)
+        elif isinstance(action, SendResponse):
+            self._send_to(s.respond(action.nonce, now), action.addr)
+            if action.current and s.role == "master":
+                # it dropped what we sent until now (our session was new to it)
+                self.request_full()
 
     def _translate(self, actions: list[InstallEntries]) -> tuple[bytes, bytes]:
-        """Entries -> packed conn-table records with this node's ids (skips counted)."""
+        """Entries -> packed conn-table records with this node's ids (skips counted).
+        Runs in the install thread; bulk (full-walk slices) through numpy."""
         tr = self.translator
         tr.maybe_refresh()
         now_ns = coarse_now_ns()
-        all_keys, all_vals = [], []
-        for a in actions:
-            keys, vals, skipped = tr.entries_to_records(a.entries, now_ns)
-            self.skipped.update(skipped)
-            all_keys.append(keys)
-            all_vals.append(vals)
-        return b"".join(all_keys), b"".join(all_vals)
+        if sum(len(a.entries) for a in actions) >= NUMPY_MIN and all(
+                type(a.entries) is PackedEntries for a in actions):
+            keys, vals, skipped = tr.groups_to_records(
+                [g for a in actions for g in a.entries.groups], now_ns)
+        else:
+            keys, vals, skipped = tr.entries_to_records(
+                [e for a in actions for e in a.entries], now_ns)
+        self.skipped.update(skipped)
+        return keys, vals
 
-    def _install(self, actions: list[InstallEntries], now: float) -> None:
+    def _install(self, actions: list[InstallEntries], now: float, full: bool = False) -> None:
+        """Hand entries to the install thread (in order: new flows are handed over
+        as they come, full-walk slices INSTALL_AHEAD at a time)."""
+        overwrite = self.sender.role != "master"
+        if self._pool is None or self._loop is None:  # not started (tests)
+            self._install_job(actions, overwrite, now)
+            return
+        fut = self._loop.run_in_executor(self._pool, self._install_job, actions, overwrite, now)
+        if full:
+            self._full_inflight += 1
+        fut.add_done_callback(functools.partial(self._installed, full))
+
+    def _installed(self, full: bool, fut: asyncio.Future) -> None:
+        if full:
+            self._full_inflight -= 1
+        if not fut.cancelled() and fut.exception() is not None:
+            log.error("sync: install failed: %r", fut.exception())
+        if full:
+            self._schedule_deferred()
+
+    def _install_job(self, actions: list[InstallEntries], overwrite: bool, now: float) -> None:
         keys, vals = self._translate(actions)
-        self._write(keys, vals, now)
+        self._write(keys, vals, now, overwrite)
 
-    def _write(self, keys: bytes, vals: bytes, now: float) -> None:
+    def _write(self, keys: bytes, vals: bytes, now: float, overwrite: bool) -> None:
         n = len(keys) // CONN_KEY.size
         if not n:
             return
-        overwrite = self.sender.role != "master"
         try:
             written = self.tables.install_conns(keys, vals, overwrite=overwrite)
         except OSError as e:
@@ -872,7 +1308,9 @@ class SyncAgent:
                           "unknown_real": self.counters["events_unknown_real"],
                           "bad": self.counters["events_bad"]},
             "full_backlog": len(self._deferred),  # full-walk datagrams set aside
-            "full_backlog_dropped": self.counters["full_deferred_dropped"],
+            "full_backlog_dropped": r.counters["backlog_full"],
+            "session": s.session,
+            "bound": _fmt_addr(self.bound) if self.bound else None,
             "send_errors": self.counters["send_errors"] + self.counters["send_dropped"],
             "install_errors": self.counters["install_errors"],
             "ring_mode": self.ring_mode,

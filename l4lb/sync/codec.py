@@ -17,9 +17,13 @@ Body: ``[kind, sender, session, seq, ts, *kind fields]``
     kind 2 "full"      [..., full_id, chunk, last, groups] a chunk of a full-table walk
     kind 3 "hello"     [..., role]                        sent at start and on role change
     kind 4 "heartbeat" [..., role]                        sent periodically
+    kind 5 "challenge" [..., nonce]                       "prove your session is live"
+    kind 6 "response"  [..., role, nonce]                 the answer, in the sender's session
 
-``sender`` is the node name (str, 1..64 UTF-8 bytes); ``session`` is a random
-uint64 chosen when the sender starts; ``seq`` (uint64) increases by one per
+``sender`` is the node name (str, 1..64 UTF-8 bytes); ``session`` is a uint64
+that grows with every start of the sender (machine.new_session: the wall clock
+in ns, or one more than the last one, whichever is higher); ``nonce`` is 16
+random bytes (see machine.Receiver); ``seq`` (uint64) increases by one per
 message of a session, whatever its kind; ``ts`` (float seconds, the sender's
 clock) is when the batch was created (``entries``: when its oldest entry was
 handed to the sender; other kinds: when the message was built).
@@ -31,6 +35,10 @@ real), so that packing and unpacking run in C (``Struct.iter_unpack``) and
 the record layout itself enforces address lengths and port ranges::
 
     src (4|16) | sport (u16) | dst (4|16) | dport (u16) | proto (u8) | real (4|16)
+
+Decoded entries are a PackedEntries: a sequence of SyncEntry over the blobs
+(unpacked only when read as tuples), so bulk consumers can work on the blobs.
+Version 2: sessions ordered (version 1's were random), challenge and response.
 """
 
 from __future__ import annotations
@@ -63,6 +71,11 @@ __all__ = [
     "FullChunk",
     "Hello",
     "Heartbeat",
+    "Challenge",
+    "Response",
+    "PackedEntries",
+    "NONCE_LEN",
+    "SHAPE_LENS",
     "Message",
     "encode",
     "decode",
@@ -71,7 +84,7 @@ __all__ = [
     "check_entry",
 ]
 
-VERSION = 1
+VERSION = 2
 MAGIC = b"L4S"
 TAG_LEN = 32
 _PREFIX = struct.Struct("!3sBI")
@@ -79,6 +92,7 @@ PREFIX_LEN = _PREFIX.size  # 8
 DEFAULT_MAX_PAYLOAD = 1400  # bytes of UDP payload per message (MTU-safe)
 MAX_DATAGRAM = 65507  # largest UDP payload over IPv4
 MAX_SENDER_LEN = 64  # bytes, UTF-8
+NONCE_LEN = 16
 ROLES = ("master", "backup")
 #: Every reason SyncDecodeError can carry (stable strings, used as counter keys).
 REASONS = ("truncated", "oversize", "bad_mac", "version", "malformed")
@@ -159,9 +173,34 @@ class Heartbeat:
     kind = "heartbeat"
 
 
-Message = Entries | FullChunk | Hello | Heartbeat
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """Asks the peer to prove that its session is live (machine.Receiver)."""
 
-_K_ENTRIES, _K_FULL, _K_HELLO, _K_HEARTBEAT = 1, 2, 3, 4
+    sender: str
+    session: int
+    seq: int
+    ts: float
+    nonce: bytes
+    kind = "challenge"
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """Answers a Challenge: the nonce, authenticated in the sender's session."""
+
+    sender: str
+    session: int
+    seq: int
+    ts: float
+    role: str
+    nonce: bytes
+    kind = "response"
+
+
+Message = Entries | FullChunk | Hello | Heartbeat | Challenge | Response
+
+_K_ENTRIES, _K_FULL, _K_HELLO, _K_HEARTBEAT, _K_CHALLENGE, _K_RESPONSE = 1, 2, 3, 4, 5, 6
 
 # --------------------------------------------------------------------------- entry records
 
@@ -191,6 +230,66 @@ _GROUP_OVERHEAD = 1 + 5  # shape code (fixint) + worst-case bin header (bin32)
 
 _g_src, _g_dst, _g_real = itemgetter(0), itemgetter(2), itemgetter(5)
 _make_entry = partial(tuple.__new__, SyncEntry)
+#: (len(src), len(dst), len(real)) -> (shape code, record size): for bulk encoders.
+SHAPE_LENS = {lens: (s.code, s.size) for lens, s in _SHAPE_BY_LENS.items()}
+
+
+class PackedEntries(Sequence):
+    """Entries still packed as wire records: ``groups`` is ``((code, blob), ...)``.
+
+    Reads as a sequence of SyncEntry (unpacked on demand); encode and bulk
+    consumers use the blobs as they are. Build with ``from_groups`` (checks
+    codes, record sizes and protocols)."""
+
+    __slots__ = ("groups", "_n", "_list")
+
+    def __init__(self, groups: tuple = ()) -> None:
+        self.groups = groups
+        self._n = sum(len(b) // _SHAPES[c].size for c, b in groups)
+        self._list: list | None = None
+
+    @classmethod
+    def from_groups(cls, groups) -> PackedEntries:
+        """Raises ValueError on an unknown shape, a partial record or a bad proto."""
+        out = []
+        for code, blob in groups:
+            shape = _SHAPES.get(code) if type(code) is int else None
+            if shape is None or type(blob) is not bytes or len(blob) % shape.size:
+                raise ValueError("bad sync entry records")
+            if blob[shape.proto_off :: shape.size].translate(None, _PROTO_BYTES):
+                raise ValueError("bad sync entry: proto not 6/17")
+            if blob:
+                out.append((code, blob))
+        return cls(tuple(out))
+
+    def _entries(self) -> list:
+        if self._list is None:
+            out: list = []
+            for code, blob in self.groups:
+                out += map(_make_entry, _SHAPES[code].st.iter_unpack(blob))
+            self._list = out
+        return self._list
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        return self._entries()[i]
+
+    def __iter__(self):
+        return iter(self._entries())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PackedEntries):
+            return self._entries() == other._entries()
+        if isinstance(other, (list, tuple)):
+            return self._entries() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"PackedEntries({self._n} entries in {len(self.groups)} groups)"
 
 
 def check_entry(e: object) -> bool:
@@ -246,6 +345,8 @@ def _pack_blob(shape: _Shape, entries: Sequence) -> bytes:
 
 
 def _pack_groups(entries: Sequence) -> list:
+    if type(entries) is PackedEntries:  # already wire records (checked when built)
+        return [x for g in entries.groups for x in g]
     if not entries:
         return []
     shape = _single_shape(entries)
@@ -265,24 +366,13 @@ def _pack_groups(entries: Sequence) -> list:
     return out
 
 
-def _unpack_groups(groups: object) -> list[SyncEntry]:
+def _unpack_groups(groups: object) -> PackedEntries:
     if type(groups) is not list or len(groups) % 2:
         raise SyncDecodeError("malformed", "entry groups")
-    if len(groups) == 2:  # the usual case: one shape per message
-        return _unpack_blob(groups[0], groups[1])
-    out: list[SyncEntry] = []
-    for i in range(0, len(groups), 2):
-        out += _unpack_blob(groups[i], groups[i + 1])
-    return out
-
-
-def _unpack_blob(code: object, blob: object) -> list[SyncEntry]:
-    shape = _SHAPES.get(code) if type(code) is int else None
-    if shape is None or type(blob) is not bytes or len(blob) % shape.size:
-        raise SyncDecodeError("malformed", "entry records")
-    if blob[shape.proto_off :: shape.size].translate(None, _PROTO_BYTES):
-        raise SyncDecodeError("malformed", "proto not 6/17")
-    return list(map(_make_entry, shape.st.iter_unpack(blob)))
+    try:
+        return PackedEntries.from_groups(zip(groups[::2], groups[1::2], strict=True))
+    except ValueError as exc:
+        raise SyncDecodeError("malformed", str(exc)) from None
 
 
 # --------------------------------------------------------------------------- sizing
@@ -368,6 +458,16 @@ def encode(msg: Message, key: bytes) -> bytes:
             raise ValueError(f"bad role {msg.role!r}")
         kind = _K_HELLO if isinstance(msg, Hello) else _K_HEARTBEAT
         body = [kind, msg.sender, msg.session, msg.seq, ts, msg.role]
+    elif isinstance(msg, Challenge):
+        if type(msg.nonce) is not bytes or len(msg.nonce) != NONCE_LEN:
+            raise ValueError(f"nonce must be {NONCE_LEN} bytes")
+        body = [_K_CHALLENGE, msg.sender, msg.session, msg.seq, ts, msg.nonce]
+    elif isinstance(msg, Response):
+        if msg.role not in ROLES:
+            raise ValueError(f"bad role {msg.role!r}")
+        if type(msg.nonce) is not bytes or len(msg.nonce) != NONCE_LEN:
+            raise ValueError(f"nonce must be {NONCE_LEN} bytes")
+        body = [_K_RESPONSE, msg.sender, msg.session, msg.seq, ts, msg.role, msg.nonce]
     else:
         raise TypeError(f"not a sync message: {type(msg).__name__}")
     packed = msgpack.packb(body, use_bin_type=True)
@@ -433,6 +533,18 @@ def decode(data: bytes, key: bytes, max_size: int = DEFAULT_MAX_PAYLOAD) -> Mess
             raise SyncDecodeError("malformed", "role")
         cls = Hello if kind == _K_HELLO else Heartbeat
         return cls(sender, session, seq, ts, role)
+    if kind == _K_CHALLENGE and type(kind) is int and len(obj) == 6:
+        nonce = obj[5]
+        if type(nonce) is not bytes or len(nonce) != NONCE_LEN:
+            raise SyncDecodeError("malformed", "nonce")
+        return Challenge(sender, session, seq, ts, nonce)
+    if kind == _K_RESPONSE and type(kind) is int and len(obj) == 7:
+        role, nonce = obj[5:]
+        if type(role) is not str or role not in ROLES:
+            raise SyncDecodeError("malformed", "role")
+        if type(nonce) is not bytes or len(nonce) != NONCE_LEN:
+            raise SyncDecodeError("malformed", "nonce")
+        return Response(sender, session, seq, ts, role, nonce)
     raise SyncDecodeError("malformed", "kind")
 
 

@@ -26,14 +26,35 @@ Receiver (one per node)::
     for action in r.poll(now):           # PeerDown
         ...
 
-Rejected datagrams give no action; ``r.counters[reason]`` counts them.
+Rejected datagrams give no action (but SendChallenge, below); ``r.counters[reason]``
+counts them.
+
+Sessions, replays and restarts. A sender's session number grows with each of
+its starts: ``new_session(last, now_ns)`` is the wall clock in ns or one more
+than the last session (persisted by the agent in the node's state dir),
+whichever is higher. A receiver adopts a new session of a peer without further
+ado only if it is higher than every session it has accepted from that peer
+(or it knows none: trust on first use). Anything else, an older session in
+particular, is refused (``replay``): a recorded datagram cannot roll the
+tracking back, install stale entries or lock out the live session. A peer
+that really restarted with a lower number (its clock was set back AND its
+state file lost with /run on a reboot) is not locked out: the receiver
+answers its messages with a challenge (SendChallenge: a fresh random nonce,
+at most one per ``challenge_interval_s``), and a Response carrying that nonce,
+authenticated in the lower session, proves the session live now; then it is
+adopted. This is IKE's answer to replays across restarts (fresh nonces), not
+keepalived's (VRRP's AH sequence numbers lock a restarted peer out until
+the counters are reset by hand): a clock- or state-reset peer costs one round
+trip, never a manual intervention. Challenges themselves are answered whatever
+session they come in (rate-limited: a replayed one only costs a Response).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
-from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 
@@ -41,12 +62,16 @@ from .codec import (
     DEFAULT_MAX_PAYLOAD,
     MAX_DATAGRAM,
     MAX_SENDER_LEN,
+    NONCE_LEN,
     REASONS,
     ROLES,
+    Challenge,
     Entries,
     FullChunk,
     Heartbeat,
     Hello,
+    PackedEntries,
+    Response,
     SyncDecodeError,
     SyncEntry,
     check_entry,
@@ -65,13 +90,29 @@ __all__ = [
     "PeerUp",
     "PeerRole",
     "PeerDown",
+    "SendChallenge",
+    "SendResponse",
     "Action",
+    "Backlog",
+    "new_session",
 ]
 
 MIN_KEY_LEN = 16
-#: Every key of Receiver.counters (reasons a datagram was rejected).
-REJECT_REASONS = (*REASONS, "unknown_peer", "replay")
+#: Every key of Receiver.counters (reasons a datagram was rejected):
+#: foreign_addr (not from a configured peer address: dropped before any MAC
+#: work), backlog_full (set aside unauthenticated, no room: see Backlog).
+REJECT_REASONS = (*REASONS, "unknown_peer", "replay", "foreign_addr", "backlog_full")
 _U64 = 1 << 64
+
+
+def new_session(last: int | None, now_ns: int) -> int:
+    """The session number of a sender starting now: higher than ``last`` (the
+    previous start's, if known) and than any earlier start while the clock is
+    right (wall clock in ns: good until 2554)."""
+    s = max(int(now_ns), 1 if last is None else last + 1)
+    if s >= _U64:
+        raise ValueError("session number out of uint64 range")
+    return s
 
 
 def _check_key(key: bytes) -> bytes:
@@ -117,6 +158,24 @@ class _FullWalk:
             close()
 
 
+class _PackedWalk:
+    """A full walk whose chunks are made elsewhere (the agent's walk thread).
+
+    ``feed.get()`` returns ``(PackedEntries, last)`` (one chunk, sized to fit a
+    datagram), or None when nothing is ready yet (the feed wakes the agent when
+    it has more); ``feed.close()`` stops the producer."""
+
+    def __init__(self, full_id: int, feed) -> None:
+        self.full_id = full_id
+        self.feed = feed
+        self.chunk = 0
+        self.entries = 0
+        self.starved = False  # the feed had nothing at the last poll
+
+    def close(self) -> None:
+        self.feed.close()
+
+
 class Sender:
     """Builds the datagrams a node sends: hello, heartbeats and (master) entries.
 
@@ -160,7 +219,7 @@ class Sender:
         self.full_chunks_per_poll = full_chunks_per_poll
         self.full_rate = full_rate
         self._role = _check_role(role)
-        self.session = secrets.randbits(64) if session is None else session
+        self.session = new_session(None, int(now * 1e9)) if session is None else session
         if not 0 <= self.session < _U64:
             raise ValueError("session must be a uint64")
         self._seq = 0
@@ -257,15 +316,20 @@ class Sender:
     def full_in_progress(self) -> bool:
         return self._walk is not None
 
-    def start_full(self, entries: Iterable[SyncEntry], now: float) -> int:
+    def start_full(self, entries: Iterable[SyncEntry], now: float, *, packed: bool = False) -> int:
         """Begin a full walk over ``entries`` (consumed lazily by poll, a few
-        chunks at a time: a generator over BPF batch lookups is fine). Replaces
-        a walk in progress. Returns the walk's full_id."""
+        chunks at a time: a generator over BPF batch lookups is fine). With
+        ``packed``, ``entries`` is a feed of ready chunks instead (see
+        _PackedWalk): the walk and packing run elsewhere, poll only frames and
+        signs them. Replaces a walk in progress. Returns the walk's full_id."""
         if self._role != "master":
             raise RuntimeError("start_full while not master")
         self._abort_walk()
         self._full_id = (self._full_id + 1) % _U64
-        self._walk = _FullWalk(self._full_id, iter(entries), self._cap)
+        if packed:
+            self._walk = _PackedWalk(self._full_id, entries)
+        else:
+            self._walk = _FullWalk(self._full_id, iter(entries), self._cap)
         self._full_requested = False
         self._last_full_start = now
         self.stats["full_started"] += 1
@@ -344,6 +408,10 @@ class Sender:
         nid, sess, mp = self.node_id, self.session, self.max_payload
         while self._walk is not None and self._tokens >= 1.0:
             walk = self._walk
+            if type(walk) is _PackedWalk:
+                if not self._packed_chunk(walk, now, out):
+                    break
+                continue
             try:
                 walk.fill()
             except Exception as exc:  # the table walk broke (BPF error...): drop
@@ -379,6 +447,51 @@ class Sender:
             if last:
                 self._walk = None
                 self.stats["full_completed"] += 1
+
+    def _packed_chunk(self, walk: _PackedWalk, now: float, out: list[bytes]) -> bool:
+        """Frame and sign the feed's next chunk; False when there is none yet."""
+        try:
+            item = walk.feed.get()
+        except Exception as exc:  # the walk thread broke: as in _full_chunks
+            self.last_full_error = exc
+            self.stats["full_failed"] += 1
+            self._walk = None
+            walk.close()
+            return False
+        if item is None:
+            walk.starved = True
+            return False
+        walk.starved = False
+        batch, last = item
+        msg = FullChunk(self.node_id, self.session, self._next_seq(), now, walk.full_id,
+                        walk.chunk, bool(last), batch)
+        self._account(encode(msg, self._key), out)
+        n = len(batch)
+        walk.chunk += 1
+        walk.entries += n
+        self.stats["full_messages"] += 1
+        self.stats["full_entries"] += n
+        self._tokens -= 1.0
+        if last:
+            self._walk = None
+            self.stats["full_completed"] += 1
+        return True
+
+    def challenge(self, nonce: bytes, now: float) -> bytes:
+        """A Challenge datagram (for the Receiver's SendChallenge action)."""
+        data = encode(Challenge(self.node_id, self.session, self._next_seq(), now, nonce),
+                      self._key)
+        self.stats["messages"] += 1
+        self.stats["bytes"] += len(data)
+        return data
+
+    def respond(self, nonce: bytes, now: float) -> bytes:
+        """The Response to a peer's challenge (for SendResponse)."""
+        msg = Response(self.node_id, self.session, self._next_seq(), now, self._role, nonce)
+        data = encode(msg, self._key)
+        self.stats["messages"] += 1
+        self.stats["bytes"] += len(data)
+        return data
 
     def _status_msg(self, cls, now: float, out: list[bytes]) -> None:
         msg = cls(self.node_id, self.session, self._next_seq(), now, self._role)
@@ -426,6 +539,8 @@ class Sender:
             if self._full_requested:
                 return now
             if self._walk is not None:
+                if getattr(self._walk, "starved", False):
+                    return t  # the feed wakes the agent when it has chunks
                 if self.full_rate is None:
                     return now
                 # Wake for a burst's worth of chunks, or after 10 ms, but not
@@ -460,10 +575,11 @@ class Sender:
 class InstallEntries:
     """Entries to install, unchanged from the wire (real by address: the agent
     translates to local real ids and counts unknown reals). ``full_id`` is None
-    for incremental batches; for a full-walk chunk, ``last`` marks its end."""
+    for incremental batches; for a full-walk chunk, ``last`` marks its end.
+    ``entries`` is a codec.PackedEntries (a sequence of SyncEntry)."""
 
     sender: str
-    entries: list[SyncEntry]
+    entries: PackedEntries | list[SyncEntry]
     full_id: int | None = None
     chunk: int | None = None
     last: bool = False
@@ -498,26 +614,50 @@ class PeerDown:
     last_seen: float
 
 
-Action = InstallEntries | PeerUp | PeerRole | PeerDown
+@dataclass(frozen=True, slots=True)
+class SendChallenge:
+    """Send ``Sender.challenge(nonce)`` to ``addr``: the peer ``sender`` speaks
+    in a session not newer than one we accepted (a replay, or a restart with its
+    clock and state reset); its Response proves which."""
+
+    sender: str
+    addr: object
+    nonce: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendResponse:
+    """Send ``Sender.respond(nonce)`` to ``addr``. ``current``: the challenge
+    came in the peer's current session (fresh, not a replay): the peer has been
+    dropping our messages until now, so a master should walk its table again."""
+
+    sender: str
+    addr: object
+    nonce: bytes
+    current: bool
+
+
+Action = InstallEntries | PeerUp | PeerRole | PeerDown | SendChallenge | SendResponse
 
 
 class _Peer:
     __slots__ = (
-        "name", "session", "top", "window", "role", "alive", "addr", "last_seen",
-        "retired", "messages", "entries", "lost", "lag_s",
+        "name", "session", "max_session", "top", "window", "role", "alive", "addr",
+        "last_seen", "messages", "entries", "lost", "lag_s",
         "full_id", "full_chunks", "full_complete", "full_incomplete", "last_full_complete",
+        "nonce", "challenged_at", "answered_at", "challenges", "proofs",
     )  # fmt: skip
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, max_session: int | None = None) -> None:
         self.name = name
         self.session: int | None = None
+        self.max_session = max_session  # highest session ever accepted (None: none known)
         self.top = 0  # highest seq seen in this session
         self.window = 0  # bit i set: seq top - i seen
         self.role: str | None = None
         self.alive = False
         self.addr: object = None
         self.last_seen: float | None = None
-        self.retired: OrderedDict[int, None] = OrderedDict()
         self.messages = 0
         self.entries = 0
         self.lost = 0  # sequence gaps (estimate; reordered arrivals give back)
@@ -527,19 +667,38 @@ class _Peer:
         self.full_complete = 0
         self.full_incomplete = 0
         self.last_full_complete: float | None = None
+        self.nonce: bytes | None = None  # our outstanding challenge
+        self.challenged_at = float("-inf")
+        self.answered_at = float("-inf")
+        self.challenges = 0  # challenges sent
+        self.proofs = 0  # older sessions adopted on proof
+
+
+def _addr_key(addr: object) -> tuple | None:
+    """(host, port) of a socket address, the host normalised (no IPv6 scope)."""
+    if not isinstance(addr, tuple) or len(addr) < 2:
+        return None
+    host = addr[0]
+    if isinstance(host, str) and "%" in host:
+        host = host.split("%", 1)[0]
+    try:
+        return str(ipaddress.ip_address(host)), int(addr[1])
+    except ValueError:
+        return None
 
 
 class Receiver:
     """Checks and parses datagrams from the peer(s); returns actions.
 
-    Rejects (counted in ``counters`` by reason, see REJECT_REASONS): truncated,
+    Rejects (counted in ``counters`` by reason, see REJECT_REASONS): foreign_addr
+    (not from one of ``peer_addrs``: checked before any MAC work), truncated,
     oversize, version, malformed, bad_mac, unknown_peer (sender not in
-    allowed_peers, or our own node_id), replay (seq already seen or older than the window, or a
-    retired session). A rejected datagram yields no action and changes no
-    state except its counter. A new session from a known sender (restart) is
-    adopted only once its message has been authenticated and validated; the
-    last ``retired_sessions`` sessions of a sender are refused afterwards, so
-    replaying an old session's messages cannot roll the tracking back.
+    allowed_peers, or our own node_id), replay (seq already seen or older than
+    the window; a session not newer than one accepted, until proven live: see
+    the module doc). A rejected datagram yields no action and changes no state
+    except its counter (and, rate-limited, a SendChallenge). ``known_sessions``
+    (name -> highest session accepted) carries what an earlier run of this
+    node accepted, so that a restart is no chance to replay older sessions.
     """
 
     def __init__(
@@ -551,22 +710,35 @@ class Receiver:
         *,
         node_id: str | None = None,
         peer_timeout_s: float = 3.5,
-        retired_sessions: int = 16,
         max_peers: int = 16,
+        peer_addrs: Iterable[tuple] | None = None,
+        known_sessions: dict[str, int] | None = None,
+        challenge_interval_s: float = 1.0,
+        nonce: Callable[[], bytes] | None = None,
     ) -> None:
         if replay_window < 1:
             raise ValueError("replay_window must be >= 1 (1: strictly increasing)")
+        if challenge_interval_s <= 0:
+            raise ValueError("challenge_interval_s must be > 0")
         self._key = _check_key(key)
         # None: any sender id (the key alone authenticates), at most max_peers
         # of them; our own node_id is refused either way (reflected datagrams).
         self.allowed_peers = None if allowed_peers is None else frozenset(allowed_peers)
+        # None: any source address (tests); else only these (host, port) are heard.
+        self.peer_addrs: frozenset | None = None
+        if peer_addrs is not None:
+            keys = {_addr_key(a) for a in peer_addrs}
+            if None in keys:
+                raise ValueError("peer_addrs must be (host, port) pairs")
+            self.peer_addrs = frozenset(keys)
         self.node_id = node_id
         self.max_peers = max_peers
         self.max_size = max_size
         self.replay_window = replay_window
         self._mask = (1 << replay_window) - 1
         self.peer_timeout_s = peer_timeout_s
-        self.retired_sessions = retired_sessions
+        self.challenge_interval_s = challenge_interval_s
+        self._nonce = nonce or (lambda: secrets.token_bytes(NONCE_LEN))
         self.counters: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
         self.stats = {
             "messages": 0,
@@ -577,16 +749,82 @@ class Receiver:
             "last_message_at": None,
             "lag_s": None,  # now - ts of the last incremental batch
             "max_lag_s": 0.0,
+            "challenges_sent": 0,
+            "challenges_answered": 0,
+            "sessions_proven": 0,
         }
         self.last_reject: tuple[str, object, float] | None = None
         self._peers: dict[str, _Peer] = {}
+        for name, sess in (known_sessions or {}).items():
+            if type(sess) is int and 0 <= sess < _U64 and len(self._peers) < max_peers:
+                self._peers[name] = _Peer(name, sess)
 
     def _reject(self, reason: str, addr: object, now: float) -> list:
         self.counters[reason] += 1
         self.last_reject = (reason, addr, now)
         return []
 
+    def reject(self, reason: str, addr: object, now: float) -> None:
+        """Count a datagram the agent dropped itself (e.g. ``backlog_full``)."""
+        self._reject(reason, addr, now)
+
+    def addr_allowed(self, addr: object) -> bool:
+        """Whether a datagram from ``addr`` is heard at all (cheap: before the MAC)."""
+        pa = self.peer_addrs
+        if pa is None:
+            return True
+        if type(addr) is tuple and addr[:2] in pa:  # the usual case: exact match
+            return True
+        return _addr_key(addr) in pa
+
+    def known_sessions(self) -> dict[str, int]:
+        """Name -> highest session accepted, for the next run (see __init__)."""
+        return {n: p.max_session for n, p in self._peers.items() if p.max_session is not None}
+
+    def _seq_ok(self, peer: _Peer, seq: int) -> bool:
+        """Sliding-window check of ``seq`` in the peer's current session; records it."""
+        top = peer.top
+        if seq > top:
+            shift = seq - top
+            peer.lost += shift - 1
+            if shift >= self.replay_window:  # (no giant shifts on a seq jump)
+                peer.window = 1
+            else:
+                peer.window = ((peer.window << shift) | 1) & self._mask
+            peer.top = seq
+            return True
+        back = top - seq
+        if back >= self.replay_window or (peer.window >> back) & 1:
+            return False
+        peer.window |= 1 << back
+        if peer.lost:
+            peer.lost -= 1  # a reordered message, not a lost one
+        return True
+
+    def _challenge(self, peer: _Peer, addr: object, now: float) -> list[Action]:
+        if now - peer.challenged_at < self.challenge_interval_s and now >= peer.challenged_at:
+            return []
+        peer.nonce = self._nonce()
+        peer.challenged_at = now
+        peer.challenges += 1
+        self.stats["challenges_sent"] += 1
+        return [SendChallenge(peer.name, addr, peer.nonce)]
+
+    def _adopt(self, peer: _Peer, msg, addr: object) -> PeerUp:
+        restarted = peer.session is not None
+        peer.session, peer.top, peer.window = msg.session, msg.seq, 1
+        if peer.max_session is None or msg.session > peer.max_session:
+            peer.max_session = msg.session
+        peer.full_id = None
+        peer.alive = True
+        peer.nonce = None
+        role = getattr(msg, "role", "master")  # entries come from a master
+        peer.role = role
+        return PeerUp(peer.name, msg.session, role, addr, restarted)
+
     def on_datagram(self, data: bytes, src_addr: object, now: float) -> list[Action]:
+        if self.peer_addrs is not None and not self.addr_allowed(src_addr):
+            return self._reject("foreign_addr", src_addr, now)
         try:
             msg = decode(data, self._key, self.max_size)
         except SyncDecodeError as exc:
@@ -601,39 +839,27 @@ class Receiver:
             ):
                 return self._reject("unknown_peer", src_addr, now)
             peer = self._peers[name] = _Peer(name)
-        seq = msg.seq
+        kind = msg.kind
         actions: list[Action] = []
+        if kind == "challenge":
+            return self._on_challenge(peer, msg, src_addr, now)
         if msg.session != peer.session:
-            if msg.session in peer.retired:
-                return self._reject("replay", src_addr, now)
-            restarted = peer.session is not None
-            if restarted:
-                peer.retired[peer.session] = None
-                while len(peer.retired) > self.retired_sessions:
-                    peer.retired.popitem(last=False)
-            peer.session, peer.top, peer.window = msg.session, seq, 1
-            peer.full_id = None
-            peer.alive = True
-            role = getattr(msg, "role", "master")  # entries come from a master
-            peer.role = role
-            actions.append(PeerUp(name, msg.session, role, src_addr, restarted))
-        else:
-            top = peer.top
-            if seq > top:
-                shift = seq - top
-                peer.lost += shift - 1
-                if shift >= self.replay_window:  # (no giant shifts on a seq jump)
-                    peer.window = 1
-                else:
-                    peer.window = ((peer.window << shift) | 1) & self._mask
-                peer.top = seq
+            if kind == "response" and peer.nonce is not None and msg.nonce == peer.nonce:
+                # proven live now, whatever its number: adopt it
+                if peer.max_session is not None and msg.session <= peer.max_session:
+                    peer.proofs += 1
+                    self.stats["sessions_proven"] += 1
+                actions.append(self._adopt(peer, msg, src_addr))
+            elif peer.max_session is not None and msg.session <= peer.max_session:
+                self._reject("replay", src_addr, now)
+                return self._challenge(peer, src_addr, now)
             else:
-                back = top - seq
-                if back >= self.replay_window or (peer.window >> back) & 1:
-                    return self._reject("replay", src_addr, now)
-                peer.window |= 1 << back
-                if peer.lost:
-                    peer.lost -= 1  # a reordered message, not a lost one
+                actions.append(self._adopt(peer, msg, src_addr))
+        else:
+            if not self._seq_ok(peer, msg.seq):
+                return self._reject("replay", src_addr, now)
+            if kind == "response" and msg.nonce == peer.nonce:
+                peer.nonce = None
             if not peer.alive:
                 peer.alive = True
                 role = getattr(msg, "role", None) or peer.role or "master"
@@ -645,7 +871,6 @@ class Receiver:
         st = self.stats
         st["messages"] += 1
         st["last_message_at"] = now
-        kind = msg.kind
         if kind == "entries":
             lag = now - msg.ts
             st["lag_s"] = peer.lag_s = lag
@@ -663,12 +888,28 @@ class Receiver:
             peer.entries += len(msg.entries)
             self._track_full(peer, msg, now)
             actions.append(InstallEntries(name, msg.entries, msg.full_id, msg.chunk, msg.last))
-        else:  # hello / heartbeat
+        else:  # hello / heartbeat / response
             if msg.role != peer.role:
                 peer.role = msg.role
                 if not actions:
                     actions.append(PeerRole(name, msg.role))
         return actions
+
+    def _on_challenge(self, peer: _Peer, msg: Challenge, addr: object, now: float) -> list:
+        """Answer (rate-limited unless fresh); challenge back a session we cannot trust."""
+        current = msg.session == peer.session
+        if current:
+            if not self._seq_ok(peer, msg.seq):
+                return self._reject("replay", addr, now)
+            peer.last_seen = now
+        elif now - peer.answered_at < self.challenge_interval_s / 4 and now >= peer.answered_at:
+            return self._reject("replay", addr, now)  # too many: some are replays
+        peer.answered_at = now
+        self.stats["challenges_answered"] += 1
+        out: list[Action] = [SendResponse(peer.name, addr, msg.nonce, current)]
+        if not current and peer.max_session is not None and msg.session <= peer.max_session:
+            out += self._challenge(peer, addr, now)  # both restarted with a clock set back
+        return out
 
     @staticmethod
     def _track_full(peer: _Peer, msg: FullChunk, now: float) -> None:
@@ -716,6 +957,9 @@ class Receiver:
             "full_complete": p.full_complete,
             "full_incomplete": p.full_incomplete,
             "last_full_complete": p.last_full_complete,
+            "max_session": p.max_session,
+            "challenges": p.challenges,
+            "sessions_proven": p.proofs,
         }
 
     def status(self) -> dict:
@@ -723,5 +967,57 @@ class Receiver:
             **self.stats,
             "rejects": dict(self.counters),
             "last_reject": self.last_reject,
-            "peers": {name: self.peer(name) for name in self._peers},
+            # (peers only remembered from an earlier run, not heard yet: left out)
+            "peers": {n: self.peer(n) for n, p in self._peers.items()
+                      if p.session is not None or p.messages},
         }
+
+
+# =========================================================================== pre-auth backlog
+
+
+class Backlog:
+    """Datagrams read off the socket but not yet authenticated (full-walk
+    chunks set aside so that new flows go first).
+
+    Bounded twice: at most ``max_bytes`` held (``offer`` refuses more: the
+    caller counts the drop, the next walk repairs it), and ``take`` hands out at
+    most ``turn_bytes`` per call (one loop turn's worth of MAC checks, whatever
+    the datagrams hold: a flood of garbage costs bounded work per turn).
+    """
+
+    def __init__(self, max_bytes: int, turn_bytes: int) -> None:
+        if max_bytes < 1 or turn_bytes < 1:
+            raise ValueError("backlog bounds must be >= 1 byte")
+        self.max_bytes = max_bytes
+        self.turn_bytes = turn_bytes
+        self._q: deque[tuple[bytes, object]] = deque()
+        self.bytes = 0
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def offer(self, data: bytes, addr: object) -> bool:
+        if self.bytes + len(data) > self.max_bytes:
+            self.dropped += 1
+            return False
+        self._q.append((data, addr))
+        self.bytes += len(data)
+        return True
+
+    def take(self) -> list[tuple[bytes, object]]:
+        """The oldest datagrams, at most turn_bytes together (at least one)."""
+        q = self._q
+        out = []
+        n = 0
+        while q and (not out or n + len(q[0][0]) <= self.turn_bytes):
+            item = q.popleft()
+            n += len(item[0])
+            out.append(item)
+        self.bytes -= n
+        return out
+
+    def clear(self) -> None:
+        self._q.clear()
+        self.bytes = 0

@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from l4lb.config import Endpoint, SyncConfig
 from l4lb.dataplane import maps as M
 from l4lb.dataplane.tables import CONN_KEY, CONN_VAL, RealState, VipState
-from l4lb.sync.agent import SyncAgent, Translator, decode_events
+from l4lb.sync import agent as sync_agent
+from l4lb.sync.agent import Translator, decode_events
 from l4lb.sync.codec import SyncEntry
 
 VIP = "10.99.0.100"
@@ -206,6 +207,12 @@ class FakeProg:
         raise KeyError(name)  # no config map: walks keep every flow
 
 
+def make_agent(*args, **kw):
+    """A SyncAgent that keeps no state file unless the test gives it a directory."""
+    kw.setdefault("state_dir", None)
+    return sync_agent.SyncAgent(*args, **kw)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -238,8 +245,8 @@ def test_two_agents_stream_walk_and_swap_roles():
         pa, pb = free_port(), free_port()
         ta, tb = FakeTables(MASTER_VIPS), FakeTables(BACKUP_VIPS)
         ta.add(CLIENT, 30000, VIP, 80, 1, 0, time.monotonic_ns())  # before the peer came
-        a = SyncAgent(sync_cfg(pa, pb), "lb1", ta, FakeProg(), role="master", ring_mode="poll")
-        b = SyncAgent(sync_cfg(pb, pa), "lb2", tb, FakeProg(), role="backup", ring_mode="poll")
+        a = make_agent(sync_cfg(pa, pb), "lb1", ta, FakeProg(), role="master", ring_mode="poll")
+        b = make_agent(sync_cfg(pb, pa), "lb2", tb, FakeProg(), role="backup", ring_mode="poll")
         await a.start()
         await b.start()
         try:
@@ -317,10 +324,10 @@ def test_wrong_key_is_rejected_and_counted():
     async def main():
         pa, pb = free_port(), free_port()
         ta, tb = FakeTables(MASTER_VIPS), FakeTables(BACKUP_VIPS)
-        a = SyncAgent(sync_cfg(pa, pb), "lb1", ta, FakeProg(), role="master", ring_mode="poll")
+        a = make_agent(sync_cfg(pa, pb), "lb1", ta, FakeProg(), role="master", ring_mode="poll")
         cfg_b = sync_cfg(pb, pa)
         cfg_b = SyncConfig(**{**cfg_b.__dict__, "key": "another key, 16+ chars"})
-        b = SyncAgent(cfg_b, "lb2", tb, FakeProg(), role="backup", ring_mode="poll")
+        b = make_agent(cfg_b, "lb2", tb, FakeProg(), role="backup", ring_mode="poll")
         await a.start()
         await b.start()
         try:
@@ -338,12 +345,12 @@ def test_wrong_key_is_rejected_and_counted():
 
 def test_bad_config_is_refused():
     with pytest.raises(ValueError):
-        SyncAgent(SyncConfig(enabled=True, key="0123456789abcdef"), "lb1",
+        make_agent(SyncConfig(enabled=True, key="0123456789abcdef"), "lb1",
                   FakeTables([]), FakeProg())
 
 
 def test_walk_pace_urgent_for_a_waiting_peer_slow_for_the_periodic_repair():
-    a = SyncAgent(sync_cfg(free_port(), free_port()), "lb1", FakeTables(MASTER_VIPS), FakeProg(),
+    a = make_agent(sync_cfg(free_port(), free_port()), "lb1", FakeTables(MASTER_VIPS), FakeProg(),
                   role="backup", full_entries_per_s=400_000, periodic_entries_per_s=50_000)
     now = time.time()
     a.set_role("master")  # becoming master: the peer waits for our table
@@ -358,14 +365,16 @@ def test_walk_pace_urgent_for_a_waiting_peer_slow_for_the_periodic_repair():
     assert a.sender.full_rate == urgent
 
 
-def test_standby_installs_new_flows_before_a_full_walk_backlog():
+def test_standby_installs_new_flows_before_a_full_walk_backlog(monkeypatch):
     """Full-walk chunks already queued in the socket do not hold back a new flow."""
     from l4lb.sync.machine import Sender  # noqa: PLC0415
 
+    monkeypatch.setattr(sync_agent, "FULL_TURN_BYTES", 8192)  # slices of ~6 datagrams
+
     async def main():
-        pb = free_port()
+        pb, peer = free_port(), free_port()
         tb = FakeTables(BACKUP_VIPS)
-        b = SyncAgent(sync_cfg(pb, free_port()), "lb2", tb, FakeProg(), role="backup",
+        b = make_agent(sync_cfg(pb, peer), "lb2", tb, FakeProg(), role="backup",
                       ring_mode="poll")
         await b.start()
         try:
@@ -380,11 +389,13 @@ def test_standby_installs_new_flows_before_a_full_walk_backlog():
             s.add_new_flows([SyncEntry(p(CLIENT), 9, p(VIP), 80, 6, p("10.99.0.32"))], now)
             grams += s.flush(now)  # the new flow's batch: sent last
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as out:
+                out.bind(("127.0.0.1", peer))  # the configured peer: only it is heard
                 for g in grams:
                     out.sendto(g, ("127.0.0.1", pb))
             await until(lambda: len(tb.conns) == 3001)
             assert tb.installs[0] == (True, 1)  # the new flow first...
-            assert len(tb.installs) >= 3000 // 1024 + 1  # ...then the walk, slice by slice
+            full_bytes = sum(len(g) for g in grams[:-1])
+            assert len(tb.installs) >= 1 + full_bytes // 8192  # ...then the walk, by slices
             st = b.status()
             assert st["full_backlog"] == 0 and st["rejected"] == {}
             assert st["full_walks"]["received_complete"] == 1

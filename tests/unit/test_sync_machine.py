@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from l4lb.sync import machine
 from l4lb.sync.codec import (
     VERSION,
     Entries,
@@ -23,12 +24,16 @@ from l4lb.sync.codec import (
 )
 from l4lb.sync.machine import (
     REJECT_REASONS,
+    Backlog,
     InstallEntries,
     PeerDown,
     PeerRole,
     PeerUp,
     Receiver,
+    SendChallenge,
     Sender,
+    SendResponse,
+    new_session,
 )
 
 KEY = b"0123456789abcdef0123456789abcdef"
@@ -487,8 +492,11 @@ def test_sender_restart_new_session_accepted() -> None:
     up = [a for a in acts if isinstance(a, PeerUp)]
     assert up == [PeerUp("lb1", s2.session, "master", ("192.0.2.1", 7777), True)]
     assert all(e[:5] in sb.installed for e in ents(10, 13))
-    # Replaying the old session now must not roll the tracking back.
-    assert sb.feed(old) == []
+    # Replaying the old session now must not roll the tracking back: nothing is
+    # installed, and the only answer is one challenge (which it cannot meet).
+    sb.installed.clear()
+    acts = sb.feed(old)
+    assert [type(a) for a in acts] == [SendChallenge] and sb.installed == {}
     assert sb.rx.counters["replay"] == len(old)
     assert sb.rx.peer("lb1")["session"] == s2.session
 
@@ -583,3 +591,184 @@ def test_messages_are_hello_first_then_typed() -> None:
     assert [m.seq for m in msgs] == [2, 3, 4]
     assert all(m.session == s.session for m in msgs)
     assert decode(encode(msgs[0], KEY), KEY, 1400) == msgs[0]  # decoded messages re-encode
+
+
+# =========================================================================== sessions: replay, restart
+
+PEER = ("192.0.2.1", 7777)
+
+
+def test_new_session_grows_whatever_the_clock() -> None:
+    assert new_session(None, 5) == 5
+    assert new_session(3, 5) == 5  # the clock is ahead of the last start
+    assert new_session(10, 5) == 11  # the clock went back: still newer than the last
+    with pytest.raises(ValueError):
+        new_session(2**64 - 1, 5)
+    a = Sender("lb1", KEY, T0)
+    b = Sender("lb1", KEY, T0 + 0.001)  # a later start without a state file
+    assert b.session > a.session
+
+
+def test_foreign_address_dropped_before_the_mac(monkeypatch) -> None:
+    """A recorded datagram replayed from elsewhere costs no MAC work and changes nothing."""
+    s, sb = master(), Standby()
+    sb.rx = Receiver(KEY, None, 65507, peer_addrs=[PEER])
+    s.add_new_flows([ent(1)], T0)
+    (d,) = s.poll(T0 + 1)
+    calls = []
+    real_decode = machine.decode
+    monkeypatch.setattr(machine, "decode", lambda *a: calls.append(1) or real_decode(*a))
+    assert sb.feed([d], addr=("203.0.113.9", 7777)) == []
+    assert sb.feed([d], addr=("192.0.2.1", 7778)) == []  # the peer's host, another port
+    assert calls == [] and sb.installed == {} and sb.rx.counters["foreign_addr"] == 2
+    assert sb.rx.peer("lb1") is None
+    sb.feed([d], addr=PEER)  # the same datagram from the peer: heard
+    assert calls == [1] and ent(1)[:5] in sb.installed
+    # an IPv6 peer given in another spelling, and a scoped source address
+    rx6 = Receiver(KEY, None, peer_addrs=[("FD00:0::1", 9542)])
+    assert rx6.addr_allowed(("fd00::1", 9542, 0, 0)) and rx6.addr_allowed(("fd00::1%eth0", 9542))
+    assert not rx6.addr_allowed(("fd00::2", 9542, 0, 0)) and not rx6.addr_allowed("junk")
+
+
+def test_replayed_older_session_from_the_peer_installs_nothing() -> None:
+    """The issue: a datagram of an older session, replayed, was adopted as a restart
+    and locked out the live session. Now: refused, and the live one goes on."""
+    old = master(session=1_000)
+    old.add_new_flows([ent(666)], T0)
+    recorded = old.poll(T0 + 1)
+    live, sb = master(session=2_000), Standby()
+    live.add_new_flows([ent(1)], T0)
+    sb.feed(live.poll(T0 + 1))
+    sb.installed.clear()
+    acts = sb.feed(recorded, T0 + 2)
+    assert not [a for a in acts if isinstance(a, (InstallEntries, PeerUp))]
+    assert sb.installed == {} and sb.rx.counters["replay"] == len(recorded)
+    assert sb.rx.peer("lb1")["session"] == live.session
+    live.add_new_flows([ent(2)], T0 + 2)
+    sb.feed(live.poll(T0 + 3), T0 + 3)  # genuine traffic: still accepted
+    assert ent(2)[:5] in sb.installed and ent(666)[:5] not in sb.installed
+    # a challenge the replayer cannot answer: the nonce is fresh
+    (ch,) = [a for a in acts if isinstance(a, SendChallenge)]
+    stale = old.respond(b"\x00" * 16, T0 + 2)  # a guess at the nonce
+    assert not [a for a in sb.feed([stale], T0 + 2) if isinstance(a, (PeerUp, InstallEntries))]
+    assert sb.rx.peer("lb1")["session"] == live.session and ch.nonce != b"\x00" * 16
+
+
+def test_restarted_sender_with_a_newer_session_is_accepted_at_once() -> None:
+    s1, sb = master(), Standby()
+    s1.add_new_flows([ent(1)], T0)
+    sb.feed(s1.poll(T0 + 1))
+    s2 = master(T0 - 50, session=new_session(s1.session, int((T0 - 50) * 1e9)))  # clock back
+    assert s2.session == s1.session + 1
+    s2.add_new_flows([ent(2)], T0)
+    acts = sb.feed(s2.poll(T0 + 2), T0 + 2)
+    assert [a for a in acts if isinstance(a, PeerUp)][0].restarted
+    assert ent(2)[:5] in sb.installed and sb.rx.counters["replay"] == 0
+
+
+def test_reset_peer_with_a_lower_session_proves_it_and_is_not_locked_out() -> None:
+    """Clock set back and state file lost: its sessions are lower than one we
+    accepted. One challenge round trip, and its live session is adopted."""
+    s1, sb = master(session=5_000), Standby()
+    s1.add_new_flows([ent(0)], T0)
+    sb.feed(s1.poll(T0 + 1))
+    assert sb.rx.peer("lb1")["session"] == 5_000
+    reset = Sender("lb1", KEY, T0, role="master", full_interval_s=None, session=10)
+    reset.start_full([], T0)
+    first = reset.poll(T0 + 2)
+    acts = sb.feed(first, T0 + 2)
+    (ch,) = [a for a in acts if isinstance(a, SendChallenge)]
+    assert ch.addr == PEER and sb.rx.peer("lb1")["session"] == s1.session
+    assert sb.feed(first, T0 + 2.1) == []  # one challenge per challenge_interval_s
+    forged = reset.respond(b"\x11" * 16, T0 + 2.2)  # a wrong nonce proves nothing
+    assert not [a for a in sb.feed([forged], T0 + 2.2) if isinstance(a, PeerUp)]
+    acts = sb.feed([reset.respond(ch.nonce, T0 + 2.3)], T0 + 2.3)
+    assert acts == [PeerUp("lb1", 10, "master", PEER, True)]
+    reset.add_new_flows([ent(3)], T0 + 2.3)
+    sb.feed(reset.poll(T0 + 2.4), T0 + 2.4)
+    assert ent(3)[:5] in sb.installed and sb.rx.status()["sessions_proven"] == 1
+    # the nonce is spent: replaying the response does not reopen anything
+    assert sb.feed([reset.respond(ch.nonce, T0 + 3)], T0 + 3) == []
+    # and s1's old datagrams stay refused (not newer than the highest seen)
+    s1.add_new_flows([ent(4)], T0)
+    sb.feed(s1.poll(T0 + 5), T0 + 5)
+    assert ent(4)[:5] not in sb.installed and sb.rx.peer("lb1")["session"] == 10
+
+
+def test_challenges_are_answered_and_replayed_ones_cost_little() -> None:
+    a, b = Sender("lb1", KEY, T0, session=100), Sender("lb2", KEY, T0, session=200)
+    rx_b = Receiver(KEY, None, node_id="lb2")
+    rx_b.on_datagram(a.poll(T0)[0], PEER, T0)  # lb1's hello: its session is current
+    ch = a.challenge(b"\x07" * 16, T0 + 1)
+    assert rx_b.on_datagram(ch, PEER, T0 + 1) == [SendResponse("lb1", PEER, b"\x07" * 16, True)]
+    assert rx_b.on_datagram(ch, PEER, T0 + 1.5) == []  # the same again: a replay
+    old = Sender("lb1", KEY, T0, session=50).challenge(b"\x08" * 16, T0)  # another session
+    got = rx_b.on_datagram(old, PEER, T0 + 2)
+    assert got[0] == SendResponse("lb1", PEER, b"\x08" * 16, False)
+    assert [type(x) for x in got[1:]] == [SendChallenge]  # and it is challenged in turn
+    assert rx_b.on_datagram(old, PEER, T0 + 2.01) == []  # rate-limited
+    resp = decode(b.respond(b"\x07" * 16, T0), KEY, 1400)
+    assert resp.kind == "response" and resp.nonce == b"\x07" * 16 and resp.role == "backup"
+
+
+def test_both_reset_challenge_each_other_and_recover() -> None:
+    """Both nodes remember higher sessions of each other than they now use."""
+    a = Sender("lb1", KEY, T0, session=10, role="master", full_interval_s=None)
+    b = Sender("lb2", KEY, T0, session=20)
+    rx_a = Receiver(KEY, None, node_id="lb1", known_sessions={"lb2": 900})
+    rx_b = Receiver(KEY, None, node_id="lb2", known_sessions={"lb1": 800})
+    pa, pb = ("10.0.0.1", 1), ("10.0.0.2", 1)
+    wire = [(rx_b, d, pa) for d in a.poll(T0)] + [(rx_a, d, pb) for d in b.poll(T0)]
+    ups = []
+    for _ in range(6):  # deliver, act, repeat
+        out = []
+        for rx, d, src in wire:
+            for act in rx.on_datagram(d, src, T0 + 1):
+                me = a if rx is rx_a else b
+                back = pa if me is a else pb
+                if isinstance(act, SendChallenge):
+                    out.append((rx_b if me is a else rx_a, me.challenge(act.nonce, T0), back))
+                elif isinstance(act, SendResponse):
+                    out.append((rx_b if me is a else rx_a, me.respond(act.nonce, T0), back))
+                elif isinstance(act, PeerUp):
+                    ups.append(act.sender)
+        wire = out
+    assert sorted(ups) == ["lb1", "lb2"]
+    assert rx_a.peer("lb2")["session"] == 20 and rx_b.peer("lb1")["session"] == 10
+
+
+def test_known_sessions_carry_over_a_restart_of_the_receiver() -> None:
+    s, sb = master(session=777), Standby()
+    s.add_new_flows([ent(1)], T0)
+    recorded = s.poll(T0 + 1)
+    sb.feed(recorded)
+    known = sb.rx.known_sessions()
+    assert known == {"lb1": 777}
+    again = Standby()
+    again.rx = Receiver(KEY, None, 65507, known_sessions=known)
+    assert again.rx.status()["peers"] == {}  # remembered, not yet heard
+    acts = again.feed(recorded)  # replayed to the restarted receiver: refused
+    assert again.installed == {} and [type(a) for a in acts] == [SendChallenge]
+    acts = again.feed([s.respond(acts[0].nonce, T0 + 2)], T0 + 2)  # the live session proves it
+    assert [type(a) for a in acts] == [PeerUp]
+    s.add_new_flows([ent(2)], T0 + 2)
+    again.feed(s.poll(T0 + 3), T0 + 3)
+    assert ent(2)[:5] in again.installed
+
+
+# =========================================================================== pre-auth backlog
+
+
+def test_backlog_bounds_bytes_held_and_per_turn() -> None:
+    b = Backlog(max_bytes=10_000, turn_bytes=3_000)
+    garbage = [bytes(1000)] * 15
+    took = [b.offer(g, PEER) for g in garbage]
+    assert took == [True] * 10 + [False] * 5 and b.dropped == 5 and b.bytes == 10_000
+    turns = []
+    while b:
+        turns.append(sum(len(d) for d, _ in b.take()))
+    assert turns == [3000, 3000, 3000, 1000] and b.bytes == 0
+    b.offer(bytes(5000), PEER)  # bigger than a turn: still goes, alone
+    assert [len(d) for d, _ in b.take()] == [5000]
+    with pytest.raises(ValueError):
+        Backlog(0, 1)
