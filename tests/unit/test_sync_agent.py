@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import ctypes as ct
 import ipaddress
+import json
 import socket
 import time
+from collections import Counter
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -401,5 +403,183 @@ def test_standby_installs_new_flows_before_a_full_walk_backlog(monkeypatch):
             assert st["full_walks"]["received_complete"] == 1
         finally:
             await b.stop()
+
+    asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- hardening
+
+
+def mixed_table(now):
+    """Conn-table records of every shape, some idle, some naming unknown reals."""
+    t = FakeTables(STANDBY_VIPS)
+    for i in range(300):
+        t.add(CLIENT, 1000 + i, VIP, 80, (7, 8, 9)[i % 3], 3, now)
+        t.add("fd99::11", 1000 + i, "fd99::100", 443, (12, 13)[i % 2], 5, now)
+        t.add(CLIENT, 5000 + i, VIP, 53, 11, 4, now - (400 * 10**9 if i % 5 == 0 else 0),
+              proto=17)
+    t.add(CLIENT, 9, VIP, 80, 99, 3, now)  # real id unknown here
+    return t
+
+
+def test_bulk_paths_give_what_the_per_entry_paths_give():
+    """The walk (records -> wire rows) and the install (groups -> records) in numpy
+    agree with the per-entry struct code, skips and all."""
+    from l4lb.sync.codec import SHAPE_LENS, PackedEntries  # noqa: PLC0415
+
+    now = 1_000_000_000_000
+    t = mixed_table(now)
+    tr = Translator(t)
+    keys = b"".join(t.conns)
+    vals = b"".join(t.conns.values())
+    rows, skipped = tr.records_to_rows(keys, vals, now, 300 * 10**9)
+    want, want_skipped = tr.records_to_entries(keys, vals, now, 300 * 10**9)
+    assert skipped == want_skipped == Counter(idle=60, unknown_real=1)
+    packed = PackedEntries(tuple((SHAPE_LENS[lens][0], r.tobytes()) for lens, r in rows.items()))
+    assert sorted(packed) == sorted(want)
+    assert set(rows) == {(4, 4, 4), (16, 16, 16), (16, 16, 4)}
+    # ...and back, on the other node: an unknown VIP and an unknown real among them
+    extra = PackedEntries.from_groups([(0, b"".join(
+        codec_pack(e) for e in (SyncEntry(p(CLIENT), 1, p("10.99.0.200"), 80, 6, p("10.99.0.31")),
+                                SyncEntry(p(CLIENT), 2, p(VIP), 80, 6, p("10.99.0.35")))))])
+    groups = packed.groups + extra.groups
+    k1, v1, s1 = tr.groups_to_records(groups, 77)
+    k2, v2, s2 = tr.entries_to_records([*packed, *extra], 77)
+    assert s1 == s2 == Counter(unknown_vip=1, unknown_real=1)
+    assert sorted(records(k1, v1)) == sorted(records(k2, v2)) and len(records(k1, v1)) == 840
+
+
+def codec_pack(e: SyncEntry) -> bytes:
+    import struct  # noqa: PLC0415
+
+    return struct.pack("!4sH4sHB4s", *e)
+
+
+def test_garbage_flood_costs_bounded_work_per_turn_and_is_counted(monkeypatch):
+    """Datagrams from elsewhere are dropped unread (no MAC); from the peer's address,
+    full-walk lookalikes wait in a bounded backlog and are checked a bounded number
+    of bytes per loop turn; genuine traffic still gets through afterwards."""
+    from l4lb.sync.codec import PREFIX_LEN  # noqa: PLC0415
+    from l4lb.sync.machine import Sender  # noqa: PLC0415
+
+    monkeypatch.setattr(sync_agent, "DEFER_MAX_BYTES", 64 << 10)
+    monkeypatch.setattr(sync_agent, "FULL_TURN_BYTES", 16 << 10)
+    monkeypatch.setattr(sync_agent, "RECV_TURN_BYTES", 16 << 10)
+
+    async def main():
+        pb, peer = free_port(), free_port()
+        tb = FakeTables(BACKUP_VIPS)
+        b = make_agent(sync_cfg(pb, peer), "lb2", tb, FakeProg(), role="backup",
+                       ring_mode="poll")
+        macs = []  # datagrams that reached the MAC check, per loop callback
+        real_on_datagram = None
+
+        def counting(*a):
+            macs[-1] += 1
+            return real_on_datagram(*a)
+
+        def per_callback(f):
+            def wrap():
+                macs.append(0)
+                return f()
+            return wrap
+
+        for name in ("_on_readable", "_process_deferred"):
+            setattr(b, name, per_callback(getattr(b, name)))
+        await b.start()
+        real_on_datagram = b.receiver.on_datagram
+        b.receiver.on_datagram = counting
+        try:
+            body = bytes((0x99, 2)) + bytes(1400 - PREFIX_LEN - 2 - 32)  # "a full-walk chunk"
+            junk = b"L4S\x02" + (len(body)).to_bytes(4, "big") + body + bytes(32)
+            assert len(junk) == 1400 and junk[PREFIX_LEN:PREFIX_LEN + 2] == bytes((0x99, 2))
+            n = 300
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as spoof, \
+                    socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as foreign:
+                spoof.bind(("127.0.0.1", peer))
+                for _ in range(n):
+                    foreign.sendto(junk, ("127.0.0.1", pb))
+                    spoof.sendto(junk, ("127.0.0.1", pb))
+            rej = b.receiver.counters
+            await until(lambda: rej["foreign_addr"] == n
+                        and rej["bad_mac"] + rej["backlog_full"] == n)
+            assert rej["backlog_full"] >= 1  # 420 KB offered, 64 KiB held at most
+            assert max(macs) <= (16 << 10) // 1400 + 1  # per loop callback
+            assert b.status()["full_backlog"] == 0 and not tb.conns
+            # the real peer is still heard
+            s = Sender("lb1", b"0123456789abcdef0123", time.time(), role="master")
+            s.add_new_flows([SyncEntry(p(CLIENT), 7, p(VIP), 80, 6, p("10.99.0.31"))],
+                            time.time())
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as out:
+                out.bind(("127.0.0.1", peer))
+                for g in s.poll(time.time() + 1):
+                    out.sendto(g, ("127.0.0.1", pb))
+            await until(lambda: tb.entry(CLIENT, 7, VIP, 80) is not None)
+            text = generate_latest(registry_of(b)).decode()
+            assert 'l4lb_sync_rejected_total{reason="foreign_addr"} 300.0' in text
+        finally:
+            await b.stop()
+
+    asyncio.run(main())
+
+
+def registry_of(agent):
+    reg = CollectorRegistry(auto_describe=False)
+
+    class C:
+        def collect(self):
+            yield from agent.metrics()
+
+    reg.register(C())
+    return reg
+
+
+def test_session_persists_and_grows_across_restarts_even_with_the_clock_back(tmp_path,
+                                                                             monkeypatch):
+    async def main():
+        pa, pb = free_port(), free_port()
+        a = make_agent(sync_cfg(pa, pb), "lb1", FakeTables(MASTER_VIPS), FakeProg(),
+                       role="master", ring_mode="poll", state_dir=tmp_path / "lb1")
+        b = make_agent(sync_cfg(pb, pa), "lb2", FakeTables(BACKUP_VIPS), FakeProg(),
+                       role="backup", ring_mode="poll", state_dir=tmp_path / "lb2")
+        await a.start()
+        await b.start()
+        first = a.sender.session
+        await until(lambda: json.loads((tmp_path / "lb2" / "sync.json").read_text())
+                    .get("peers") == {"lb1": first})
+        await a.stop()
+        assert json.loads((tmp_path / "lb1" / "sync.json").read_text())["session"] == first
+        monkeypatch.setattr(sync_agent.time, "time_ns", lambda: 1_000)  # clock reset
+        a2 = make_agent(sync_cfg(pa, pb), "lb1", FakeTables(MASTER_VIPS), FakeProg(),
+                        role="master", ring_mode="poll", state_dir=tmp_path / "lb1")
+        await a2.start()
+        try:
+            assert a2.sender.session == first + 1
+            await until(lambda: b.receiver.peer("lb1")["session"] == first + 1)
+        finally:
+            await a2.stop()
+            await b.stop()
+
+    asyncio.run(main())
+
+
+def test_wildcard_listen_binds_the_nodes_own_address_never_a_vip():
+    async def main():
+        port, peer = free_port(), free_port()
+        cfg = sync_cfg(port, peer)
+        cfg = SyncConfig(**{**cfg.__dict__,
+                            "listen": Endpoint(ipaddress.ip_address("0.0.0.0"), port)})
+        a = make_agent(cfg, "lb1", FakeTables(MASTER_VIPS), FakeProg(), ring_mode="poll")
+        await a.start()
+        try:
+            assert a.bound == ("127.0.0.1", port)  # lo's address, towards the peer
+        finally:
+            await a.stop()
+        # the only address there is a VIP: a clear error, not the VIP
+        b = make_agent(cfg, "lb1", FakeTables([vip("127.0.0.1", 80, "tcp", 1, [])]),
+                       FakeProg(), ring_mode="poll")
+        with pytest.raises(RuntimeError, match="set sync.listen"):
+            await b.start()
+        await b.stop()
 
     asyncio.run(main())
