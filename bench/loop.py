@@ -9,8 +9,10 @@ front of one real. Cases:
            bench/sync.py fills its tables), so every walk is a big one. For S
            seconds (30; --quick 10), at the same time: two API clients calling
            `status`, `stats`, `conns` (limit 1000; and limit 100 of the VIP) over
-           and over, `curl` scraping /metrics in lb1 in a loop, and the sync master
-           walking its whole table to lb2 again and again (full_sync_interval_s 1).
+           and over, one `conns` of 200,000 entries (--big-conns; --quick 30,000:
+           a long walk and a huge JSON answer, whose encoding holds the GIL),
+           `curl` scraping /metrics in lb1 in a loop, and the sync master walking
+           its whole table to lb2 again and again (full_sync_interval_s 1).
   iperf3   0.02 s adverts with node.vrrp_rt_priority (SCHED_RR for the VRRP thread),
            iperf3 through the VIP (DR via lb1, generic XDP) saturating both CPUs for
            S seconds (60; --quick 15), as tests/lab/test_vrrp_load.py does at 0.1 s.
@@ -217,14 +219,18 @@ class Capture:
 class Load:
     """API clients and a metrics scraper hammering lb1 until stop()."""
 
-    def __init__(self, lab, node: str = "lb1", api_threads: int = 2) -> None:
+    def __init__(self, lab, node: str = "lb1", api_threads: int = 2, big_conns: int = 0) -> None:
         self.lab, self.node = lab, node
         self.stop_ev = threading.Event()
         self.ops: dict[str, int] = {}
         self.errors: list[str] = []
+        self.big: dict = {}
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._api, args=(i,), daemon=True)
                          for i in range(api_threads)]
+        if big_conns:  # one `conns --limit big_conns`: a long walk and a huge JSON answer
+            self._threads.append(threading.Thread(target=self._big, args=(big_conns,),
+                                                  daemon=True))
         # one long-lived shell loop in the namespace scraping /metrics
         self._scraper = subprocess.Popen(
             lab.nsenter(node) + ["sh", "-c", "n=0; while :; do curl -s -m 30 -o /dev/null "
@@ -252,6 +258,18 @@ class Load:
                 self.errors.append(f"{cmd}: {e}")
                 time.sleep(0.1)
 
+    def _big(self, limit: int) -> None:
+        from l4lb import api  # noqa: PLC0415
+
+        t0 = time.monotonic()
+        try:
+            rows = api.request(self.lab.api_socket(self.node), "conns", timeout=300, limit=limit)
+            self.big = {"limit": limit, "rows": len(rows),
+                        "seconds": round(time.monotonic() - t0, 1)}
+            self._count("conns")
+        except Exception as e:  # noqa: BLE001 - reported
+            self.errors.append(f"conns limit {limit}: {e}")
+
     def start(self) -> Load:
         for t in self._threads:
             t.start()
@@ -260,7 +278,7 @@ class Load:
     def stop(self) -> None:
         self.stop_ev.set()
         for t in self._threads:
-            t.join(90)
+            t.join(300)
         os.killpg(self._scraper.pid, 15)
         out, _ = self._scraper.communicate(timeout=30)
         lines = [x for x in out.split() if x.isdigit()]
@@ -363,6 +381,7 @@ def measure(lab, seconds: float, load: Load | None, interval: float) -> dict:
         "vrrp_lag_max_ms": round(maxes["vrrp"], 1),
         "rt_active": th1["rt_active"],
         "ops": dict(load.ops) if load else {},
+        "big_conns": dict(load.big) if load else {},
         "load_errors": (load.errors[:5] if load else []),
     }
 
@@ -372,24 +391,26 @@ def case_stall(args) -> dict:
     from l4lb.lab import Lab  # noqa: PLC0415
 
     n, secs = (100_000, 10) if args.quick else (args.entries, args.seconds)
+    big = 30_000 if args.quick else args.big_conns
     with Lab("bloop", clients=1, balancers=2, reals=1) as lab:
         start_pair(lab, 0.1, max(2 * n, 65536))
         t0 = time.monotonic()
         fill_conns(lab, "lb1", n)
         fill_s = time.monotonic() - t0
-        load = Load(lab)
+        load = Load(lab, big_conns=big)
         r = measure(lab, secs, load, 0.1)
         r["conn_entries"] = int(metric(lab, "lb1", "l4lb_conn_table_entries") or 0)
         s1 = status(lab, "lb1")["sync"]["full_walks"]
         r["sync_full_walks_completed"] = s1["sent_completed"]
         r["sync_full_entries_sent"] = s1["entries_sent"]
-        r.update(case="stall", seconds=secs, fill_s=round(fill_s, 2), load=load_desc())
+        r.update(case="stall", seconds=secs, fill_s=round(fill_s, 2), load=load_desc(big))
         return r
 
 
-def load_desc() -> str:
+def load_desc(big: int) -> str:
     return ("2 API clients (status, stats, conns limit 1000, conns of the VIP limit 100), "
-            "curl /metrics in a loop, sync full walk every 1 s")
+            f"one conns limit {big:,} at the start, curl /metrics in a loop, "
+            "sync full walk every 1 s")
 
 
 def case_iperf3(args, rt: int) -> dict:
@@ -452,9 +473,10 @@ def render_md(r: dict) -> str:
     for c in r["cases"]:
         lines += [f"- **{c['case']}**: {c['load']}; lb2's Master_Down_Interval "
                   f"{c['master_down_interval_ms']} ms; adverts seen at lb2 {c['adverts_seen']}, "
-                  f"worst gaps {c['worst_advert_gaps_ms']} ms; VRRP thread real time: "
-                  f"{c['rt_active']}; VRRP thread lag p99 {c['vrrp_lag_p99_ms']} ms; "
-                  f"ops {c['ops']}" + (f"; iperf3 {c['iperf3_gbps']} Gbit/s"
+                  f"worst gaps {c['worst_advert_gaps_ms']} ms; VRRP real time: "
+                  f"{c['rt_active']}; VRRP loop lag p99 {c['vrrp_lag_p99_ms']} ms; "
+                  f"ops {c['ops']}" + (f"; big conns {c['big_conns']}" if c.get("big_conns")
+                                       else "") + (f"; iperf3 {c['iperf3_gbps']} Gbit/s"
                                        if "iperf3_gbps" in c else "")
                   + (f"; sync full walks completed {c['sync_full_walks_completed']}, "
                      f"entries sent {c['sync_full_entries_sent']}"
@@ -484,6 +506,8 @@ def main(argv=None) -> int:
     ap.add_argument("--entries", type=int, default=1_000_000)
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--iperf-seconds", type=float, default=60)
+    ap.add_argument("--big-conns", type=int, default=200_000,
+                    help="stall: one conns call with this limit during the load")
     ap.add_argument("--rt-priority", type=int, default=10)
     ap.add_argument("--cases", default="stall,iperf3-rt",
                     help="comma-separated: stall, iperf3-rt, iperf3 (default stall,iperf3-rt)")
