@@ -267,7 +267,10 @@ def request(sock_path: str, cmd: str, timeout: float = 30.0, **args):
                     raise TimeoutError(f"{sock_path}: the daemon accepts no connection") \
                         from None
                 time.sleep(0.01)
-        s.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
+        try:
+            s.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # answered and closed before reading (busy): what it said is below
         buf = b""
         while not buf.endswith(b"\n"):
             chunk = s.recv(65536)

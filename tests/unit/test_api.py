@@ -312,8 +312,13 @@ def test_concurrent_changes_are_serialized_and_none_is_lost(tmp_path, monkeypatc
                     api.request(path, "real_drain", timeout=30, vip=vip, address=addr)
                     with lock:
                         acked.append((addr, 0))
+        # Plain threads: the loop's default pool stays the daemon's own.
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(5)]
         try:
-            await asyncio.gather(*(asyncio.to_thread(client, c) for c in range(5)))
+            for t in threads:
+                t.start()
+            while any(t.is_alive() for t in threads):
+                await asyncio.sleep(0.05)
             await asyncio.sleep(2.5)  # one more resolver round, with the silent real
         finally:
             resolver.cancel()
@@ -330,3 +335,72 @@ def test_concurrent_changes_are_serialized_and_none_is_lost(tmp_path, monkeypatc
     assert d.tables.reals[vip] == final
     assert d.tables.vips[vip].reals[silent].mac == "00:00:00:00:00:00"
     assert d.tables.vips[vip].reals["10.99.1.10"].mac == "02:00:00:00:00:02"
+
+
+def _daemon_with_fake_tables(tmp_path, opts=None):
+    d = Daemon(make_cfg(tmp_path))
+    d.health = NoHealth()
+    d.tables = FakeTables()
+    if opts is not None:
+        d.tables.opts = opts
+    d.ready = True
+    d.macs = {f"10.99.0.{i}": "02:00:00:00:00:01" for i in range(1, 255)}
+    return d
+
+
+def test_real_ids_held_by_deleted_reals_are_counted_before_any_write(tmp_path):
+    d = _daemon_with_fake_tables(tmp_path, BuildOptions(max_reals=6))  # ids 1..5
+    vip = "10.99.0.100:80/tcp"
+
+    def add(addr):
+        return lambda data: data["vip"][0]["real"].append({"address": addr})
+
+    async def main():
+        await d.apply(d.cfg, initial=True)
+        for a in ("10.99.0.32", "10.99.0.33", "10.99.0.34", "10.99.0.35"):
+            await d.change(add(a))
+        # two reals deleted while flows may still use them: their ids stay taken
+        for a in ("10.99.0.34", "10.99.0.35"):
+            vs = d.tables.vips[vip]
+            vs.retired[a] = vs.reals.pop(a)
+            await d.change(lambda data, a=a: data["vip"][0]["real"].remove(
+                next(r for r in data["vip"][0]["real"] if r["address"] == a)))
+        before = (d.cfg, dict(d.tables.reals))
+        with pytest.raises(ConfigError) as info:
+            await d.change(add("10.99.0.36"))  # 4 reals fit MAX_REALS, not 5 held ids + 1
+        assert str(info.value) == (
+            "real ids: this change needs 1 new real ids but 0 of 5 (MAX_REALS - 1) are free; "
+            "ids of deleted reals are freed once no connection names them (checked every 30 s)")
+        assert (d.cfg, dict(d.tables.reals)) == before
+        await d.change(add("10.99.0.34"))  # a retired real comes back with its own id
+        assert set(d.tables.vips[vip].reals) >= {"10.99.0.34"}
+
+    from l4lb.config import ConfigError
+    asyncio.run(main())
+
+
+def test_a_failing_map_write_restores_the_previous_config(tmp_path):
+    from l4lb.daemon import DaemonError
+
+    d = _daemon_with_fake_tables(tmp_path)
+    vip = "10.99.0.100:80/tcp"
+    real_set = d.tables.set_reals
+    calls = []
+
+    def failing(key, reals):
+        calls.append([str(a) for a, _m, _w in reals])
+        if any(str(a) == "10.99.0.99" for a, _m, _w in reals):
+            raise OSError(28, "No space left on device")
+        return real_set(key, reals)
+
+    async def main():
+        await d.apply(d.cfg, initial=True)
+        d.tables.set_reals = failing
+        with pytest.raises(DaemonError, match="writing the maps failed: .*No space left"):
+            await d.change(lambda data: data["vip"][0]["real"].append(
+                {"address": "10.99.0.99"}))
+
+    asyncio.run(main())
+    assert [str(r.address) for r in d.cfg.vips[0].reals] == ["10.99.0.31"]
+    assert calls == [["10.99.0.31", "10.99.0.99"], ["10.99.0.31"]]  # tried, then restored
+    assert d.tables.reals[vip] == {"10.99.0.31": 100}
