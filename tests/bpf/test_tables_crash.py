@@ -14,7 +14,7 @@ import shutil
 import pytest
 
 from l4lb import maglev
-from l4lb.dataplane import loader, tables
+from l4lb.dataplane import bpfsys, loader, tables
 from l4lb.dataplane import maps as M
 
 PREFIX = "/sys/fs/bpf/l4lbtest-tables-"
@@ -248,3 +248,32 @@ def test_recompiled_program_reopens_pins_and_keeps_flows(pinned, state):
         assert t3.conn_count() == 0 and t1.conn_count() == 0  # one table, seen by both
     finally:
         again.close()
+
+
+def test_a_clean_start_empties_every_pinned_map(pinned, state):
+    """Whatever maps the program pins (new ones too): hashes emptied, arrays zeroed;
+    only the ring slots are left, as nothing reads a slot before it is rewritten."""
+    prog, opts = pinned
+    t1 = restart(pinned, state)
+    setup_vip(t1)
+    names = sorted(os.listdir(opts.pin_dir))
+    for name in names:  # one non-zero record in every map
+        m = prog.map(name)
+        ksize, vsize = tables.ct.sizeof(m.Key), tables.ct.sizeof(m.Leaf)
+        idx = min(1, m.max_entries - 1)  # arrays: an index in range
+        key = idx.to_bytes(4, "little") + bytes(ksize - 4) if ksize >= 4 else b"\1" * ksize
+        bpfsys.update_batch(m.map_fd, key, b"\7" * vsize, 1)
+    state.unlink()
+    t2 = restart(pinned, state)
+    assert "tables.json is missing" in t2.clean_start_reason
+    for name in names:
+        m = prog.map(name)
+        ksize, vsize = tables.ct.sizeof(m.Key), tables.ct.sizeof(m.Leaf)
+        left = [v for _, vals, n in bpfsys.lookup_batches(m.map_fd, ksize, vsize, 4096)
+                for v in (vals,) if any(vals)]
+        if name == "rings":
+            assert left, "the ring slots were zeroed after all"
+        elif m.ttype in (1, 5, 9, 10):  # hash maps: no entry left
+            assert sum(n for *_, n in bpfsys.lookup_batches(m.map_fd, ksize, vsize, 4096)) == 0, name
+        else:
+            assert not left, f"{name} still holds data"
