@@ -79,6 +79,11 @@ async def handle(daemon, cmd: str, args: dict):
             raise ApiError(f"no VIP {args.get('vip')!r}") from None
     if cmd == "reload":
         return await daemon.reload()
+    if cmd == "drain":  # ECMP mode: withdraw, forward bgp.drain_s, stop (unless stop=false)
+        try:
+            return await daemon.drain(stop=args.get("stop", True) is not False)
+        except ValueError as e:
+            raise ApiError(str(e)) from None
     if cmd == "stop":
         daemon.full_stop = True
         daemon.stop_event.set()

@@ -124,6 +124,12 @@ def check(config: str = typer.Option(..., "--config", "-c", help="Config file to
 
     cfg = _load(config)
     errs = check_system(cfg) if system else []
+    if system and cfg.bgp is not None and not errs:  # ECMP: FRR must be running too
+        import asyncio
+
+        from l4lb.routing.node import check_frr
+
+        errs += [e for e in [asyncio.run(check_frr(cfg.bgp))] if e]
     if errs:
         typer.echo(f"l4lb: {config}: does not fit this machine:", err=True)
         for e in errs:
@@ -181,6 +187,29 @@ def stop(config: Optional[str] = CONFIG_OPT, sock: Optional[str] = SOCKET_OPT):
 
 
 @app.command()
+def drain(config: Optional[str] = CONFIG_OPT, sock: Optional[str] = SOCKET_OPT,
+          stay: bool = typer.Option(False, "--stay", help="Withdraw but keep running "
+                                                           "(no stop after the drain time).")):
+    """ECMP mode: withdraw every VIP from BGP, keep forwarding for bgp.drain_s while the
+    router moves flows to the other nodes, then stop (XDP stays until then)."""
+    r = _call(config, sock, "drain", stop=not stay)
+    then = f"stopping in {r['drain_s']:g}s" if r["stop"] else "staying up (--stay)"
+    typer.echo(f"draining: withdrew {', '.join(r['withdrawing']) or 'nothing'}; {then}")
+
+
+@app.command("frr-config")
+def frr_config(config: str = typer.Option(..., "--config", "-c", help="Config file with [bgp].")):
+    """Print the FRR config (zebra, bgpd, bfdd) that carries this node's [bgp] section:
+    put it in /etc/frr/frr.conf (or merge it) and enable bgpd and bfdd."""
+    from l4lb.routing.frr import node_config
+
+    cfg = _load(config)
+    if cfg.bgp is None:
+        fail(f"{config}: no [bgp] section (ECMP mode); nothing for FRR to do", 1)
+    typer.echo(node_config(cfg.bgp, cfg.node.name), nl=False)
+
+
+@app.command()
 def reload(config: Optional[str] = CONFIG_OPT, sock: Optional[str] = SOCKET_OPT):
     """Re-read the config file and apply the difference (like SIGHUP). A bad file changes
     nothing and says why."""
@@ -214,6 +243,19 @@ def status(config: Optional[str] = CONFIG_OPT, sock: Optional[str] = SOCKET_OPT,
         s = st["sync"]
         typer.echo(f"\nsync: {s.get('role')} peer {s.get('peers')} sent {s.get('entries_sent')} "
                    f"received {s.get('entries_received')} lag {s.get('lag_ms')} ms")
+    if st.get("bgp"):
+        _print_bgp(st["bgp"])
+
+
+def _print_bgp(b: dict) -> None:
+    state = "DRAINING" if b["draining"] else ("joined" if b["joined"] else "joining")
+    typer.echo(f"\nbgp: AS {b['asn']} router id {b['router_id']}, {b['speaker']}"
+               f"{'' if b['frr_up'] else ' NOT ANSWERING: ' + str(b['frr_error'])}; {state} "
+               f"({b['join']}); announced: {', '.join(b['announced']) or 'nothing'}")
+    for s in b["sessions"]:
+        typer.echo(f"  neighbour {s['neighbor']:<26} AS {s['remote_as']}  {s['state']:<12}"
+                   f"bfd {s['bfd'] or '-':<5} sent {s['prefixes_sent']}  flaps {s['flaps']}"
+                   f"{'  last: ' + s['reason'] if s['reason'] and s['state'] != 'Established' else ''}")
 
 
 def _human(n: float) -> str:

@@ -120,6 +120,7 @@ class Daemon:
         self.held_vips: set[str] = set()
         self.vrrp = []  # VrrpAgent instances
         self.sync = None
+        self.routing = None  # l4lb.routing.service.Routing in ECMP mode ([bgp])
         self.metrics_server = None
         self.api_server = None
         self.reloads = 0
@@ -130,6 +131,9 @@ class Daemon:
         if self.cfg.node.pin_path.startswith(loader.BPFFS + "/"):
             loader.ensure_bpffs()  # a fresh host often has none mounted
         errs = check_system(self.cfg)
+        if self.cfg.bgp is not None and not errs:  # FRR must answer, or nothing is announced
+            from l4lb.routing import node as ecmp  # noqa: PLC0415
+            errs = [e for e in [await ecmp.check_frr(self.cfg.bgp)] if e]
         if errs:
             raise DaemonError("; ".join(errs))
         opts = build_options(self.cfg)
@@ -158,12 +162,15 @@ class Daemon:
             self.prog.attach(ifname, self.cfg.node.xdp_mode)
             log.info("XDP attached to %s (%s mode)", ifname, self.cfg.node.xdp_mode)
         await self._start_ha()
-        if not self.vrrp:
+        if not self.vrrp and self.cfg.bgp is None:  # ECMP: XDP takes VIP traffic, no address
             await self._hold_vips(True)
+        if self.cfg.bgp is not None:  # ECMP: announce what this node serves, once joined
+            from l4lb.routing import node as ecmp  # noqa: PLC0415
+            self.routing = await ecmp.start(self)
         self.ready = True  # changes from here on (their VIP holding depends on self.vrrp)
         tasks = [asyncio.create_task(self._resolver_loop())]
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         loop.add_signal_handler(signal.SIGINT, self.stop_event.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: tasks.append(
             asyncio.create_task(self._sighup())))
@@ -201,7 +208,24 @@ class Daemon:
         if self.sync is not None and instance in (None, self.cfg.sync.vrrp_instance):
             self.sync.set_role("master" if new == "master" else "backup")
 
+    def _on_sigterm(self) -> None:
+        """SIGTERM: in ECMP mode a graceful leave (withdraw, forward drain_s, stop)."""
+        if self.routing is not None and not self.routing.draining:
+            asyncio.ensure_future(self.drain())
+        else:
+            self.stop_event.set()
+
+    async def drain(self, stop: bool = True) -> dict:
+        """`l4lb drain`: withdraw every VIP, keep forwarding bgp.drain_s, then stop."""
+        from l4lb.routing import node as ecmp  # noqa: PLC0415
+        return await ecmp.drain(self, stop)
+
     async def shutdown(self) -> None:
+        if self.routing is not None:  # withdrawn first: the router stops sending here
+            try:
+                await self.routing.stop(withdraw=True)
+            except Exception as e:  # noqa: BLE001 - stopping anyway
+                log.warning("routing stop: %s", e)
         self.health.stop()
         if self.vrrp:  # a master sends priority 0 and drops its VIPs, then the thread ends
             try:
@@ -356,7 +380,7 @@ class Daemon:
         self.health.sync({(v.key, str(r.address)): r.healthcheck
                           for v in cfg.vips for r in v.reals})
         self._refresh_down()
-        if not self.vrrp and not initial:
+        if not self.vrrp and not initial and cfg.bgp is None:
             now = {str(v.address) for v in cfg.vips}
             for a in old_vips - now:
                 await self._hold_vip(a, False)
@@ -474,7 +498,7 @@ class Daemon:
         errs = check_system(cfg) + check_capacity(cfg, self._capacity())
         if errs:
             raise ConfigError(errs)
-        for section in ("node", "vrrp", "sync", "metrics"):
+        for section in ("node", "vrrp", "sync", "metrics", "bgp"):
             if getattr(cfg, section) != getattr(self.cfg, section):
                 raise ConfigError([f"[{section}] changed: that needs a restart of the daemon "
                                    "(`systemctl restart l4lb`; forwarding and the conn table "
@@ -521,6 +545,7 @@ class Daemon:
             "vips": vips,
             "vrrp": [a.status() for a in self.vrrp],
             "sync": self.sync.status() if self.sync else None,
+            "bgp": self.routing.status() if self.routing else None,
             "config": self.config_path, "reloads": self.reloads,
         }
 
@@ -569,6 +594,11 @@ def offline_stop(cfg: Config) -> list[str]:
         for v in cfg.vips:
             if netutil.del_address(ifname, v.address):
                 done.append(f"VIP {v.address} removed from {ifname}")
+    if cfg.bgp is not None:  # ECMP: the host routes that announce the VIPs
+        from l4lb.routing import announce  # noqa: PLC0415
+        for addr in sorted(announce.installed_routes()):
+            announce.set_route(addr, False)
+            done.append(f"route {addr} withdrawn")
     pd = pin_dir(cfg, max([65537] + [v.ring_size for v in cfg.vips]))
     if Path(pd).exists():
         loader.remove_pins(pd)

@@ -156,6 +156,8 @@ class L4lbCollector:
             yield from d.vrrp.metrics()
         if d.sync is not None:
             yield from d.sync.metrics()
+        if getattr(d, "routing", None) is not None:  # ECMP: sessions, announcements
+            yield from d.routing.metrics()
 
     # -------------------------------------------------------- per VIP, per real
     def _traffic(self, census: ConnCensus):

@@ -1,0 +1,109 @@
+"""ECMP scale-out (DESIGN.md §8, issue 14): 3 balancers announce two VIPs (DR and tun)
+over BGP through FRR to a router that spreads flows by an L4 multipath hash.
+
+test_ecmp_sync: 300 long-lived connections per VIP spread over all three nodes;
+(a) lb1 drained gracefully: all survive; (c) lb1 added back as if rebooted (it
+gets its peers' full walks before it announces): all survive the rehash onto it;
+(d) a real's weight changed on all nodes, then (b) lb2 killed (-9, FRR too, link
+down), BFD drops its path: all survive on lb1 and lb3, which hold lb2's flows by
+sync although their rings changed since the flows began.
+test_ecmp_without_sync: the same (d)+(b) with sync off loses connections: the
+test above proves sync, not hashing, carries them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ecmplab as E
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+
+CONNS = 300
+ALL = ["lb1", "lb2", "lb3"]
+
+
+def holds(lab, tag: str) -> dict:
+    return {vip: E.start_hold(lab, f"{tag}-{mode}", vip, CONNS)
+            for vip, mode in ((E.VIP_DR, "dr"), (E.VIP_TUN, "tun"))}
+
+
+def check(lab, svcs: dict, what: str) -> None:
+    for vip, svc in svcs.items():
+        rep = E.end_hold(svc)
+        bad = E.lost(rep)
+        assert rep["conns"] == CONNS and not bad, (
+            f"{what}, {vip}: {len(bad)}/{CONNS} lost: {bad[:5]}\n"
+            + "\n".join(f"{n}: {s.output()[-1500:]}" for n, s in lab.daemons.items()))
+
+
+def up(prefix: str, sync: bool):
+    lab = E.make_lab(prefix)
+    lab.up()
+    E.start_router(lab)
+    E.start_reals(lab)
+    cfgs = {n: E.node_config(lab, n, sync=sync) for n in ALL}
+    E.start_nodes(lab, ALL, cfgs)
+    E.wait_paths(lab, ALL)
+    return lab, cfgs
+
+
+def test_ecmp_sync():
+    lab, cfgs = up("ecmps", sync=True)
+    try:
+        # spread: every node carries some of the 2 x 300 connections
+        before = {n: E.packets(lab, n) for n in ALL}
+        svcs = holds(lab, "spread")
+        time.sleep(1.0)
+        for n in ALL:
+            after = E.packets(lab, n)
+            for vip in (E.VIP_DR, E.VIP_TUN):
+                k = E.vip_key(vip)
+                assert after[k] - before[n][k] > 100, f"{n} carries nothing of {k}"
+            st = lab.l4lb_json(n, ["status"])["bgp"]
+            assert st["joined"] and sorted(st["announced"]) == [E.VIP_DR, E.VIP_TUN]
+            assert all(s["state"] == "Established" and s["bfd"] == "up" for s in st["sessions"])
+
+        # (a) graceful drain of lb1: withdrawn at once, forwards drain_s, stops
+        lab.l4lb("lb1", ["drain"])
+        E.wait_paths(lab, ["lb2", "lb3"], timeout=20)
+        E.drain(lab, "lb1")
+        assert "drained" in lab.daemons["lb1"].output()
+        check(lab, svcs, "(a) drain")
+
+        # (c) lb1 back as if rebooted: its peers' full walks come before its announcement
+        svcs = holds(lab, "add")
+        E.wipe(lab, "lb1", cfgs["lb1"])
+        lab.daemons["lb1"] = lab.start_l4lb("lb1", cfgs["lb1"], 120)
+        E.wait_paths(lab, ALL, timeout=60)
+        log = lab.daemons["lb1"].output()
+        assert "joined: full walks received from" in log, log[-2000:]
+        time.sleep(2.0)
+        check(lab, svcs, "(c) add")
+
+        # (d) weight change on all nodes, then (b) lb2 dies; BFD takes its path away
+        svcs = holds(lab, "kill")
+        E.set_weight(lab, ALL, "real1", 1000)
+        time.sleep(1.0)
+        E.kill(lab, "lb2")
+        E.wait_paths(lab, ["lb1", "lb3"], timeout=20)
+        time.sleep(2.0)
+        check(lab, svcs, "(d)+(b) weight change and kill")
+    finally:
+        lab.down()
+
+
+def test_ecmp_without_sync():
+    lab, cfgs = up("ecmpn", sync=False)
+    try:
+        svcs = holds(lab, "kill")
+        E.set_weight(lab, ALL, "real1", 1000)
+        time.sleep(1.0)
+        E.kill(lab, "lb2")
+        E.wait_paths(lab, ["lb1", "lb3"], timeout=20)
+        time.sleep(2.0)
+        lost = {vip: len(E.lost(E.end_hold(s))) for vip, s in svcs.items()}
+        assert all(n > 0 for n in lost.values()), f"no sync, yet nothing lost: {lost}"
+    finally:
+        lab.down()
