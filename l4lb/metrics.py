@@ -8,7 +8,8 @@ named without it; the exposition says ``# TYPE l4lb_vip_packets_total counter``
 and the samples are ``l4lb_vip_packets_total``), so the names below carry none.
 
 Served by `l4lb start` on ``metrics.listen`` (a tiny asyncio HTTP/1.0 server on
-the daemon's event loop: GET /metrics). The conn-table census (entries in all, by
+the daemon's event loop: GET /metrics; / and /status.json are the live status page
+of l4lb.statuspage). The conn-table census (entries in all, by
 VIP, by real), the one part of a scrape that grows with traffic, is a walk of up
 to millions of entries: it runs in a thread with BPF_MAP_LOOKUP_BATCH, at most
 once every CENSUS_MAX_AGE_S, and scrapes in between reuse its counts (their age
@@ -341,17 +342,31 @@ _HINTS = {
 
 
 async def serve(daemon):
-    """A minimal HTTP/1.0 server on the asyncio loop: GET /metrics."""
+    """A minimal HTTP/1.0 server on the asyncio loop: GET /metrics, and the status
+    page (l4lb.statuspage): / and /status.json."""
+    from l4lb import statuspage  # noqa: PLC0415
+
     ep = daemon.cfg.metrics.listen
+    page = statuspage.StatusPage(daemon)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         try:
             req = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             parts = req.split(b"\r\n", 1)[0].split(b" ")
             method, path = (parts[0], parts[1]) if len(parts) >= 2 else (b"", b"/")
+            path, _, query = path.partition(b"?")
+            extra = ()
             if method not in (b"GET", b"HEAD"):
                 body, status, ctype = b"l4lb: only GET\n", "405 Method Not Allowed", "text/plain"
-            elif path.split(b"?")[0] == b"/metrics":
+            elif path in statuspage.PATHS:
+                try:
+                    r = await page.handle(path, query)
+                    body, status, ctype, extra = r.body, r.status, r.content_type, r.headers
+                except Exception as e:  # noqa: BLE001 - a broken page must not hurt the daemon
+                    log.exception("status page failed")
+                    body = f"l4lb: status page failed: {e!r}\n".encode()
+                    status, ctype = "500 Internal Server Error", "text/plain"
+            elif path == b"/metrics":
                 try:
                     body, status, ctype = await scrape(daemon), "200 OK", CONTENT_TYPE
                 except Exception as e:  # noqa: BLE001 - a broken scrape must not hurt the daemon
@@ -359,10 +374,11 @@ async def serve(daemon):
                     body = f"l4lb: scrape failed: {e!r}\n".encode()
                     status, ctype = "500 Internal Server Error", "text/plain"
             else:
-                body = b"l4lb: metrics are at /metrics\n"
+                body = b"l4lb: metrics are at /metrics, the status page at / and /status.json\n"
                 status, ctype = "404 Not Found", "text/plain"
             head = (f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: "
-                    f"{len(body)}\r\nConnection: close\r\n\r\n").encode()
+                    f"{len(body)}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in extra) +
+                    "Connection: close\r\n\r\n").encode()
             writer.write(head if method == b"HEAD" else head + body)
             await writer.drain()
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,

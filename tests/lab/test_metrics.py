@@ -143,7 +143,7 @@ def test_promtool_check_metrics_on_a_real_scrape(lab):
                            "%{http_code} %{content_type}", METRICS_URL]).stdout
     assert head == "200 text/plain; version=0.0.4; charset=utf-8", head
     code = lab.run("lb1", ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
-                           "http://127.0.0.1:9541/"]).stdout
+                           "http://127.0.0.1:9541/nope"]).stdout  # / is the status page
     assert code == "404"
 
 

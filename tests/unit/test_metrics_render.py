@@ -262,7 +262,7 @@ def test_http_server_answers_and_refuses_unbindable_addresses():
         srv = await metrics.serve(d)
         port = srv.sockets[0].getsockname()[1]
         out = {}
-        for path in ("/metrics", "/", "/metrics?x=1"):
+        for path in ("/metrics", "/nope", "/metrics?x=1"):  # "/" is the status page
             r, w = await asyncio.open_connection("127.0.0.1", port)
             w.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             out[path] = await r.read()
@@ -278,7 +278,7 @@ def test_http_server_answers_and_refuses_unbindable_addresses():
     assert b"\r\nContent-Type: text/plain; version=0.0.4" in out["/metrics"]
     assert b"\nl4lb_vip_packets_total{" in out["/metrics"]
     assert out["/metrics?x=1"].startswith(b"HTTP/1.0 200 OK\r\n")
-    assert out["/"].startswith(b"HTTP/1.0 404")
+    assert out["/nope"].startswith(b"HTTP/1.0 404")
     assert err.startswith("metrics.listen 10.254.254.254:9541: cannot listen")
     assert "no interface of this node has that address" in err
 
