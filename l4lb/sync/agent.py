@@ -11,13 +11,24 @@ Roles follow VRRP (``set_role``, from the daemon's ``_on_vrrp_state``): the
 master sends, the backup receives; both send hello and heartbeats, so each side
 sees the other come, go and restart. A master sends a full walk when it becomes
 master, when a peer appears or restarts (new session), when a peer turns
-backup (failback), and every ``full_sync_interval_s``; the walk is pulled from
-the table lazily and paced, always after the pending incremental batch, so it
-never stalls the stream of new flows: a walk a peer is waiting for goes at
-``full_entries_per_s``, the periodic one (a repair) at ``periodic_entries_per_s``,
-so that it costs little CPU on either side. The standby installs new flows
-before full-walk entries that arrived earlier (those wait in a bounded backlog
-and go a slice per loop turn).
+backup (failback), and every ``full_sync_interval_s``. The walk runs in a
+thread (_WalkFeed): BPF batch lookups, translation to wire records (numpy, no
+Python object per entry) and cutting into datagram-sized chunks; the loop only
+frames, signs and sends ready chunks, paced and always after the pending
+incremental batch, so it never stalls the stream of new flows: a walk a peer
+is waiting for goes at ``full_entries_per_s``, the periodic one (a repair) at
+``periodic_entries_per_s``, so that it costs little CPU on either side. The
+standby installs new flows before full-walk entries that arrived earlier:
+those wait raw in a bounded backlog, are authenticated a bounded number of
+bytes per loop turn, and are translated (numpy again, on the packed records
+as they came) and installed in the install thread, a slice at a time.
+
+Who is heard. Only datagrams from the configured peers' addresses, checked
+before any MAC work; a peer's session must be newer than any accepted before,
+or proven live by a challenge (machine.py: sessions), so a recorded datagram
+replayed later installs nothing. Our own session and the peers' highest are
+kept in the node's state dir (STATE_FILE), so a restart opens no window.
+The socket is bound to this node's own address, never a VIP.
 
 Installing. An entry names its VIP by address/port/protocol (falling back to
 the port-0 VIP of the address, like the data plane) and its real by address;
