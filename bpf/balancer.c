@@ -150,6 +150,68 @@ static __always_inline void push_flow_event(const struct flow_key *k, __u32 real
     flow_events.ringbuf_submit(ev, 0);
 }
 
+static __always_inline __u32 embryo_check(__u32 fh, const struct conn_val *v)
+{
+    return fh ^ mix32(v->real_id * 0x9e3779b1 ^ v->vip_id);
+}
+
+static __always_inline int flow_key_equal(const struct flow_key *a, const struct flow_key *b)
+{
+    const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+    return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] && x[4] == y[4];
+}
+
+/* Embryos are 2-way set associative: a flow may sit in either slot of its pair
+ * (a handshake loses its slot only when two younger ones share its pair). */
+static __always_inline __u32 embryo_pair(__u32 fh)
+{
+    return (fh % (EMBRYO_TABLE_SIZE / 2)) * 2;
+}
+
+/* The flow's embryo, copied out (a valid one only), or 0; *slot says where. */
+static __always_inline struct conn_val *embryo_get(const struct flow_key *k, __u32 fh,
+                                                   struct conn_val *out, __u32 *slot)
+{
+    __u32 s = embryo_pair(fh);
+    struct embryo *e = embryos.lookup(&s);
+    if (!e)
+        return 0;
+    if (!flow_key_equal(&e->key, k)) {
+        s += 1;
+        e = embryos.lookup(&s);
+        if (!e || !flow_key_equal(&e->key, k))
+            return 0;
+    }
+    __builtin_memcpy(out, &e->val, sizeof(*out));
+    *slot = s;
+    return e->check == embryo_check(fh, out) ? out : 0;
+}
+
+/* Into the slot of the pair that holds this flow, is empty, or is the older. */
+static __always_inline void embryo_put(const struct flow_key *k, __u32 fh,
+                                       const struct conn_val *v)
+{
+    __u32 s0 = embryo_pair(fh), s1 = s0 + 1;
+    struct embryo *e = embryos.lookup(&s0);
+    struct embryo *e1 = embryos.lookup(&s1);
+    if (!e || !e1)
+        return;
+    if (e->key.family && !flow_key_equal(&e->key, k) &&
+        (!e1->key.family || flow_key_equal(&e1->key, k) ||
+         (__s64)(e1->val.last_seen_ns - e->val.last_seen_ns) < 0))
+        e = e1;
+    __builtin_memcpy(&e->key, k, sizeof(*k));
+    __builtin_memcpy(&e->val, v, sizeof(*v));
+    e->check = embryo_check(fh, v);
+}
+
+static __always_inline void embryo_clear(__u32 slot)
+{
+    struct embryo *e = embryos.lookup(&slot);
+    if (e)
+        e->key.family = 0; /* matches no packet */
+}
+
 /* A connection's opening SYN: SYN without ACK, RST or FIN. */
 static __always_inline int tcp_syn(const struct packet *p)
 {
@@ -223,9 +285,15 @@ int xdp_balancer(struct xdp_md *ctx)
     struct conn_val *cv = conns.lookup(&p.key);
     int in_main = cv != 0;
     int in_embryo = 0;
-    if (!cv && p.key.proto == IPPROTO_TCP && !tcp_syn(&p)) {
-        cv = embryos.lookup(&p.key);
-        in_embryo = cv != 0;
+    __u32 fh = 0; /* the full 5-tuple hash: embryo slot (and ring pick unless src_only) */
+    struct conn_val ev;
+    __u32 eslot = 0;
+    if (!cv && p.key.proto == IPPROTO_TCP) {
+        fh = flow_hash(&p.key, 0);
+        if (!tcp_syn(&p)) {
+            cv = embryo_get(&p.key, fh, &ev, &eslot);
+            in_embryo = cv != 0;
+        }
     }
     if (cv) {
         __u32 vid = cv->vip_id;
@@ -294,7 +362,7 @@ int xdp_balancer(struct xdp_md *ctx)
         }
     }
     if (!real) {
-        hash = flow_hash(&p.key, src_only);
+        hash = fh && !src_only ? fh : flow_hash(&p.key, src_only);
         hashed = 1;
         real_id = ring_pick(vip, hash);
         real = real_id ? reals.lookup(&real_id) : 0;
@@ -325,7 +393,7 @@ int xdp_balancer(struct xdp_md *ctx)
             /* A SYN (or its retransmission) waits in embryos: nothing synced yet. */
             now = now ? now : bpf_ktime_get_coarse_ns();
             struct conn_val nv = {.real_id = real_id, .vip_id = vip_id, .last_seen_ns = now};
-            embryos.update(&p.key, &nv);
+            embryo_put(&p.key, fh, &nv);
             new_flow = 1;
             count(ST_CONN_MISS);
         } else if (in_embryo) {
@@ -335,7 +403,7 @@ int xdp_balancer(struct xdp_md *ctx)
             if (guard_admit(now)) {
                 struct conn_val nv = {.real_id = real_id, .vip_id = vip_id, .last_seen_ns = now};
                 conns.update(&p.key, &nv);
-                embryos.delete(&p.key);
+                embryo_clear(eslot);
                 count(ST_CONN_PROMOTED);
                 if (cfg->flags & CFG_F_FLOW_EVENTS)
                     push_flow_event(&p.key, real_id, vip_id, now);

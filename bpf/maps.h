@@ -18,8 +18,8 @@
 #ifndef CONN_TABLE_SIZE
 #define CONN_TABLE_SIZE 1048576
 #endif
-/* TCP flows wait here from their SYN until their next packet (the handshake's
- * ACK) promotes them into conns: a SYN flood churns only this table. */
+/* TCP flows wait in embryos from their SYN until their next packet (the
+ * handshake's ACK) promotes them into conns: a SYN flood churns only embryos. */
 #ifndef EMBRYO_TABLE_SIZE
 #define EMBRYO_TABLE_SIZE (CONN_TABLE_SIZE / 8 > 1024 ? CONN_TABLE_SIZE / 8 : 1024)
 #endif
@@ -160,8 +160,18 @@ L4LB_MAP("array", __u32, struct vip_entry, vip_by_id, MAX_VIPS, 0);
 L4LB_MAP("array", __u32, struct real_def, reals, MAX_REALS, 0);
 L4LB_MAP("array", __u32, __u32, rings, RING_SLOTS * RING_MAX, 0);
 L4LB_MAP("lru_hash", struct flow_key, struct conn_val, conns, CONN_TABLE_SIZE, CONN_TABLE_FLAGS);
-/* Same key and value as conns; never synced. */
-L4LB_MAP("lru_hash", struct flow_key, struct conn_val, embryos, EMBRYO_TABLE_SIZE, CONN_TABLE_FLAGS);
+/* A TCP flow between its SYN and its next packet, in one of the two slots of pair
+ * flow_hash % (EMBRYO_TABLE_SIZE / 2): an array, set associative (a SYN takes a free
+ * slot or the older one; no locks, no LRU lists: a new flow costs what it did before
+ * embryos existed). check = flow hash ^ value mix: an entry torn by two CPUs writing
+ * one slot at once reads as empty. Never synced. */
+struct embryo {
+    struct flow_key key;
+    struct conn_val val;
+    __u32 check;
+    __u32 pad;       /* key.family 0: empty (or promoted) */
+};
+L4LB_MAP("array", __u32, struct embryo, embryos, EMBRYO_TABLE_SIZE, 0);
 L4LB_MAP("array", __u32, struct lb_config, config, 1, 0);
 
 /* Admission guard (as Katran's is_under_flood): each CPU admits at most

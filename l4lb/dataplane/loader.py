@@ -159,6 +159,17 @@ def set_flow_guard(table, max_per_s: int) -> None:
         os.close(fd)
 
 
+def embryos_waiting(table) -> int:
+    """TCP flows waiting in `embryos` (a bcc table) for their second packet."""
+    return sum(1 for _, v in table.items_lookup_batch() if v.key.family)
+
+
+def clear_embryos(table) -> None:
+    """Empty every slot of `embryos` (a bcc table) in one syscall."""
+    n = table.max_entries
+    table.items_update_batch((ct.c_uint32 * n)(*range(n)), (table.Leaf * n)())
+
+
 def compile_decap() -> Program:
     return Program("decap.c", "xdp_decap", [f"-I{BPF_DIR}"])
 

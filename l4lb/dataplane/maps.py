@@ -15,7 +15,7 @@ import struct
 from enum import IntEnum
 from pathlib import Path
 
-LAYOUT_VERSION = 5  # 5: embryos, flow_guard maps; more stat reasons
+LAYOUT_VERSION = 6  # 6: embryos (direct-mapped array), flow_guard maps; more stat reasons
 
 FAMILY_V4 = 4
 FAMILY_V6 = 6
@@ -122,6 +122,13 @@ class OwnMac(ct.Structure):
     _fields_ = [("mac", ct.c_ubyte * 6), ("valid", ct.c_uint8), ("pad", ct.c_uint8)]
 
 
+class Embryo(ct.Structure):
+    """A slot of embryos (a TCP flow between its SYN and its next packet); key.family 0
+    is an empty slot."""
+
+    _fields_ = [("key", FlowKey), ("val", ConnVal), ("check", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
 class FlowGuardCfg(ct.Structure):
     _fields_ = [("max_per_s", ct.c_uint32), ("pad", ct.c_uint32)]
 
@@ -163,7 +170,7 @@ class FlowEvent(ct.Structure):
 
 # Sizes must match the C side exactly; a mismatch is a bug caught at import.
 for _s, _n in ((VipKey, 20), (VipMeta, 16), (VipEntry, 36), (RealDef, 24), (FlowKey, 40), (ConnVal, 16),
-               (LbConfig, 32), (Counters, 24), (FlowEvent, 56), (FlowGuardCfg, 8),
+               (LbConfig, 32), (Counters, 24), (FlowEvent, 56), (Embryo, 64), (FlowGuardCfg, 8),
                (FlowGuardState, 16)):
     assert ct.sizeof(_s) == _n, (_s.__name__, ct.sizeof(_s))
 

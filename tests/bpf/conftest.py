@@ -30,13 +30,13 @@ def st(prog):
     t.set_config(tun_src4="10.99.0.21", tun_src6="fd99::21")
     t.reset_global_counters()
     t.conns.clear()
-    prog.map("embryos").clear()
+    loader.clear_embryos(prog.map("embryos"))
     reset_flow_guard(prog)
     yield t
     for key in list(t.vips):
         t.delete_vip(key)
     t.conns.clear()
-    prog.map("embryos").clear()
+    loader.clear_embryos(prog.map("embryos"))
     reset_flow_guard(prog)
 
 

@@ -5,7 +5,9 @@ new conns entries per CPU and second; a VIP address answers only its services.""
 
 import ctypes
 import os
+import socket
 import struct
+import time
 
 import pytest
 from scapy.all import ICMP, IP, UDP, IPv6, raw
@@ -16,6 +18,8 @@ from l4lb.dataplane import maps as M
 
 
 def entries(prog, name):
+    if name == "embryos":
+        return loader.embryos_waiting(prog.map(name))
     return sum(1 for _ in prog.map(name).keys())
 
 
@@ -194,3 +198,51 @@ def test_stat_reasons_come_from_maps_h():
              for line in body.splitlines() if line.strip().startswith("ST_")]
     assert [f"ST_{r.name}" for r in M.StatReason] == names
     assert [r.value for r in M.StatReason] == list(range(len(names))) and M.ST_MAX == len(names)
+
+
+def flow_hash4(sport, src="10.99.0.11", dst="10.99.0.100", dport=80, proto=6):
+    """flow_hash() of balancer.c for an IPv4 flow (words read in host order, as the
+    program reads them)."""
+    s0, d0 = (struct.unpack("=I", socket.inet_aton(a))[0] for a in (src, dst))
+    sp, dp = (struct.unpack("=H", struct.pack("!H", p))[0] for p in (sport, dport))
+    h = M._mix32(M._mix32(0x9e3779b9 ^ s0) ^ d0)
+    return M._mix32(h ^ ((sp << 16) | dp) ^ (proto << 24))
+
+
+def test_embryo_pairs_keep_a_handshake_until_two_younger_ones_share_its_pair(prog, st):
+    add_vip(st)
+    emb = prog.map("embryos")
+    pairs = emb.max_entries // 2
+    a = 41000
+    pair = flow_hash4(a) % pairs * 2
+    b, c = [s for s in range(41001, 65536) if flow_hash4(s) % pairs * 2 == pair][:2]
+    real = {}
+    for sport in (a, b):
+        p = v4(sport=sport)
+        real[sport] = dr_real(run(prog, p), p)
+        time.sleep(0.01)  # (the coarse clock orders them)
+    assert {M.flow_tuple(emb[ctypes.c_uint32(pair + i)].key)[1] for i in (0, 1)} == {a, b}
+    p = v4(sport=c)  # a third handshake in the pair: the oldest (a) gives way
+    dr_real(run(prog, p), p)
+    for sport, counts in ((b, (1, 0)), (a, (1, 1))):  # (promoted, non-SYN misses) after
+        p = v4(sport=sport, flags="A")
+        assert dr_real(run(prog, p), p) == real[sport]  # promoted or not: the same real
+        g = st.global_counters()
+        assert (g["conn_promoted"], g["conn_miss_non_syn"]) == counts
+    assert entries(prog, "conns") == 1 and st.conns[key(b)].real_id
+
+
+def test_torn_embryo_reads_as_empty(prog, st):
+    add_vip(st)
+    emb = prog.map("embryos")
+    p = v4(sport=41500)
+    real = dr_real(run(prog, p), p)
+    slot = next(k for k, v in emb.items_lookup_batch() if v.key.family)
+    torn = emb[slot]
+    torn.val.real_id ^= 1  # as if another CPU's write had half landed
+    emb[slot] = torn
+    p = v4(sport=41500, flags="A")
+    assert dr_real(run(prog, p), p) == real  # the ring's choice, no entry
+    g = st.global_counters()
+    assert g["conn_miss_non_syn"] == 1 and g["conn_promoted"] == 0
+    assert entries(prog, "conns") == 0
