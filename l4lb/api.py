@@ -36,14 +36,16 @@ class ApiError(Exception):
 
 
 def _vip_index(data: dict, key: str) -> int:
-    from l4lb.config import config_from_dict  # noqa: PLC0415
-    cfg = config_from_dict(data, source="api")
-    try:
-        v = cfg.vip_by_key(key)
-    except KeyError:
-        raise ApiError(f"no VIP {key!r}; `l4lb status` lists them (form: 10.0.0.1:80/tcp, "
-                       "[fd00::1]:80/tcp)") from None
-    return list(cfg.vips).index(v)
+    # By key on the dict itself: no second parse of the whole config per change.
+    from l4lb.config import _canonical_vip_key, vip_key  # noqa: PLC0415
+
+    want = _canonical_vip_key(key)
+    for i, v in enumerate(data.get("vip", [])):
+        if want is not None and want == vip_key(ipaddress.ip_address(v["address"]), v["port"],
+                                                v.get("protocol", "tcp")):
+            return i
+    raise ApiError(f"no VIP {key!r}; `l4lb status` lists them (form: 10.0.0.1:80/tcp, "
+                   "[fd00::1]:80/tcp)")
 
 
 def _real_index(vip: dict, address: str) -> int:
