@@ -272,11 +272,12 @@ def render_main(snap: dict) -> str:
                    f'<td class="l">{_e(s["peers"])}</td></tr></table>')
     for v in snap["vips"]:
         out.append(f'<h2>VIP {_e(v["vip"])}</h2>'
-                   f'<p>{_e(v["mode"])} mode, hash {_e(v["hash"])}, ring {_num(v["ring_size"])}'
-                   f' · {v["reals_up"]}/{len(v["reals"])} reals up'
-                   f' · {_num(v["packets_per_s"])} packets/s'
-                   f' · {_num(v["new_flows_per_s"])} new flows/s'
-                   f' · {_num(v["conn_entries"])} conn entries</p>')
+                   f'<p class="vip" data-vip="{_e(v["vip"])}">{_e(v["mode"])} mode, hash '
+                   f'{_e(v["hash"])}, ring {_num(v["ring_size"])}'
+                   f' · <span class="up">{v["reals_up"]}/{len(v["reals"])}</span> reals up'
+                   f' · <span class="pps">{_num(v["packets_per_s"])}</span> packets/s'
+                   f' · <span class="fps">{_num(v["new_flows_per_s"])}</span> new flows/s'
+                   f' · <span class="conns">{_num(v["conn_entries"])}</span> conn entries</p>')
         out.append(f'<table class="reals" data-vip="{_e(v["vip"])}"><tr><th class="l">real</th>'
                    '<th class="l">state</th><th>weight</th><th>ring share</th>'
                    '<th>packets/s</th><th>new flows/s</th><th>conn entries</th>'
