@@ -583,3 +583,38 @@ def test_wildcard_listen_binds_the_nodes_own_address_never_a_vip():
         await b.stop()
 
     asyncio.run(main())
+
+
+def test_restarted_standby_with_state_proves_the_masters_session_and_gets_the_table(tmp_path):
+    """The standby remembers the master's session from its last run: a replay could
+    not be told from the live session, so it challenges; the master answers, walks
+    its table again (the standby dropped the start of the first walk), all arrives."""
+    async def main():
+        pa, pb = free_port(), free_port()
+        ta = FakeTables(MASTER_VIPS)
+        now = time.monotonic_ns()
+        for i in range(500):
+            ta.add(CLIENT, 20000 + i, VIP, 80, 1 + i % 2, 0, now)
+        a = make_agent(sync_cfg(pa, pb), "lb1", ta, FakeProg(), role="master", ring_mode="poll")
+        tb = FakeTables(BACKUP_VIPS)
+        b = make_agent(sync_cfg(pb, pa), "lb2", tb, FakeProg(), role="backup",
+                       ring_mode="poll", state_dir=tmp_path)
+        await a.start()
+        await b.start()
+        try:
+            await until(lambda: len(tb.conns) == 500)
+            await b.stop()
+            tb2 = FakeTables(BACKUP_VIPS)
+            b = make_agent(sync_cfg(pb, pa), "lb2", tb2, FakeProg(), role="backup",
+                           ring_mode="poll", state_dir=tmp_path)
+            await b.start()
+            assert b.receiver.known_sessions() == {"lb1": a.sender.session}
+            await until(lambda: len(tb2.conns) == 500)
+            assert b.receiver.stats["sessions_proven"] == 1
+            assert b.status()["rejected"].get("replay", 0) >= 1  # what came before the proof
+            assert tb2.entry(CLIENT, 20000, VIP, 80)[:2] == (41, 6)
+        finally:
+            await a.stop()
+            await b.stop()
+
+    asyncio.run(main())
