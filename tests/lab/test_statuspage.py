@@ -179,6 +179,8 @@ def test_the_page_renders_live_and_shows_a_downed_real_down_without_a_reload(lab
     down = wait_for(lambda: (p := browser.page())["vips"][VIP]["reals"][r2]["state"] == "DOWN"
                     and p, 15, interval=0.05, what="real2 DOWN on the page")
     took = time.monotonic() - t0
+    print(f"real2 DOWN on the page {took:.2f} s after its echo server stopped "
+          f"(fall time {FALL_TIME_S:g} s, refresh {REFRESH_S:g} s)")
     assert took <= FALL_TIME_S + REFRESH_S + 1.5, took
     assert down["mark"] == "kept"  # no reload happened
     assert down["note"].startswith("live: refreshed"), down["note"]
