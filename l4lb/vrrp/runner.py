@@ -375,11 +375,20 @@ class VrrpProcess(_Base):
             return
         if not self._stopping:
             # Not restarted: a crash is a bug to see, and the peer takes over meanwhile.
-            log.critical("vrrp: the VRRP process exited (code %s): this node holds no VIP "
-                         "and sends no adverts until the daemon is restarted", code)
-            self._snap = {n: {**st, "state": "initialize", "vips_held": False,
-                              "error": f"VRRP process exited (code {code})"}
-                          for n, st in self._snap.items()}
+            self._crashed(code)
+            if code is None:  # its socket closed first: the exit code follows
+                asyncio.ensure_future(self._reap_crashed())
+
+    async def _reap_crashed(self) -> None:
+        self._crashed(await asyncio.to_thread(self.proc.wait))
+
+    def _crashed(self, code: int | None) -> None:
+        if code is not None:
+            log.critical("vrrp: the VRRP process exited (code %s): this node holds no VIP and "
+                         "sends no adverts until the daemon is restarted", code)
+        self._snap = {n: {**st, "state": "initialize", "vips_held": False,
+                          "error": f"VRRP process exited (code {code})"}
+                      for n, st in self._snap.items()}
 
 
 def _bufs(s: socket.socket) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -244,7 +246,7 @@ def test_process_killed_with_the_daemon_and_a_crash_shows_in_status():
         await p.start()
         os.kill(p.proc.pid, 9)  # a crash of the VRRP process
         t0 = time.monotonic()
-        while p[0].status().get("error") is None:
+        while "(code -9)" not in (p[0].status().get("error") or ""):
             assert time.monotonic() - t0 < 5
             await asyncio.sleep(0.02)
         st = p[0].status()
@@ -252,3 +254,42 @@ def test_process_killed_with_the_daemon_and_a_crash_shows_in_status():
         await p.stop()
 
     asyncio.run(run())
+
+
+def test_process_dies_with_a_sigkilled_daemon():
+    # A "daemon" that starts the VRRP process and waits; kill -9 of it must take the
+    # VRRP process along (no priority 0, as a killed daemon could not send one).
+    code = f"""
+import asyncio, sys
+from ipaddress import IPv4Interface
+from l4lb.config import VrrpConfig
+from l4lb.vrrp.runner import VrrpProcess
+async def main():
+    cfg = VrrpConfig(name="VI_1", interface="d0", vrid=51, advert_interval_s=0.1,
+                     vips=(IPv4Interface("10.77.0.100/24"),))
+    p = VrrpProcess([cfg], child_prefix={NETNS!r})
+    await p.start()
+    print(p.proc.pid, flush=True)
+    await asyncio.sleep(60)
+asyncio.run(main())
+"""
+    daemon = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(daemon.stdout.readline())
+        os.kill(child, 0)  # alive
+        daemon.kill()
+        daemon.wait(5)
+        t0 = time.monotonic()
+        while _alive(child):
+            assert time.monotonic() - t0 < 5, "the VRRP process outlived the daemon"
+            time.sleep(0.02)
+    finally:
+        daemon.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
