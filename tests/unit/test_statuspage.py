@@ -246,6 +246,12 @@ def test_http_answers_of_the_listener():
     assert f"\r\nContent-Security-Policy: {statuspage.CSP}\r\n".encode() in head
     assert f"Content-Length: {len(body)}\r\n".encode() in head
     assert b'<body data-refresh="2">' in body and b"VIP 10.99.0.100:80/tcp" in body
+    # VRRP state and the sync agent's state and lag (none measured yet: a dash)
+    text = body.decode()
+    assert re.search(r'<table id="vrrp">.*<td class="l">VI_1</td><td class="l backup">BACKUP'
+                     r"</td><td>150</td><td>51</td>", text, re.S)
+    assert re.search(r'<table id="sync">.*<td class="l">backup</td><td class="l">[a-z ]+</td>'
+                     r"<td>\u2013</td><td>0.0 ms</td>", text, re.S)
     fhead, _, frag = out["frag"].partition(b"\r\n\r\n")
     assert not frag.startswith(b"<!DOCTYPE") and b'<tr data-real="10.99.0.31">' in frag
     jhead, _, jbody = out["json"].partition(b"\r\n\r\n")
