@@ -618,3 +618,15 @@ def test_restarted_standby_with_state_proves_the_masters_session_and_gets_the_ta
             await b.stop()
 
     asyncio.run(main())
+
+
+def test_distinct_rows_survive_hash_collisions(monkeypatch):
+    import numpy as np  # noqa: PLC0415
+
+    rows = np.array([[1] * 8 + [5] * 3, [2] * 8 + [5] * 3, [1] * 8 + [5] * 3, [1] * 11],
+                    np.uint8)
+    uniq, inv = sync_agent._distinct(rows)
+    assert [uniq[i] for i in inv] == [bytes(r) for r in rows] and len(uniq) == 3
+    monkeypatch.setattr(sync_agent, "_MIX", np.uint64(0))  # hash = the last word only
+    uniq, inv = sync_agent._distinct(rows)  # rows 0 and 1 now collide: found and resolved
+    assert [uniq[i] for i in inv] == [bytes(r) for r in rows] and len(uniq) == 3
