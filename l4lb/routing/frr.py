@@ -89,9 +89,10 @@ class RouterPeer:
 
 def router_config(asn: int, router_id: str, peers: Iterable[RouterPeer], *,
                   bfd: tuple[int, int, int] | None = (300, 300, 3), max_paths: int = 16,
-                  hostname: str = "router") -> str:
+                  hostname: str = "router", passive: bool = True) -> str:
     """frr.conf for the lab's upstream router: eBGP to every balancer, ECMP over them
-    (maximum-paths; the kernel hashes on L4 with fib_multipath_hash_policy=1)."""
+    (maximum-paths; the kernel hashes on L4 with fib_multipath_hash_policy=1). Passive:
+    the balancers connect, so no connection collision hides why a session is refused."""
     out = ["frr defaults datacenter", f"hostname {hostname}", "!", f"router bgp {asn}",
            f" bgp router-id {router_id}", " no bgp ebgp-requires-policy",
            " no bgp default ipv4-unicast", " bgp bestpath as-path multipath-relax",
@@ -99,6 +100,8 @@ def router_config(asn: int, router_id: str, peers: Iterable[RouterPeer], *,
     peers = list(peers)
     for p in peers:
         out.append(f" neighbor {p.address} remote-as {p.asn}")
+        if passive:
+            out.append(f" neighbor {p.address} passive")
         if p.password:
             out.append(f" neighbor {p.address} password {p.password}")
         if bfd:
@@ -167,6 +170,7 @@ class Session:
     established: int = 0  # sessions established / dropped since bgpd started
     dropped: int = 0
     reason: str | None = None  # last reset / notification, FRR's words
+    notified: bool = False  # reason is a NOTIFICATION exchanged with the neighbour
     prefixes_sent: int | None = None
     bfd: str | None = None  # up, down, init, ... (None: no BFD)
 
@@ -198,9 +202,9 @@ def parse_neighbors(neighbors: dict, bfd_peers: list | None = None) -> dict[str,
         for af in (n.get("addressFamilyInfo") or {}).values():
             if isinstance(af, dict) and "sentPrefixCounter" in af:
                 sent = (sent or 0) + int(af["sentPrefixCounter"])
+        # A NOTIFICATION (refused: wrong AS...) says why; else FRR's last reset cause.
+        notified = bool(n.get("lastNotificationReason"))
         reason = n.get("lastNotificationReason") or n.get("lastResetDueTo")
-        if n.get("lastErrorCodeSubcode") and n.get("lastNotificationReason"):
-            reason = n["lastNotificationReason"]
         up_ms = n.get("bgpTimerUpMsec")
         out[key] = Session(
             neighbor=key, state=str(n.get("bgpState", "unknown")),
@@ -209,7 +213,7 @@ def parse_neighbors(neighbors: dict, bfd_peers: list | None = None) -> dict[str,
             n.get("bgpState") == "Established" else None,
             established=int(n.get("connectionsEstablished", 0) or 0),
             dropped=int(n.get("connectionsDropped", 0) or 0),
-            reason=reason, prefixes_sent=sent, bfd=bfd.get(key))
+            reason=reason, notified=notified, prefixes_sent=sent, bfd=bfd.get(key))
     return out
 
 

@@ -27,7 +27,7 @@ log = logging.getLogger("l4lb.routing")
 TICK_S = 0.5
 POLL_S = 2.0
 HELLO_GRACE_S = 2.5  # sync heartbeats come every 1 s: by then live peers are known
-STUCK_S = 15.0  # a neighbour not Established this long is worth a warning
+STUCK_S = 8.0  # a neighbour not Established this long is worth a warning
 
 
 def join_state(sync_status: dict | None, elapsed: float, timeout: float) -> tuple[bool, str]:
@@ -69,7 +69,7 @@ class Routing:
         self.drain_started: float | None = None
         self._started = clock()
         self._since_down: dict[str, float] = {}
-        self._warned: set[str] = set()
+        self._warned: dict[str, str] = {}  # neighbour -> the problem last logged
         self._tasks: list[asyncio.Task] = []
         self._apply_lock = asyncio.Lock()
 
@@ -171,26 +171,31 @@ class Routing:
                 if s.up:
                     log.info("routing: BGP session to %s (AS %s) established", addr,
                              s.remote_as)
-                    self._warned.discard(addr)
                 elif old is not None and old.up:
                     log.warning("routing: BGP session to %s lost: %s", addr,
                                 s.reason or s.state)
             if s.up:
                 self._since_down.pop(addr, None)
+                self._warned.pop(addr, None)
                 continue
             since = self._since_down.setdefault(addr, now)
-            if addr not in self._warned and (s.reason or now - since >= STUCK_S) and \
-                    (old is None or old.reason != s.reason or now - since >= STUCK_S):
-                n = configured.get(addr)
-                hint = (f"check bgp.asn ({self.bgp.asn}), the neighbour's remote-as, and "
-                        f"bgp.neighbor asn ({n.asn if n else '?'})")
-                if not s.reason:
-                    hint = ("no reply: check reachability and that both sides use the same "
-                            "bgp.neighbor password (TCP MD5 drops mismatched segments silently)")
+            key = s.reason if s.notified else ("stuck" if now - since >= STUCK_S else None)
+            if key and self._warned.get(addr) != key:
                 log.warning("routing: BGP session to %s not established (state %s%s): %s",
-                            addr, s.state, f", {s.reason}" if s.reason else "", hint)
-                self._warned.add(addr)
+                            addr, s.state, f", {s.reason}" if s.reason else "",
+                            self._hint(configured.get(addr), s))
+                self._warned[addr] = key
         self.sessions = new
+
+    def _hint(self, n, s: frr.Session) -> str:
+        reason = s.reason or ""
+        if not s.notified:
+            return ("no reply: check reachability and that both sides use the same "
+                    "bgp.neighbor password (TCP MD5 drops mismatched segments silently)")
+        if "AS" in reason or "OPEN" in reason:
+            return (f"refused: check bgp.asn ({self.bgp.asn}) against the neighbour's "
+                    f"remote-as, and bgp.neighbor asn ({n.asn if n else '?'}) against its AS")
+        return "see FRR's log for the neighbour"
 
     async def _poll_loop(self) -> None:
         while True:

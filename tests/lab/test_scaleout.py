@@ -107,3 +107,61 @@ def test_ecmp_without_sync():
         assert all(n > 0 for n in lost.values()), f"no sync, yet nothing lost: {lost}"
     finally:
         lab.down()
+
+
+def test_bgp_sessions():
+    """Wrong AS and wrong password are refused with a clear log line; a VIP whose reals
+    are all down is withdrawn and comes back with them; FRR restarted under a running
+    l4lb finds the announcements again (they live in the kernel)."""
+    from l4lb.routing import frr
+
+    lab = E.make_lab("ecmpb", balancers=2, reals=1)
+    lab.up()
+    try:
+        peers = [frr.RouterPeer(lab.node("lb1").ipv4, E.NODE_AS),
+                 frr.RouterPeer(lab.node("lb2").ipv4, E.NODE_AS)]  # no password
+        lab.frrs["router"] = lab.start_frr("router", frr.router_config(E.ROUTER_AS, E.ROUTER4,
+                                                                       peers))
+        E.start_reals(lab)
+        wrong_as = E.node_config(lab, "lb2", sync=False, asn=65099)
+        cfgs = {"lb1": E.node_config(lab, "lb1", sync=False), "lb2": wrong_as}
+        E.start_nodes(lab, ["lb1", "lb2"], cfgs)
+        E.wait_paths(lab, ["lb1"])
+        lb2 = lab.daemons["lb2"]
+        E.wait_for(lambda: "Bad Peer AS" in lb2.output(), 30, 0.2, "lb2: wrong AS logged")
+        line = next(ln for ln in lb2.output().splitlines() if "Bad Peer AS" in ln)
+        assert "not established" in line and "check bgp.asn (65099)" in line, line
+
+        # a password the router does not share (TCP MD5 on one side): no session at all
+        for svc in lab.frrs.pop("lb2"):
+            svc.stop()
+        wrong_pw = E.node_config(lab, "lb2", sync=False, neighbor=[
+            {"address": E.ROUTER4, "asn": E.ROUTER_AS, "password": "wrong-password-2"}])
+        E.start_node_frr(lab, "lb2", wrong_pw)
+        E.wait_for(lambda: "password" in lb2.output().split("Bad Peer AS")[-1], 40, 0.2,
+                   "lb2: no session logged with the password hint")
+        assert E.nexthops(lab, E.VIP_DR) == {lab.node("lb1").ipv4}
+
+        # every real of lb1 down: both VIPs withdrawn; back up: announced again
+        echo = next(s for s in lab.services if s.node == "real1" and "echoserver" in
+                    " ".join(s.argv))
+        echo.stop()
+        E.wait_for(lambda: not E.nexthops(lab, E.VIP_DR) and not E.nexthops(lab, E.VIP_TUN),
+                   30, 0.1, "router: VIPs withdrawn when their reals are down")
+        assert E.announced(lab, "lb1") == [] and E.host_routes(lab, "lb1") == set()
+        lab.start_echo("real1", E.PORT)
+        E.wait_paths(lab, ["lb1"], timeout=30)
+
+        # FRR restarted under l4lb: the routes are in the kernel; FRR announces them again
+        for svc in lab.frrs.pop("lb1"):
+            svc.stop()
+        E.wait_for(lambda: not E.nexthops(lab, E.VIP_DR), 30, 0.1, "router: lb1 gone")
+        E.start_node_frr(lab, "lb1", cfgs["lb1"])
+        E.wait_paths(lab, ["lb1"], timeout=60)
+        E.wait_for(lambda: all(s["state"] == "Established" for s in
+                               lab.l4lb_json("lb1", ["status"])["bgp"]["sessions"]),
+                   10, 0.2, "lb1: l4lb sees the session again")
+        assert lab.l4lb_json("lb1", ["status"])["bgp"]["frr_up"]
+        assert E.announced(lab, "lb1") == [E.VIP_DR, E.VIP_TUN]
+    finally:
+        lab.down()

@@ -182,3 +182,45 @@ def test_join_gate():
     peers[0]["full_complete"] = 0
     assert service.join_state(st, 15.0, 15) == (True, "join timeout (15s) passed")
     assert service.join_state({"peer_detail": peers[1:]}, 3.0, 15) == (True, "no sync peer is up")
+
+
+def test_session_watch_logs_reasons_and_counts_flaps(monkeypatch, caplog):
+    import asyncio
+    import logging
+
+    cfg = config_from_dict(base())
+    now = [100.0]
+    answers = []
+
+    async def fake_sessions(bgp):
+        a = answers.pop(0)
+        if isinstance(a, Exception):
+            raise a
+        return frr.parse_neighbors(a)
+
+    monkeypatch.setattr(frr, "sessions", fake_sessions)
+    r = service.Routing(cfg.bgp, servable=set, clock=lambda: now[0])
+    refused = {"10.99.0.1": {"bgpState": "Idle", "remoteAs": 65000,
+                             "lastNotificationReason": "OPEN Message Error/Bad Peer AS"}}
+    silent = {"10.99.0.1": {"bgpState": "Connect", "remoteAs": 65000,
+                            "lastResetDueTo": "Waiting for peer OPEN"}}
+    up = {"10.99.0.1": {"bgpState": "Established", "remoteAs": 65000}}
+    caplog.set_level(logging.INFO, logger="l4lb.routing")
+
+    async def run():
+        for a, dt in ((refused, 0), (refused, 2), (silent, 2), (silent, 10), (up, 1),
+                      (silent, 1), (frr.FrrError("FRR is not running"), 1), (up, 1)):
+            now[0] += dt
+            answers.append(a)
+            await r.poll()
+
+    asyncio.run(run())
+    text = caplog.text
+    assert text.count("Bad Peer AS): refused: check bgp.asn (65001)") == 1  # once per cause
+    assert text.count("bgp.neighbor password") == 1  # silent: only once stuck for STUCK_S
+    assert "BGP session to 10.99.0.1 (AS 65000) established" in text
+    assert "BGP session to 10.99.0.1 lost" in text and "FRR is not running" in text
+    assert "FRR answers again" in text
+    assert r.flaps["10.99.0.1"] == 1 and r.frr_up
+    st = r.status()
+    assert st["sessions"][0]["state"] == "Established" and st["sessions"][0]["flaps"] == 1
