@@ -113,7 +113,8 @@ class Daemon:
         self._arp_pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="arp")
         # What apply() last wrote per VIP key: a VIP whose signature is unchanged is
         # not rewritten.
-        self._applied: dict[str, tuple] = {}
+        self._applied: dict[str, tuple] = {}  # key -> (VipConfig, MAC version, signature)
+        self._mac_version = 0  # bumped whenever a MAC is learnt
         self.ready = False  # set once the maps are programmed and XDP is attached
         self.stop_event = asyncio.Event()
         self.full_stop = False  # `l4lb stop`: detach and remove pins too
@@ -303,6 +304,7 @@ class Daemon:
                 mac = None
             if mac and self.macs.get(addr) != mac:
                 self.macs[addr] = mac
+                self._mac_version += 1
                 learnt = True
             elif not mac:
                 log.warning("cannot resolve the MAC of real %s: it stays out of the ring until "
@@ -317,6 +319,17 @@ class Daemon:
         return (v.mode, v.hash, v.ring_size, v.all_down,
                 tuple((str(r.address), self._mac_for(r), r.weight) for r in v.reals))
 
+    def _unchanged(self, v) -> bool:
+        """Is VIP `v` in the maps as written last? Cheap when neither its config nor any
+        MAC changed (4,000 reals: no string building per change)."""
+        prev = self._applied.get(v.key)
+        if prev is None:
+            return False
+        pv, version, sig = prev
+        if version == self._mac_version and pv == v:
+            return True
+        return sig == self._signature(v)
+
     def _plan(self, cfg: Config, initial: bool) -> tuple[list[str], list]:
         """(VIP keys to delete, VIPs to write), after checking that everything new fits
         the compiled maps: nothing is deleted before the whole change is known to fit."""
@@ -325,7 +338,7 @@ class Daemon:
         want = {v.key: v for v in cfg.vips}
         deletes = [k for k in t.vips if k not in want]
         writes = [v for v in cfg.vips if initial or v.key not in t.vips
-                  or self._applied.get(v.key) != self._signature(v)]
+                  or not self._unchanged(v)]
         # Real ids: deleted reals keep theirs while connections may use them (retired).
         held = sum(len(vs.reals) + len(vs.retired) for vs in t.vips.values())
         freed = sum(len(t.vips[k].reals) + len(t.vips[k].retired) for k in deletes)
@@ -363,7 +376,7 @@ class Daemon:
                 t.upsert_vip(v.address, v.port, v.protocol, mode=v.mode, hash=v.hash,
                              ring_size=v.ring_size, all_down=v.all_down)
                 t.set_reals(v.key, [(r.address, self._mac_for(r), r.weight) for r in v.reals])
-                self._applied[v.key] = self._signature(v)
+                self._applied[v.key] = (v, self._mac_version, self._signature(v))
         except (TablesError, OSError) as e:
             # Cannot happen for a change that passed _plan, short of a failing bpf(2):
             # put the previous config back so that status and the maps agree again.
@@ -377,21 +390,22 @@ class Daemon:
                               "kept") from None
         old_vips = {str(v.address) for v in self.cfg.vips}
         self.cfg = cfg
-        self.health.sync({(v.key, str(r.address)): r.healthcheck
-                          for v in cfg.vips for r in v.reals})
-        self._refresh_down()
+        self.health.sync({(key, str(r.address)): r.healthcheck
+                          for v in cfg.vips for key in (v.key,) for r in v.reals})
+        self._refresh_down(writes)  # other VIPs' reals: _on_health keeps them current
         if not self.vrrp and not initial and cfg.bgp is None:
             now = {str(v.address) for v in cfg.vips}
             for a in old_vips - now:
                 await self._hold_vip(a, False)
             await self._hold_vips(True)
 
-    def _refresh_down(self) -> None:
-        for v in self.cfg.vips:
+    def _refresh_down(self, vips) -> None:
+        for v in vips:
+            key = v.key
             for r in v.reals:
-                down = not self.health.is_up(v.key, str(r.address)) or \
+                down = not self.health.is_up(key, str(r.address)) or \
                     self._mac_for(r) == NO_MAC
-                self.tables.set_down(v.key, r.address, down)
+                self.tables.set_down(key, r.address, down)
 
     async def _on_health(self, vip: str, real: str, up: bool, detail: str) -> None:
         async with self._lock:
