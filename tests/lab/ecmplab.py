@@ -19,6 +19,7 @@ from l4lb.routing import frr
 
 VIP_DR, VIP_TUN = "10.99.200.100", "10.99.200.101"
 PORT = 9000
+HTTP = 80
 ROUTER_AS, NODE_AS = 65000, 65001
 KEY = "lab-ecmp-sync-key-0123456789"
 SYNC_PORT = 9542
@@ -57,12 +58,15 @@ def bgp_section(lab: Lab, name: str, **over) -> dict:
 
 
 def node_config(lab: Lab, name: str, sync: bool = True, weights: dict | None = None,
-                **bgp_over) -> dict:
+                http: bool = False, **bgp_over) -> dict:
+    """`http`: also VIP_DR:HTTP (DR) to nginx on the reals (wrk)."""
     weights = weights or {}
     reals = [{"address": n.ipv4, "weight": weights.get(n.name, 100)}
              for n in lab.by_role("real")]
     vips = [{"address": VIP_DR, "port": PORT, "mode": "dr", "real": reals},
             {"address": VIP_TUN, "port": PORT, "mode": "tun", "real": reals}]
+    if http:
+        vips.append({"address": VIP_DR, "port": HTTP, "mode": "dr", "real": reals})
     sections: dict = {"bgp": bgp_section(lab, name, **bgp_over)}
     if sync:
         me = lab.node(name).ipv4
