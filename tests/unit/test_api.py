@@ -404,3 +404,27 @@ def test_a_failing_map_write_restores_the_previous_config(tmp_path):
     assert [str(r.address) for r in d.cfg.vips[0].reals] == ["10.99.0.31"]
     assert calls == [["10.99.0.31", "10.99.0.99"], ["10.99.0.31"]]  # tried, then restored
     assert d.tables.reals[vip] == {"10.99.0.31": 100}
+
+
+def test_oversized_request_gets_an_answer_naming_the_limit(tmp_path):
+    d = Blocking(make_cfg(tmp_path))
+
+    def send_big(path):
+        s = connect(path)
+        try:
+            s.sendall(b"x" * (api.MAX_REQUEST + 4096))  # no newline
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # answered and closed before taking it all
+        got = read_all(s)
+        s.close()
+        return got
+
+    async def main():
+        server = await api.serve(d)
+        try:
+            return await in_thread(send_big, d.cfg.node.api_socket)
+        finally:
+            server.close()
+
+    assert json.loads(asyncio.run(main())) == {
+        "ok": False, "error": f"request: longer than {api.MAX_REQUEST} bytes"}
