@@ -772,7 +772,10 @@ class SyncAgent:
         self._rbuf = bytearray(MAX_DATAGRAM + 1)
         self._deferred = Backlog(DEFER_MAX_BYTES, FULL_TURN_BYTES)
         self._full_handle: asyncio.Handle | None = None
-        self._pool: ThreadPoolExecutor | None = None  # installs, in order, off the loop
+        # Installs run off the loop, new flows and full-walk slices each in their own
+        # thread, so that a new flow never waits behind a slice of a walk.
+        self._pools: dict[bool, ThreadPoolExecutor] = {}  # full? -> its install thread
+        self._count_lock = threading.Lock()  # counters both install threads update
         self._full_inflight = 0  # full-walk install slices handed to the pool
         self.bound: tuple | None = None  # the socket's address
         self._conn_timeout_ns: int | None = None
@@ -803,7 +806,8 @@ class SyncAgent:
         self.receiver = self._new_receiver(known)
         await asyncio.to_thread(_save_state, self.state_path,
                                 {"session": self.sender.session, "peers": known})
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sync-install")
+        self._pools = {full: ThreadPoolExecutor(1, thread_name_prefix=f"sync-install-{name}")
+                       for full, name in ((False, "new"), (True, "full"))}
         ep = self.cfg.listen
         host = ep.host
         if host.is_unspecified:  # never the wildcard: a VIP could become our source
@@ -863,9 +867,9 @@ class SyncAgent:
             self._sock.close()
             self._sock = None
         self._deferred.clear()
-        if self._pool is not None:  # let queued installs finish
-            await asyncio.to_thread(self._pool.shutdown, True)
-            self._pool = None
+        pools, self._pools = self._pools, {}
+        for pool in pools.values():  # let queued installs finish
+            await asyncio.to_thread(pool.shutdown, True)
 
     # ----------------------------------------------------------------- role
 
@@ -1223,7 +1227,7 @@ class SyncAgent:
 
     def _translate(self, actions: list[InstallEntries]) -> tuple[bytes, bytes]:
         """Entries -> packed conn-table records with this node's ids (skips counted).
-        Runs in the install thread; bulk (full-walk slices) through numpy."""
+        Runs in an install thread; bulk (full-walk slices) through numpy."""
         tr = self.translator
         tr.maybe_refresh()
         now_ns = coarse_now_ns()
@@ -1234,17 +1238,20 @@ class SyncAgent:
         else:
             keys, vals, skipped = tr.entries_to_records(
                 [e for a in actions for e in a.entries], now_ns)
-        self.skipped.update(skipped)
+        if skipped:
+            with self._count_lock:
+                self.skipped.update(skipped)
         return keys, vals
 
     def _install(self, actions: list[InstallEntries], now: float, full: bool = False) -> None:
-        """Hand entries to the install thread (in order: new flows are handed over
-        as they come, full-walk slices INSTALL_AHEAD at a time)."""
+        """Hand entries to their install thread: new flows as they come, full-walk
+        slices (``full``) INSTALL_AHEAD at a time."""
         overwrite = self.sender.role != "master"
-        if self._pool is None or self._loop is None:  # not started (tests)
+        pool = self._pools.get(full)
+        if pool is None or self._loop is None:  # not started (tests)
             self._install_job(actions, overwrite, now)
             return
-        fut = self._loop.run_in_executor(self._pool, self._install_job, actions, overwrite, now)
+        fut = self._loop.run_in_executor(pool, self._install_job, actions, overwrite, now)
         if full:
             self._full_inflight += 1
         fut.add_done_callback(functools.partial(self._installed, full))
@@ -1268,12 +1275,14 @@ class SyncAgent:
         try:
             written = self.tables.install_conns(keys, vals, overwrite=overwrite)
         except OSError as e:
-            self.counters["install_errors"] += n
+            with self._count_lock:
+                self.counters["install_errors"] += n
             log.warning("sync: installing %d entries failed: %s", n, e)
             return
-        self.counters["installed"] += written
-        if written < n:
-            self.skipped["local_entry"] += n - written
+        with self._count_lock:
+            self.counters["installed"] += written
+            if written < n:
+                self.skipped["local_entry"] += n - written
         if self.install_hook is not None:
             self.install_hook(keys, vals, now)
 
