@@ -150,7 +150,8 @@ def set_flow_guard(table, max_per_s: int) -> None:
     lib = _bcc().libbcc.lib
     fd = lib.bpf_obj_get(os.fsencode(table))
     if fd < 0:
-        raise DataplaneError(f"cannot open pinned map {table}: {os.strerror(ct.get_errno() or 2)}")
+        why = "no such file" if not os.path.exists(table) else "bpf_obj_get failed"
+        raise DataplaneError(f"cannot open pinned map {table}: {why}")
     try:
         key = ct.c_uint32(0)
         if lib.bpf_update_elem(fd, ct.byref(key), ct.byref(val), 0) != 0:

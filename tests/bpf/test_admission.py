@@ -246,3 +246,14 @@ def test_torn_embryo_reads_as_empty(prog, st):
     g = st.global_counters()
     assert g["conn_miss_non_syn"] == 1 and g["conn_promoted"] == 0
     assert entries(prog, "conns") == 0
+
+
+def test_guard_settings_out_of_range_are_refused_by_name(prog):
+    with pytest.raises(ValueError, match="max_per_s: -1 is out of range"):
+        loader.set_flow_guard(prog.map("flow_guard_cfg"), -1)
+    with pytest.raises(ValueError, match="max_per_s: 4294967296 is out of range"):
+        loader.set_flow_guard(prog.map("flow_guard_cfg"), 1 << 32)
+    with pytest.raises(loader.DataplaneError, match="flow_guard_rate: 0 is out of range"):
+        loader.BuildOptions(flow_guard_rate=0).cflags()
+    with pytest.raises(loader.DataplaneError, match="cannot open pinned map /nonexistent"):
+        loader.set_flow_guard("/nonexistent/flow_guard_cfg", 5)
