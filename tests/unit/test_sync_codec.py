@@ -17,10 +17,13 @@ from l4lb.sync.codec import (
     PREFIX_LEN,
     TAG_LEN,
     VERSION,
+    Challenge,
     Entries,
     FullChunk,
     Heartbeat,
     Hello,
+    PackedEntries,
+    Response,
     SyncDecodeError,
     SyncEntry,
     check_entry,
@@ -84,6 +87,8 @@ MIXED = [
         FullChunk("lb2", 7, 4, 2.0, 2**64 - 1, 2**32 - 1, True, []),
         Hello("lb1", 3, 1, 5.0, "master"),
         Heartbeat("lb1", 3, 2, 6.0, "backup"),
+        Challenge("lb1", 3, 3, 7.0, bytes(range(16))),
+        Response("lb2", 2**64 - 1, 4, 8.0, "master", b"\xff" * 16),
     ],
     ids=lambda m: type(m).__name__,
 )
@@ -293,6 +298,11 @@ MALFORMED_BODIES = {
     "hello bad role": [3, "lb1", 1, 1, 0.0, "leader"],
     "hello role list": [3, "lb1", 1, 1, 0.0, ["master"]],
     "heartbeat no role": [4, "lb1", 1, 1, 0.0],
+    "challenge short nonce": [5, "lb1", 1, 1, 0.0, b"\x00" * 15],
+    "challenge str nonce": [5, "lb1", 1, 1, 0.0, "x" * 16],
+    "response no nonce": [6, "lb1", 1, 1, 0.0, "master"],
+    "response bad role": [6, "lb1", 1, 1, 0.0, "boss", b"\x00" * 16],
+    "response long nonce": [6, "lb1", 1, 1, 0.0, "backup", b"\x00" * 17],
 }
 
 
@@ -423,3 +433,35 @@ def test_fuzz_round_trip_entries(ents) -> None:
         assert len(data) <= 1400
         got += decode(data, KEY, 1400).entries
     assert sorted(got) == sorted(ents)
+
+
+# --------------------------------------------------------------------------- packed entries
+
+
+def test_packed_entries_pass_through_encode_unchanged() -> None:
+    """Pre-packed records (the walk thread's) encode to the very datagram the same
+    entries as tuples give, and decode back to a PackedEntries equal to them."""
+    ents = [e4(i) for i in range(40)]
+    blob = b"".join(struct.pack("!4sH4sHB4s", *e) for e in ents)
+    packed = PackedEntries.from_groups([(0, blob)])
+    assert len(packed) == 40 and packed == ents and list(packed) == ents and packed[3] == ents[3]
+    a = encode(FullChunk("lb1", 1, 2, 3.0, 4, 0, True, packed), KEY)
+    b = encode(FullChunk("lb1", 1, 2, 3.0, 4, 0, True, ents), KEY)
+    assert a == b
+    got = decode(a, KEY, 65507).entries
+    assert type(got) is PackedEntries and got.groups == ((0, blob),) and got == packed
+
+
+@pytest.mark.parametrize("groups", [[(9, b"")], [(0, b"\x00" * 16)], [("0", b"")],
+                                    [(0, b"\x00" * 12 + b"\x07" + b"\x00" * 4)]],
+                         ids=["shape", "partial record", "code type", "proto"])
+def test_packed_entries_checked_when_built(groups) -> None:
+    with pytest.raises(ValueError):
+        PackedEntries.from_groups(groups)
+
+
+def test_challenge_and_response_checked_when_encoded() -> None:
+    with pytest.raises(ValueError):
+        encode(Challenge("lb1", 1, 1, 0.0, b"short"), KEY)
+    with pytest.raises(ValueError):
+        encode(Response("lb1", 1, 1, 0.0, "boss", bytes(16)), KEY)
