@@ -474,7 +474,9 @@ def lag_run(master: Node, standby: Node, gen_node: Node, first: int, count: int,
             transit.append(arrived[src][1] * 1000)
         if src in handed:
             ring.append((handed[src] - t_sent) * 1000)
-    out = {"flows": made, "rate": rate, "synced": len(lags),
+    # handed: flows whose event reached the master's agent (the rest never left the
+    # data plane); synced: installed on the standby
+    out = {"flows": made, "rate": rate, "handed": len(ring), "synced": len(lags),
            "achieved_rate": round(count / (gen["t1"] - gen["t0"]), 1),
            "lag_p50_ms": round(pct(lags, 50), 3), "lag_p99_ms": round(pct(lags, 99), 3),
            "lag_max_ms": round(max(lags), 3) if lags else None,
@@ -509,7 +511,8 @@ def pooled(rs: list[dict]) -> dict:
     """Runs of one mode together: percentiles over all their flows."""
     lags = [x for r in rs for x in r["_lags"]]
     ring = [x for r in rs for x in r["_ring"]]
-    return {"flows": sum(r["flows"] for r in rs), "synced": len(lags), "rounds": len(rs),
+    return {"flows": sum(r["flows"] for r in rs), "handed": sum(r["handed"] for r in rs),
+            "synced": len(lags), "rounds": len(rs),
             "achieved_rate": min(r["achieved_rate"] for r in rs),
             "lag_p50_ms": round(pct(lags, 50), 3), "lag_p99_ms": round(pct(lags, 99), 3),
             "lag_max_ms": round(max(lags), 3) if lags else None,
