@@ -19,8 +19,8 @@ every 0.1 s) and a probe that starts a new TCP connect every 10 ms:
                  the path (weight restored, lb2 back, before this case).
 
 total/lost: the held connections, and those that broke or changed real. The probe
-(one new connection every 10 ms, 0.5 s timeout): failed_probes, those unanswered after
-the failure; outage_ms, from the failure to the last unanswered probe (new connections
+(one new connection every 10 ms, 0.5 s timeout, each attempt logged): failed_probes,
+those unanswered after the failure; outage_ms, from the failure to the last unanswered probe (new connections
 hashed to a dead node fail until BFD takes its path away; the others are answered);
 max_gap_ms, the longest silence between two answers.
 wrk_rps.<n>: wrk -t2 -c64 to VIP:80 for S s (--quick 3, else 8) with n nodes
@@ -53,7 +53,7 @@ ALL = ["lb1", "lb2", "lb3"]
 PROBE_EVERY = 0.01
 
 
-def answers(svc) -> list[dict]:
+def attempts(svc) -> list[dict]:
     out = []
     for ln in svc.output().splitlines():
         try:
@@ -65,23 +65,50 @@ def answers(svc) -> list[dict]:
     return out
 
 
-def new_conn_outage(times: list[float], t_fail: float, t_end: float,
-                    every: float = PROBE_EVERY) -> dict:
-    """From the probe's answered start times (one start every `every` s): probes that got
-    no answer after the failure (gaps in the schedule), the time from the failure to the
-    last of them (outage_ms: while new connections could fail; with ECMP only those
-    hashed to the lost node do), and the longest silence between answers."""
-    after = sorted(t for t in times if t_fail < t <= t_end)
-    before = [t for t in times if t <= t_fail]
-    if not before or not after:
+def new_conn_outage(attempts: list[dict], t_fail: float, t_end: float) -> dict:
+    """From the probe's attempts ({"t": start, "ok": answered}, one every 10 ms): those
+    that failed after the failure (failed_probes), the time from the failure to the
+    start of the last failed one (outage_ms: while new connections could fail; with
+    ECMP only those hashed to the lost node do), and the longest silence between
+    answers (max_gap_ms)."""
+    window = [a for a in attempts if t_fail < a["t"] <= t_end]
+    if not window:
         return {"outage_ms": None, "failed_probes": None, "max_gap_ms": None}
-    seq = [max(before)] + after
-    gaps = [(a, b) for a, b in zip(seq, seq[1:], strict=False) if b - a > 1.6 * every]
-    failed = sum(round((b - a) / every) - 1 for a, b in gaps)
-    last = gaps[-1][1] - every if gaps else t_fail
-    return {"outage_ms": round(max(0.0, last - t_fail) * 1000, 1), "failed_probes": failed,
-            "max_gap_ms": round(max(b - a for a, b in zip(seq, seq[1:], strict=False)) * 1000,
-                                1)}
+    failed = [a["t"] for a in window if not a["ok"]]
+    ok = sorted([a["t"] for a in attempts if a["ok"] and a["t"] <= t_fail][-1:]
+                + [a["t"] for a in window if a["ok"]])
+    gap = max((b - a for a, b in zip(ok, ok[1:], strict=False)), default=None)
+    return {"outage_ms": round((max(failed) - t_fail) * 1000, 1) if failed else 0.0,
+            "failed_probes": len(failed),
+            "max_gap_ms": None if gap is None else round(gap * 1000, 1)}
+
+
+async def _probe(host: str, port: int, every: float, seconds: float, timeout: float) -> None:
+    """A connect every `every` s on a fixed schedule (not waiting for the last); one JSON
+    line per attempt, answered or not (l4lb.labclient probe prints only answers)."""
+    import asyncio  # noqa: PLC0415
+
+    from l4lb.labclient import _hello  # noqa: PLC0415
+
+    async def one(t: float) -> None:
+        try:
+            _r, w, name = await _hello(host, port, timeout)
+            w.close()
+            print(json.dumps({"t": t, "ok": True, "real": name}), flush=True)
+        except (OSError, TimeoutError):
+            print(json.dumps({"t": t, "ok": False}), flush=True)
+
+    tasks: set = set()
+    start = time.monotonic()
+    n = 0
+    while time.monotonic() - start < seconds:
+        task = asyncio.create_task(one(time.time()))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        n += 1
+        await asyncio.sleep(max(0.0, start + n * every - time.monotonic()))
+    if tasks:
+        await asyncio.wait(tasks)
 
 
 def wrk(lab, seconds: int) -> float:
@@ -108,21 +135,19 @@ class Bench:
         """Hold conns + probe, run `act()` (returns the failure time), measure."""
         E, lab = self.E, self.lab
         hold = E.start_hold(lab, f"{name}-hold", E.VIP_DR, self.conns)
-        probe = lab.popen("client1", [sys.executable, "-m", "l4lb.labclient", "probe",
-                                      f"{E.VIP_DR}:{E.PORT}", "--every", str(PROBE_EVERY),
-                                      "--timeout", "0.5", "--seconds", "120"],
+        probe = lab.popen("client1", [sys.executable, str(Path(__file__).resolve()),
+                                      "--probe", f"{E.VIP_DR}:{E.PORT}"],
                           log_name=f"{name}-probe.log")
         try:
-            E.wait_for(lambda: len(answers(probe)) >= 50, 20, 0.05, "probe answers")
+            E.wait_for(lambda: len(attempts(probe)) >= 50, 20, 0.05, "probe answers")
             t_fail = act()
             time.sleep(3.0)  # flows settle on their new nodes, probes go on
             t_end = time.time()
         finally:
             probe.stop()
         rep = E.end_hold(hold)
-        times = [a["t"] for a in answers(probe)]
         out = {"total": rep["conns"], "lost": len(E.lost(rep)),
-               **new_conn_outage(times, t_fail, t_end - 1.0)}  # answers take up to 0.5 s
+               **new_conn_outage(attempts(probe), t_fail, t_end - 1.0)}  # 0.5 s timeout
         self.log(f"{name}: {out}")
         return out
 
@@ -167,7 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="100 connections, 3 s wrk runs")
     ap.add_argument("--json", help="write results as JSON here")
     ap.add_argument("--md", help="write a Markdown report here")
+    ap.add_argument("--probe", metavar="HOST:PORT", help=argparse.SUPPRESS)  # in client1
     a = ap.parse_args(argv)
+    if a.probe:
+        import asyncio  # noqa: PLC0415
+
+        host, port = a.probe.rsplit(":", 1)
+        asyncio.run(_probe(host, int(port), PROBE_EVERY, 120.0, 0.5))
+        return 0
 
     import ecmplab as E  # noqa: PLC0415
 

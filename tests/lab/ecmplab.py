@@ -162,11 +162,12 @@ def drain(lab: Lab, name: str, timeout: float = 60.0) -> None:
 
 
 def kill(lab: Lab, name: str) -> None:
-    """kill -9 of l4lb and its FRR, link down: what a dead machine looks like."""
+    """What a dead machine looks like: link down first (no FIN from the dying bgpd may
+    tell the router: BFD has to notice), then kill -9 of l4lb and its FRR."""
+    lab.run(name, ["ip", "link", "set", "dev", "eth0", "down"])
     lab.daemons[name].stop(signal.SIGKILL)
     for svc in lab.frrs.pop(name, []):
         svc.stop(signal.SIGKILL)
-    lab.run(name, ["ip", "link", "set", "dev", "eth0", "down"])
 
 
 def wipe(lab: Lab, name: str, cfg: dict) -> None:
