@@ -13,7 +13,8 @@ front of one real. Cases:
            a long walk and a huge JSON answer, whose encoding holds the GIL),
            `curl` scraping /metrics in lb1 in a loop, and the sync master walking
            its whole table to lb2 again and again (full_sync_interval_s 1).
-  iperf3   0.02 s adverts with node.vrrp_rt_priority (SCHED_RR for the VRRP process),
+  iperf3   0.02 s adverts (--iperf-interval) with node.vrrp_rt_priority (SCHED_RR for
+           the VRRP process; case iperf3-rt) and without (case iperf3), --runs times,
            iperf3 through the VIP (DR via lb1, generic XDP) saturating both CPUs for
            S seconds (60; --quick 15), as tests/lab/test_vrrp_load.py does at 0.1 s.
 
@@ -428,7 +429,7 @@ def case_iperf3(args, rt: int) -> dict:
     secs = 15 if args.quick else args.iperf_seconds
     with Lab("bloopi", clients=1, balancers=2, reals=1) as lab:
         lab.start_iperf3("real1")
-        start_pair(lab, 0.02, 65536, rt_priority=rt, full_sync_s=60)
+        start_pair(lab, args.iperf_interval, 65536, rt_priority=rt, full_sync_s=60)
         box: dict = {}
 
         def iperf() -> None:
@@ -439,7 +440,7 @@ def case_iperf3(args, rt: int) -> dict:
         th = threading.Thread(target=iperf)
         th.start()
         time.sleep(0.5)
-        r = measure(lab, secs - 1, None, 0.02)
+        r = measure(lab, secs - 1, None, args.iperf_interval)
         th.join(secs + 90)
         r.update(case=f"iperf3, rt_priority {rt}" if rt else "iperf3, normal priority",
                  seconds=secs, iperf3_gbps=round(box.get("gbps", 0.0), 2), conn_entries=0,
@@ -452,12 +453,14 @@ def run(args) -> dict:
     if "stall" in args.cases:
         cases.append(case_stall(args))
         print(render_rows(cases[-1:]), flush=True)
-    if "iperf3-rt" in args.cases:
-        cases.append(case_iperf3(args, rt=args.rt_priority))
-        print(render_rows(cases[-1:]), flush=True)
-    if "iperf3" in args.cases:
-        cases.append(case_iperf3(args, rt=0))
-        print(render_rows(cases[-1:]), flush=True)
+    for i in range(args.runs):  # alternating, so both see the same machine conditions
+        for rt, name in ((args.rt_priority, "iperf3-rt"), (0, "iperf3")):
+            if name in args.cases:
+                c = case_iperf3(args, rt=rt)
+                if args.runs > 1:
+                    c["case"] += f" #{i + 1}"
+                cases.append(c)
+                print(render_rows(cases[-1:]), flush=True)
     return {**common.run_meta(args.quick), "cpus": os.cpu_count(), "cases": cases}
 
 
@@ -518,6 +521,9 @@ def main(argv=None) -> int:
     ap.add_argument("--big-conns", type=int, default=200_000,
                     help="stall: one conns call with this limit during the load")
     ap.add_argument("--rt-priority", type=int, default=10)
+    ap.add_argument("--iperf-interval", type=float, default=0.02,
+                    help="advert interval of the iperf3 cases, seconds (default 0.02)")
+    ap.add_argument("--runs", type=int, default=1, help="runs of each iperf3 case")
     ap.add_argument("--cases", default="stall,iperf3-rt,iperf3",
                     help="comma-separated: stall, iperf3-rt, iperf3 (default: all three)")
     ap.add_argument("--json", help="write results as JSON here")
