@@ -27,9 +27,13 @@ PREEMPT_NONE kernel): a backup at 0.02 s takes over when the master is silent fo
 So 0.02 s fails over in ~70 ms on a pair that is not starved of CPU (bench/failover.py)
 but is not safe under saturating load here; 0.1 s leaves 261 ms of slack.
 Since then VRRP left the daemon's loop and process (l4lb/vrrp/runner.py) and can run
-SCHED_RR; bench/loop.py's iperf3 cases measure 0.02 s with and without it (results in
-bench/results/loop.md). What remains are stalls of the whole VM: a SCHED_RR sleeper
-process, with no Python in the way, was once 89 ms late during iperf3 here.
+SCHED_RR. bench/loop.py measured 0.02 s under the same iperf3 load, 3 runs of 60 s each
+(bench/results/loop.md): with SCHED_RR the VRRP loop's lag p99 fell from ~10 ms to 2-3
+ms and 2 runs of 3 were clean, yet one still had a false failover (two stalls of 87 ms);
+at normal priority all 3 had some. Those stalls are below Python: a SCHED_RR sleeper
+process with no Python in it was once 89 ms late during iperf3 here (PREEMPT_NONE
+kernel, 2 vCPUs). So this test keeps 0.1 s, with SCHED_RR as a pair under such load
+should run.
 """
 
 from __future__ import annotations
