@@ -186,6 +186,25 @@ async def _answer(daemon, line: bytes) -> dict:
         return {"ok": False, "error": f"internal error: {e}"}
 
 
+ENCODE_SLICE = 2000  # rows per json.dumps call: a few ms each
+
+
+async def encode(resp: dict) -> bytes:
+    """The answer as JSON. A long list (conns) is encoded in slices with the loop let in
+    between: json's C encoder holds the GIL for a whole call, a thread would not help."""
+    rows = resp.get("result")
+    if not isinstance(rows, list) or len(rows) <= ENCODE_SLICE:
+        return json.dumps(resp, default=str).encode()
+    parts = [b'{"ok": true, "result": [']
+    for i in range(0, len(rows), ENCODE_SLICE):
+        if i:
+            parts.append(b", ")
+        parts.append(json.dumps(rows[i:i + ENCODE_SLICE], default=str)[1:-1].encode())
+        await asyncio.sleep(0)
+    parts.append(b"]}")
+    return b"".join(parts)
+
+
 async def _serve_conn(daemon, clients: _Clients, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter, read_timeout: float):
     if not clients.admit(writer):
@@ -204,12 +223,8 @@ async def _serve_conn(daemon, clients: _Clients, reader: asyncio.StreamReader,
             return
         clients.working(writer)
         resp = await _answer(daemon, line)
-        if isinstance(resp.get("result"), list) and len(resp["result"]) > 1000:
-            # a long `conns` answer: encode it beside the loop (VRRP, health share it)
-            data = await asyncio.to_thread(json.dumps, resp, default=str)
-        else:
-            data = json.dumps(resp, default=str)
-        writer.write(data.encode() + b"\n")
+        writer.write(await encode(resp))
+        writer.write(b"\n")  # apart: no second copy of a 100 MB answer
         await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
     except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
         pass
@@ -278,9 +293,9 @@ def request(sock_path: str, cmd: str, timeout: float = 30.0, **args):
             s.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
         except (BrokenPipeError, ConnectionResetError):
             pass  # answered and closed before reading (busy): what it said is below
-        buf = b""
+        buf = bytearray()  # a conns answer can be 100 MB: no quadratic bytes +=
         while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
+            chunk = s.recv(1 << 20)
             if not chunk:
                 break
             buf += chunk

@@ -428,3 +428,11 @@ def test_oversized_request_gets_an_answer_naming_the_limit(tmp_path):
 
     assert json.loads(asyncio.run(main())) == {
         "ok": False, "error": f"request: longer than {api.MAX_REQUEST} bytes"}
+
+
+def test_long_answers_are_encoded_in_slices_to_the_same_json():
+    rows = [{"client": f"10.0.{i // 250}.{i % 250}", "cport": i, "real": "10.99.0.31"}
+            for i in range(3 * api.ENCODE_SLICE + 7)]
+    for result in (rows, rows[:api.ENCODE_SLICE], rows[:api.ENCODE_SLICE + 1], [], {"a": 1}):
+        resp = {"ok": True, "result": result}
+        assert json.loads(asyncio.run(api.encode(resp))) == resp
