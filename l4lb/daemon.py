@@ -195,12 +195,12 @@ class Daemon:
                                   role="backup" if self.cfg.vrrp else "master")
             await self.sync.start()
         if self.cfg.vrrp:
-            from l4lb.vrrp.runner import VrrpRunner  # noqa: PLC0415
-            # The agents run in a thread with their own loop (real time if configured):
-            # nothing on this loop can delay an advert. Transitions come back here, in
-            # order; iterating the runner gives each instance's status().
-            self.vrrp = VrrpRunner(self.cfg.vrrp, on_state=self._on_vrrp_state,
-                                   rt_priority=self.cfg.node.vrrp_rt_priority)
+            from l4lb.vrrp.runner import VrrpProcess  # noqa: PLC0415
+            # The agents run in a process of their own (real time if configured): nothing
+            # here, not even the GIL, can delay an advert. Transitions come back to this
+            # loop, in order; iterating gives each instance's status() (a snapshot).
+            self.vrrp = VrrpProcess(self.cfg.vrrp, on_state=self._on_vrrp_state,
+                                    rt_priority=self.cfg.node.vrrp_rt_priority)
             await self.vrrp.start()
 
     def _on_vrrp_state(self, old, new, instance: str | None = None) -> None:
