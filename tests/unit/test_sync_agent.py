@@ -18,6 +18,7 @@ from l4lb.config import Endpoint, SyncConfig
 from l4lb.dataplane import maps as M
 from l4lb.dataplane.tables import CONN_KEY, CONN_VAL, RealState, VipState
 from l4lb.sync import agent as sync_agent
+from l4lb.sync import translate
 from l4lb.sync.agent import Translator, decode_events
 from l4lb.sync.codec import SyncEntry
 
@@ -625,8 +626,8 @@ def test_distinct_rows_survive_hash_collisions(monkeypatch):
 
     rows = np.array([[1] * 8 + [5] * 3, [2] * 8 + [5] * 3, [1] * 8 + [5] * 3, [1] * 11],
                     np.uint8)
-    uniq, inv = sync_agent._distinct(rows)
+    uniq, inv = translate._distinct(rows)
     assert [uniq[i] for i in inv] == [bytes(r) for r in rows] and len(uniq) == 3
-    monkeypatch.setattr(sync_agent, "_MIX", np.uint64(0))  # hash = the last word only
-    uniq, inv = sync_agent._distinct(rows)  # rows 0 and 1 now collide: found and resolved
+    monkeypatch.setattr(translate, "_MIX", np.uint64(0))  # hash = the last word only
+    uniq, inv = translate._distinct(rows)  # rows 0 and 1 now collide: found and resolved
     assert [uniq[i] for i in inv] == [bytes(r) for r in rows] and len(uniq) == 3
