@@ -243,15 +243,16 @@ class PackedEntries(Sequence):
 
     __slots__ = ("groups", "_n", "_list")
 
-    def __init__(self, groups: tuple = ()) -> None:
+    def __init__(self, groups: tuple = (), n: int | None = None) -> None:
         self.groups = groups
-        self._n = sum(len(b) // _SHAPES[c].size for c, b in groups)
+        self._n = sum(len(b) // _SHAPES[c].size for c, b in groups) if n is None else n
         self._list: list | None = None
 
     @classmethod
     def from_groups(cls, groups) -> PackedEntries:
         """Raises ValueError on an unknown shape, a partial record or a bad proto."""
         out = []
+        n = 0
         for code, blob in groups:
             shape = _SHAPES.get(code) if type(code) is int else None
             if shape is None or type(blob) is not bytes or len(blob) % shape.size:
@@ -260,7 +261,8 @@ class PackedEntries(Sequence):
                 raise ValueError("bad sync entry: proto not 6/17")
             if blob:
                 out.append((code, blob))
-        return cls(tuple(out))
+                n += len(blob) // shape.size
+        return cls(tuple(out), n)
 
     def _entries(self) -> list:
         if self._list is None:
@@ -370,6 +372,8 @@ def _unpack_groups(groups: object) -> PackedEntries:
     if type(groups) is not list or len(groups) % 2:
         raise SyncDecodeError("malformed", "entry groups")
     try:
+        if len(groups) == 2:  # the usual case: one shape per message
+            return PackedEntries.from_groups((groups,))
         return PackedEntries.from_groups(zip(groups[::2], groups[1::2], strict=True))
     except ValueError as exc:
         raise SyncDecodeError("malformed", str(exc)) from None
@@ -503,12 +507,13 @@ def decode(data: bytes, key: bytes, max_size: int = DEFAULT_MAX_PAYLOAD) -> Mess
         raise SyncDecodeError("truncated", f"{n} < {total} bytes")
     if n > total:
         raise SyncDecodeError("malformed", "trailing bytes")
-    head = data[:-TAG_LEN]
-    if not hmac.compare_digest(hmac.digest(key, head, "sha256"), data[-TAG_LEN:]):
+    view = memoryview(data)  # (no copies of the body)
+    if not hmac.compare_digest(hmac.digest(key, view[:-TAG_LEN], "sha256"), view[-TAG_LEN:]):
         raise SyncDecodeError("bad_mac")
     # Authenticated from here on; still validate everything (peer bugs, skew).
     try:
-        obj = msgpack.unpackb(head[PREFIX_LEN:], raw=False, use_list=True, strict_map_key=True)
+        obj = msgpack.unpackb(view[PREFIX_LEN:-TAG_LEN], raw=False, use_list=True,
+                              strict_map_key=True)
     except Exception as exc:  # msgpack raises many types on garbage
         raise SyncDecodeError("malformed", f"msgpack: {type(exc).__name__}") from None
     if type(obj) is not list or len(obj) < 6:
