@@ -325,7 +325,7 @@ class SyncAgent:
     """
 
     def __init__(self, cfg, node_name: str, tables, prog, *, role: str = "backup",
-                 ring_mode: str = "epoll", full_entries_per_s: float = 2_000_000.0,
+                 ring_mode: str = "epoll", full_entries_per_s: float = 1_000_000.0,
                  periodic_entries_per_s: float = 50_000.0,
                  clock: Callable[[], float] = time.time,
                  install_hook: Callable[[bytes, bytes, float], None] | None = None,
