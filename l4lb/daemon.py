@@ -228,7 +228,7 @@ class Daemon:
             except Exception as e:  # noqa: BLE001 - stopping anyway
                 log.warning("routing stop: %s", e)
         self.health.stop()
-        if self.vrrp:  # a master sends priority 0 and drops its VIPs, then the thread ends
+        if self.vrrp:  # a master sends priority 0 and drops its VIPs, then the VRRP process exits
             try:
                 await self.vrrp.stop(graceful=True)
             except Exception as e:  # noqa: BLE001 - stopping anyway

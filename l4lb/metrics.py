@@ -153,7 +153,7 @@ class L4lbCollector:
         yield from self._reals()
         yield from self._global(census)
         yield from self._vrrp()
-        if hasattr(d.vrrp, "metrics"):  # the VRRP thread: loop lags, real-time flag
+        if hasattr(d.vrrp, "metrics"):  # the VRRP runner: loop lags, real-time flag
             yield from d.vrrp.metrics()
         if d.sync is not None:
             yield from d.sync.metrics()
