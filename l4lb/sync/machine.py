@@ -8,21 +8,26 @@ instead of stalling).
 
 Sender (one per node, whatever its role)::
 
-    s = Sender("lb1", key, now)          # role "backup": hello + heartbeats only
+    s = Sender("lb1", key, now, session=new_session(last, now_ns))  # hello + heartbeats
     s.set_role("master", now)            # from VRRP; makes a full walk due
     s.add_new_flows(entries, now)        # from the data plane's new-flow ring buffer
     if s.full_due(now):
         s.start_full(table_walk(), now)  # lazy iterable, pulled a few chunks per poll
+        # (or packed=True with a feed of ready chunks: see _PackedWalk)
     for datagram in s.poll(now):
         sock.sendto(datagram, peer)
     # sleep until s.next_deadline(now), or until new flows arrive
 
 Receiver (one per node)::
 
-    r = Receiver(key, {"lb2"}, max_size)
-    for action in r.on_datagram(data, addr, now):
-        InstallEntries -> translate real addresses to local ids, update the conn table
-        PeerUp / PeerRole(role="backup") while master -> s.request_full()
+    r = Receiver(key, None, max_size, peer_addrs=[("10.0.0.2", 9542)], known_sessions=saved)
+    if r.addr_allowed(addr):             # (on_datagram checks it too, before the MAC)
+        for action in r.on_datagram(data, addr, now):
+            InstallEntries -> translate real addresses to local ids, update the conn table
+            PeerUp / PeerRole(role="backup") while master -> s.request_full()
+            SendChallenge -> sock.sendto(s.challenge(nonce, now), addr)
+            SendResponse -> sock.sendto(s.respond(nonce, now), addr); if current and master:
+                            s.request_full() (the peer dropped what we sent until now)
     for action in r.poll(now):           # PeerDown
         ...
 
