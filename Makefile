@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-unit test-bpf test-lab demo bench bench-quick lint clean
+.PHONY: setup test test-unit test-bpf test-lab demo demo-ecmp bench bench-quick lint clean
 
 setup:
 	@bash .ci/setup.sh
@@ -23,6 +23,9 @@ test-lab: setup
 
 demo: setup
 	$(PY) -m l4lb.demo
+
+demo-ecmp: setup
+	$(PY) -m l4lb.demo_ecmp
 
 bench: setup
 	$(PY) bench/report.py

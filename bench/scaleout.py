@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Scale-out: N active balancers behind an FRR router's ECMP (DESIGN.md §8, issue 14).
 
-One lab (tests/lab/ecmplab.py): router (FRR, maximum-paths, L4 multipath hash),
+One lab (l4lb/lab_ecmp.py): router (FRR, maximum-paths, L4 multipath hash),
 client1 behind it, lb1..lb3 each running FRR (bgpd + bfdd, BFD 300 ms x 3) and
 `l4lb start` in ECMP mode with conn sync to both other nodes, 4 reals running an
 echo server (DR VIP:9000) and nginx (DR VIP:80). Generic XDP.
@@ -44,7 +44,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "lab"))
 
 from bench.common import markdown_table, run_meta, text_table, write_json, write_text  # noqa: E402
 
@@ -112,7 +111,7 @@ async def _probe(host: str, port: int, every: float, seconds: float, timeout: fl
 
 
 def wrk(lab, seconds: int) -> float:
-    import ecmplab as E  # noqa: PLC0415
+    from l4lb import lab_ecmp as E  # noqa: PLC0415
 
     r = lab.run("client1", ["wrk", "-t2", "-c64", f"-d{seconds}s", "--timeout", "2s",
                             f"http://{E.VIP_DR}:{E.HTTP}/"], timeout=seconds + 30)
@@ -126,7 +125,7 @@ def wrk(lab, seconds: int) -> float:
 
 class Bench:
     def __init__(self, lab, conns: int, log) -> None:
-        import ecmplab as E  # noqa: PLC0415
+        from l4lb import lab_ecmp as E  # noqa: PLC0415
 
         self.E, self.lab, self.conns, self.log = E, lab, conns, log
         self.cfgs = {n: E.node_config(lab, n, http=True) for n in ALL}
@@ -201,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_probe(host, int(port), PROBE_EVERY, 120.0, 0.5))
         return 0
 
-    import ecmplab as E  # noqa: PLC0415
-
+    from l4lb import lab_ecmp as E  # noqa: PLC0415
     from l4lb.routing import frr  # noqa: PLC0415
 
     t0 = time.monotonic()

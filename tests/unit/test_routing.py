@@ -224,3 +224,18 @@ def test_session_watch_logs_reasons_and_counts_flaps(monkeypatch, caplog):
     assert r.flaps["10.99.0.1"] == 1 and r.frr_up
     st = r.status()
     assert st["sessions"][0]["state"] == "Established" and st["sessions"][0]["flaps"] == 1
+
+
+def test_frr_not_running_said_at_check():
+    import asyncio
+    import shutil
+
+    from l4lb.routing.node import check_frr
+
+    cfg = config_from_dict(base(frr_pathspace="h8-no-such-frr"))
+    msg = asyncio.run(check_frr(cfg.bgp))
+    if shutil.which("vtysh"):
+        assert msg.startswith("bgp: FRR is not running (pathspace h8-no-such-frr)"), msg
+    else:
+        assert msg.startswith("bgp: FRR is not installed"), msg
+    assert "apt-get install frr" in msg
