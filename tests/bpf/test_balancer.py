@@ -342,6 +342,26 @@ def test_deleted_real_keeps_its_open_flows_until_collected(prog, st):
     assert not st.vips[vs.key].retired
 
 
+def test_retired_real_named_only_by_a_waiting_syn_is_kept(prog, st):
+    """A SYN waits in embryos with its real's id: that id is not freed (and reused by
+    another real) before the handshake's ACK has followed the SYN."""
+    vs = add_vip(st)
+    syns = {}
+    for sport in range(51000, 51060):
+        p = v4(sport=sport)
+        syns[sport] = dr_real(run(prog, p), p)
+    waiting = [s for s, mac in syns.items() if mac == REALS4[2][1]]
+    assert waiting
+    st.set_reals(vs.key, [(a, m, 100) for a, m in REALS4[:2]])  # real3 deleted
+    assert not st.conns.items()  # nothing established: only embryos name real3
+    assert st.collect_retired() == 0
+    p = v4(sport=waiting[0], flags="A")  # its ACK: still real3's
+    assert dr_real(run(prog, p), p) == REALS4[2][1]
+    st.conns.clear()
+    loader.clear_embryos(prog.map("embryos"))
+    assert st.collect_retired() == 1
+
+
 def test_vip_frame_for_another_mac_is_left_alone(prog, st):
     # A switch floods a frame for the master's MAC to the backup too: the backup
     # must not forward it (its rewrite would teach the switch the wrong port).
