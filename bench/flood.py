@@ -17,9 +17,9 @@ opens new connections through the VIP.
 Figures: held connections lost (reset, failed or moved to another real), growth
 of the backup's conn table, new connections per second completed during the
 flood, and lb1's counters (new embryos, promotions, guard refusals, stray
-non-SYNs). lb1's admission guard is set to `--guard` flows per CPU and second
-through its pinned map (flow_guard_cfg), as an operator would size it to the
-legitimate new-connection rate.
+non-SYNs). Both balancers' admission guard is `--guard` flows per CPU and second,
+set by `[node] new_flow_rate` as an operator would size it to the legitimate
+new-connection rate.
 
     sudo .venv/bin/python bench/flood.py [--quick] [--json PATH] [--md PATH]
 """
@@ -110,7 +110,7 @@ def gen_main(a) -> None:
 
 
 # ------------------------------------------------------------------ the scenario
-def lb_config(lab, name: str) -> dict:
+def lb_config(lab, name: str, guard: int) -> dict:
     reals = [{"address": lab.node(f"real{i}").ipv4} for i in (1, 2, 3)]
     vip = {"address": VIP, "port": PORT, "mode": "dr", "real": reals}
     vrrp = {"name": "VI_1", "interface": "eth0", "vrid": 52, "version": 3,
@@ -120,7 +120,9 @@ def lb_config(lab, name: str) -> dict:
     sync = {"enabled": True, "listen": f"{lab.node(name).ipv4}:{SYNC_PORT}",
             "peers": [f"{lab.node(peer).ipv4}:{SYNC_PORT}"], "key": KEY,
             "vrrp_instance": "VI_1", "full_sync_interval_s": 30}
-    return lab.balancer_config(name, [vip], vrrp=[vrrp], sync=sync)
+    cfg = lab.balancer_config(name, [vip], vrrp=[vrrp], sync=sync)
+    cfg["node"]["new_flow_rate"] = guard  # the admission guard, as an operator sets it
+    return cfg
 
 
 def vrrp_state(lab, node: str):
@@ -137,15 +139,23 @@ def counters(lab, node: str) -> dict:
     return lab.l4lb_json(node, ["stats"])["global"]
 
 
-def set_guard(lab, node: str, per_cpu_s: int) -> None:
-    from l4lb.dataplane import loader  # noqa: PLC0415
+def read_guard(lab, node: str) -> int:
+    """The running admission guard of a node, read from its pinned flow_guard_cfg."""
+    import ctypes as ct  # noqa: PLC0415
+
+    from l4lb.dataplane import bpfsys  # noqa: PLC0415
     from l4lb.dataplane import maps as M  # noqa: PLC0415
     from l4lb.lab import PIN_ROOT  # noqa: PLC0415
 
     paths = glob.glob(f"{PIN_ROOT}/{lab.l4lb_name(node)}/v{M.LAYOUT_VERSION}-*/flow_guard_cfg")
     if len(paths) != 1:
         raise RuntimeError(f"{node}: expected one pinned flow_guard_cfg, found {paths}")
-    loader.set_flow_guard(paths[0], per_cpu_s)
+    fd = bpfsys.obj_get(paths[0])
+    try:
+        (_, vals, n), = bpfsys.lookup_batches(fd, 4, ct.sizeof(M.FlowGuardCfg), 1)
+    finally:
+        os.close(fd)
+    return M.FlowGuardCfg.from_buffer_copy(vals[:ct.sizeof(M.FlowGuardCfg)]).max_per_s
 
 
 def vip_mac(lab) -> str:
@@ -179,14 +189,14 @@ def end_hold(svc) -> dict:
     return json.loads(svc.output().strip().splitlines()[-1])
 
 
-def start_pair(lab) -> None:
+def start_pair(lab, guard: int) -> None:
     from l4lb.lab import wait_for  # noqa: PLC0415
 
     for r in ("real1", "real2", "real3", "real4"):
         lab.start_echo(r, PORT)
     lab.daemons = {}
     with ThreadPoolExecutor(2) as ex:  # the two compile in parallel
-        futs = {n: ex.submit(lab.start_l4lb, n, lb_config(lab, n)) for n in ("lb1", "lb2")}
+        futs = {n: ex.submit(lab.start_l4lb, n, lb_config(lab, n, guard)) for n in ("lb1", "lb2")}
         for n, f in futs.items():
             lab.daemons[n] = f.result()
     wait_for(lambda: vrrp_state(lab, "lb1") == "master", 15, what="lb1 master")
@@ -200,9 +210,9 @@ def scenario(lab, packets: int, guard: int, flood_seconds: float = 30.0,
     """On a lab with 1 client, 2 balancers, 4 reals: the whole measurement."""
     from l4lb.lab import wait_for  # noqa: PLC0415
 
-    start_pair(lab)
-    for n in ("lb1", "lb2"):
-        set_guard(lab, n, guard)
+    start_pair(lab, guard)
+    for n in ("lb1", "lb2"):  # the daemon programmed [node] new_flow_rate
+        assert read_guard(lab, n) == guard, (n, read_guard(lab, n))
     hold = start_hold(lab, "held", HELD)
     wait_for(lambda: conn_count(lab, "lb2") >= HELD, 10, what="lb2 has the held flows")
     for n in ("lb1", "lb2"):  # a real added just before: lost entries would re-hash

@@ -114,6 +114,10 @@ class NodeConfig:
     api_socket: str = ""  # "" = f"{API_SOCKET_DIR}/{name}.sock"
     conn_table_size: int = 1048576
     conn_timeout_s: int = 300  # UDP idle timeout; TCP entries leave by LRU eviction
+    # New conn-table entries admitted per CPU and second (promoted TCP handshakes, new
+    # UDP flows); above it a flow is forwarded by the ring without an entry, counted as
+    # conn_guard_limited: a spoofed flood cannot evict the table's live flows.
+    new_flow_rate: int = 10000
     # Refuse scripts that a non-root user could change (keepalived's enable_script_security).
     script_security: bool = True
     # SCHED_RR priority of the VRRP thread (keepalived's vrrp_rt_priority); 0 = normal.
@@ -748,6 +752,7 @@ _NODE: dict[str, Conv] = {
     "api_socket": _str(_check_abs_path("/run/l4lb/lb1.sock", UNIX_PATH_MAX)),
     "conn_table_size": _int(1024, 67108864),
     "conn_timeout_s": _int(1, 86400),
+    "new_flow_rate": _int(1, 4294967295),
     "script_security": _bool,
     "vrrp_rt_priority": _int(0, 99),
 }

@@ -273,6 +273,7 @@ class Daemon:
         self.tables.set_config(tun_src4=src4, tun_src6=src6,
                                flow_events=self.cfg.sync.enabled,
                                conn_timeout_s=self.cfg.node.conn_timeout_s)
+        loader.set_flow_guard(self.prog.map("flow_guard_cfg"), self.cfg.node.new_flow_rate)
 
     def _mac_for(self, real) -> str:
         if real.mac:

@@ -151,6 +151,8 @@ FIELD_CASES = [
     (("node",), "conn_timeout_s", 0, "node.conn_timeout_s: 0 is out of range 1..86400"),
     (("node",), "conn_timeout_s", 86401, "node.conn_timeout_s: 86401 is out of range 1..86400"),
     (("node",), "conn_timeout_s", True, "node.conn_timeout_s: expected an integer, got boolean true"),
+    (("node",), "new_flow_rate", 0, "node.new_flow_rate: 0 is out of range 1..4294967295"),
+    (("node",), "new_flow_rate", "fast", 'node.new_flow_rate: expected an integer, got string "fast"'),
     (("node",), "nmae", "x", "node.nmae: unknown key; did you mean 'name'?"),
     (("node",), "colour", "x", "node.colour: unknown key; expected one of: name, interfaces,"),
     # [healthcheck]
