@@ -15,10 +15,11 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from l4lb.lab import ROUTER4, Lab, wait_for
+from l4lb.lab import ROUTER4, ROUTER6, Lab, wait_for
 from l4lb.routing import frr
 
 VIP_DR, VIP_TUN = "10.99.200.100", "10.99.200.101"
+VIP6 = "fd99:200::100"  # with v6=True: DR, announced over the IPv6 sessions
 PORT = 9000
 HTTP = 80
 ROUTER_AS, NODE_AS = 65000, 65001
@@ -33,14 +34,18 @@ def vip_key(vip: str) -> str:
 
 def make_lab(prefix: str, balancers: int = 3, reals: int = 4) -> Lab:
     lab = Lab(prefix, clients=1, balancers=balancers, reals=reals, router=True,
-              vips=(VIP_DR, VIP_TUN))
+              vips=(VIP_DR, VIP_TUN, VIP6))
     lab.daemons = {}
     lab.frrs = {}
     return lab
 
 
-def start_router(lab: Lab, node_as: int = NODE_AS, password: str | None = None) -> None:
+def start_router(lab: Lab, node_as: int = NODE_AS, password: str | None = None,
+                 v6: bool = False) -> None:
+    """`v6`: IPv6 sessions too (they carry the IPv6 VIPs)."""
     peers = [frr.RouterPeer(n.ipv4, node_as, password) for n in lab.by_role("balancer")]
+    if v6:
+        peers += [frr.RouterPeer(n.ipv6, node_as, password) for n in lab.by_role("balancer")]
     lab.frrs["router"] = lab.start_frr("router", frr.router_config(ROUTER_AS, ROUTER4, peers))
 
 
@@ -59,8 +64,9 @@ def bgp_section(lab: Lab, name: str, **over) -> dict:
 
 
 def node_config(lab: Lab, name: str, sync: bool = True, weights: dict | None = None,
-                http: bool = False, **bgp_over) -> dict:
-    """`http`: also VIP_DR:HTTP (DR) to nginx on the reals (wrk)."""
+                http: bool = False, v6: bool = False, **bgp_over) -> dict:
+    """`http`: also VIP_DR:HTTP (DR) to nginx on the reals (wrk). `v6`: also VIP6 (DR)
+    to the reals' IPv6 addresses, announced over an IPv6 session to the router."""
     weights = weights or {}
     reals = [{"address": n.ipv4, "weight": weights.get(n.name, 100)}
              for n in lab.by_role("real")]
@@ -68,6 +74,11 @@ def node_config(lab: Lab, name: str, sync: bool = True, weights: dict | None = N
             {"address": VIP_TUN, "port": PORT, "mode": "tun", "real": reals}]
     if http:
         vips.append({"address": VIP_DR, "port": HTTP, "mode": "dr", "real": reals})
+    if v6:
+        vips.append({"address": VIP6, "port": PORT, "mode": "dr",
+                     "real": [{"address": n.ipv6} for n in lab.by_role("real")]})
+        bgp_over.setdefault("neighbor", [{"address": ROUTER4, "asn": ROUTER_AS},
+                                         {"address": ROUTER6, "asn": ROUTER_AS}])
     sections: dict = {"bgp": bgp_section(lab, name, **bgp_over)}
     if sync:
         me = lab.node(name).ipv4
@@ -98,8 +109,10 @@ def start_nodes(lab: Lab, names: list[str], cfgs: dict[str, dict]) -> None:
 
 
 def nexthops(lab: Lab, vip: str) -> set[str]:
-    """Gateways of the router's kernel route to `vip` (what ECMP spreads over)."""
-    r = lab.run("router", ["ip", "-j", "route", "show", f"{vip}/32"], check=False)
+    """Gateways of the router's kernel route to `vip` (what ECMP spreads over; IPv6:
+    the nodes' link-local addresses)."""
+    fam, plen = ("-6", 128) if ":" in vip else ("-4", 32)
+    r = lab.run("router", ["ip", fam, "-j", "route", "show", f"{vip}/{plen}"], check=False)
     out = set()
     for route in json.loads(r.stdout or "[]"):
         if route.get("gateway"):
@@ -189,5 +202,9 @@ def announced(lab: Lab, name: str) -> list[str]:
 
 
 def host_routes(lab: Lab, name: str) -> set[str]:
-    r = lab.run(name, ["ip", "-j", "route", "show", "proto", "250"], check=False)
-    return {str(ipaddress.ip_address(x["dst"])) for x in json.loads(r.stdout or "[]")}
+    """The announcing host routes l4lb holds on the node (both families)."""
+    out = set()
+    for fam in ("-4", "-6"):
+        r = lab.run(name, ["ip", fam, "-j", "route", "show", "proto", "250"], check=False)
+        out |= {str(ipaddress.ip_address(x["dst"])) for x in json.loads(r.stdout or "[]")}
+    return out

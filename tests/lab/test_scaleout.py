@@ -14,6 +14,7 @@ test above proves sync, not hashing, carries them.
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 
 import pytest
@@ -113,27 +114,34 @@ def test_ecmp_without_sync():
 
 
 def test_bgp_sessions():
-    """Wrong AS and wrong password are refused with a clear log line; a VIP whose reals
-    are all down is withdrawn and comes back with them; FRR restarted under a running
-    l4lb finds the announcements again (they live in the kernel)."""
+    """Wrong AS and wrong password are refused with a clear log line; an IPv6 VIP is
+    announced over an IPv6 session and served; a VIP whose reals are all down is
+    withdrawn and comes back with them; FRR restarted under a running l4lb finds the
+    announcements again (they live in the kernel); SIGTERM is a graceful leave."""
     from l4lb.routing import frr
 
     lab = E.make_lab("ecmpb", balancers=2, reals=1)
     lab.up()
     try:
         peers = [frr.RouterPeer(lab.node("lb1").ipv4, E.NODE_AS),
+                 frr.RouterPeer(lab.node("lb1").ipv6, E.NODE_AS),
                  frr.RouterPeer(lab.node("lb2").ipv4, E.NODE_AS)]  # no password
         lab.frrs["router"] = lab.start_frr("router", frr.router_config(E.ROUTER_AS, E.ROUTER4,
                                                                        peers))
         E.start_reals(lab)
         wrong_as = E.node_config(lab, "lb2", sync=False, asn=65099)
-        cfgs = {"lb1": E.node_config(lab, "lb1", sync=False), "lb2": wrong_as}
+        cfgs = {"lb1": E.node_config(lab, "lb1", sync=False, v6=True), "lb2": wrong_as}
         E.start_nodes(lab, ["lb1", "lb2"], cfgs)
         E.wait_paths(lab, ["lb1"])
         lb2 = lab.daemons["lb2"]
         E.wait_for(lambda: "Bad Peer AS" in lb2.output(), 30, 0.2, "lb2: wrong AS logged")
         line = next(ln for ln in lb2.output().splitlines() if "Bad Peer AS" in ln)
         assert "not established" in line and "check bgp.asn (65099)" in line, line
+
+        # IPv6: announced over the IPv6 session (next hop lb1's link-local), served
+        E.wait_for(lambda: len(E.nexthops(lab, E.VIP6)) == 1, 30, 0.1, "router: VIP6 route")
+        r = lab.client("client1", ["spread", f"[{E.VIP6}]:{E.PORT}", "--count", "40"])
+        assert r["ok"] == 40 and not r["errors"], r
 
         # a password the router does not share (TCP MD5 on one side): no session at all
         for svc in lab.frrs.pop("lb2"):
@@ -165,14 +173,17 @@ def test_bgp_sessions():
                                lab.l4lb_json("lb1", ["status"])["bgp"]["sessions"]),
                    10, 0.2, "lb1: l4lb sees the session again")
         assert lab.l4lb_json("lb1", ["status"])["bgp"]["frr_up"]
-        assert E.announced(lab, "lb1") == [E.VIP_DR, E.VIP_TUN]
+        assert E.announced(lab, "lb1") == [E.VIP_DR, E.VIP_TUN, E.VIP6]
         text = lab.l4lb("lb1", ["status"]).stdout
         assert "bgp: AS 65001 router id 10.99.0.21, FRRouting" in text, text
         assert "neighbour 10.99.0.1" in text and "Established" in text
         metrics = lab.run("lb1", ["curl", "-s", "http://127.0.0.1:9541/metrics"]).stdout
         assert 'l4lb_bgp_session_up{neighbor="10.99.0.1"} 1.0' in metrics
         assert 'l4lb_bgp_announced{vip="10.99.200.100"} 1.0' in metrics
-        assert "l4lb_bgp_withdrawals_total 2.0" in metrics  # the two withdrawn with real1
+        assert "l4lb_bgp_withdrawals_total 3.0" in metrics  # the three withdrawn with real1
+        check = subprocess.run(["promtool", "check", "metrics"], input=metrics,
+                               capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
 
         # SIGTERM in ECMP mode is a graceful leave: withdrawn at once, stopped after drain_s
         lab.daemons["lb1"].proc.send_signal(signal.SIGTERM)
@@ -180,7 +191,7 @@ def test_bgp_sessions():
         assert lab.daemons["lb1"].alive  # still forwarding while the router moves flows
         lab.daemons["lb1"].proc.wait(E.DRAIN_S + 20)
         out = lab.daemons["lb1"].output()
-        assert "draining: withdrawing 2 VIPs" in out and "drained for 4s; stopping" in out
+        assert "draining: withdrawing 3 VIPs" in out and "drained for 4s; stopping" in out
         assert E.host_routes(lab, "lb1") == set()
     finally:
         lab.down()
