@@ -120,7 +120,7 @@ class NodeConfig:
     new_flow_rate: int = 10000
     # Refuse scripts that a non-root user could change (keepalived's enable_script_security).
     script_security: bool = True
-    # SCHED_RR priority of the VRRP thread (keepalived's vrrp_rt_priority); 0 = normal.
+    # SCHED_RR priority of the VRRP process (keepalived's vrrp_rt_priority); 0 = normal.
     # Refused by the system (EPERM): a warning, and VRRP runs at normal priority.
     vrrp_rt_priority: int = 0
 
