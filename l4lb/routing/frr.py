@@ -149,8 +149,11 @@ async def vtysh(bgp: BgpConfig, *commands: str, timeout: float = 5.0) -> str:
     problem = "\n".join(ln for ln in etext.splitlines() if "vtysh.conf" not in ln).strip()
     if proc.returncode != 0 or "failed to connect" in (text + problem).lower():
         where = f" (pathspace {bgp.frr_pathspace})" if bgp.frr_pathspace else ""
-        raise FrrError(f"FRR is not running{where}: {(problem or text).strip()[:200]}; start "
-                       f"it (systemctl start frr, or zebra/bgpd/bfdd -N NAME), {INSTALL_HINT}")
+        detail = (problem or text).strip()[:200].rstrip(".")
+        err = FrrError(f"FRR is not running{where}: {detail}; start it (systemctl start "
+                       f"frr, or zebra/bgpd/bfdd -N NAME), {INSTALL_HINT}")
+        err.detail = detail
+        raise err
     return text
 
 

@@ -22,6 +22,11 @@ async def check_frr(bgp) -> str | None:
         await frr.version(bgp)
     except frr.FrrError as e:
         return f"bgp: {e}"
+    try:  # zebra alone answers `show version`: bgpd must answer too
+        await frr.sessions(bgp)
+    except frr.FrrError as e:
+        return f"bgp: FRR runs but bgpd does not answer ({getattr(e, 'detail', e)}); " \
+               "enable bgpd=yes (and bfdd=yes) in /etc/frr/daemons and restart FRR"
     return None
 
 

@@ -239,3 +239,18 @@ def test_frr_not_running_said_at_check():
     else:
         assert msg.startswith("bgp: FRR is not installed"), msg
     assert "apt-get install frr" in msg
+
+
+def test_bgpd_not_answering_said_at_check(monkeypatch):
+    """zebra answers `show version` but bgpd is down: vtysh prints a line, not JSON."""
+    import asyncio
+
+    from l4lb.routing.node import check_frr
+
+    async def fake_vtysh(bgp, *commands, timeout=5.0):
+        return "FRRouting 8.4.4 (vm)\n" if commands == ("show version",) else \
+            "bgpd is not running\n"
+
+    monkeypatch.setattr(frr, "vtysh", fake_vtysh)
+    msg = asyncio.run(check_frr(config_from_dict(base()).bgp))
+    assert msg.startswith("bgp: FRR runs but bgpd does not answer") and "bgpd=yes" in msg, msg
