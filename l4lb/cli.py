@@ -135,6 +135,10 @@ def check(config: str = typer.Option(..., "--config", "-c", help="Config file to
         for e in errs:
             typer.echo(f"  {e}", err=True)
         raise typer.Exit(1)
+    from l4lb.config import config_warnings
+
+    for w in config_warnings(cfg):
+        typer.echo(f"l4lb: {config}: warning: {w}", err=True)
     typer.echo(f"{config}: OK ({len(cfg.vips)} VIPs, "
                f"{sum(len(v.reals) for v in cfg.vips)} reals, {len(cfg.vrrp)} VRRP instances)")
 
@@ -215,7 +219,9 @@ def reload(config: Optional[str] = CONFIG_OPT, sock: Optional[str] = SOCKET_OPT)
     nothing and says why."""
     r = _call(config, sock, "reload")
     typer.echo(f"reloaded: {r['vips']} VIPs, added {r['added'] or 'none'}, removed "
-               f"{r['removed'] or 'none'}")
+               f"{r['removed'] or 'none'}, changed {len(r.get('changed') or {}) or 'none'}")
+    for key, what in (r.get("changed") or {}).items():
+        typer.echo(f"  {key}: {', '.join(what)}")
 
 
 @app.command()

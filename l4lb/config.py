@@ -61,6 +61,7 @@ __all__ = [
     "check_system",
     "Capacity",
     "check_capacity",
+    "config_warnings",
 ]
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -1477,6 +1478,25 @@ def check_capacity(cfg: Config, cap: Capacity) -> list[str]:
                     f"maximum of {cap.max_real_ids} real ids (MAX_REALS - 1)"
                 )
     return errors
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Valid but risky settings: `l4lb check` prints these, `l4lb start` logs them."""
+    warns: list[str] = []
+    udp = [v.key for v in cfg.vips if v.protocol == "udp"]
+    if cfg.sync.enabled and udp:
+        walk, timeout = cfg.sync.full_sync_interval_s, cfg.node.conn_timeout_s
+        # A synced entry is refreshed on the standby only by the next walk: a UDP flow
+        # whose standby copy aged past conn_timeout_s is rescheduled at takeover.
+        if walk == 0 or walk > timeout:
+            what = "0 (walks only when a peer starts)" if walk == 0 else f"{walk:g} s"
+            warns.append(
+                f"sync.full_sync_interval_s is {what}, longer than node.conn_timeout_s "
+                f"({timeout} s), with UDP VIPs ({', '.join(udp[:3])}"
+                f"{', ...' if len(udp) > 3 else ''}): the standby's copies of long-lived UDP "
+                "flows go idle between walks, and a failover moves them to the new master's "
+                f"ring; set full_sync_interval_s below {timeout}")
+    return warns
 
 
 _TOML_POS = re.compile(r"^(.*) \(at line (\d+), column (\d+)\)$", re.S)

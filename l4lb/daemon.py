@@ -30,6 +30,7 @@ from l4lb.config import (
     check_system,
     config_from_dict,
     config_to_dict,
+    config_warnings,
     load_config,
 )
 from l4lb.dataplane import loader
@@ -126,6 +127,7 @@ class Daemon:
         self.api_server = None
         self.reloads = 0
         self._lock = asyncio.Lock()
+        self._saved_down: set[tuple[str, str]] = set()  # (VIP key, real) DOWN at the last stop
 
     # ------------------------------------------------------------ lifecycle
     async def run(self) -> int:
@@ -137,6 +139,8 @@ class Daemon:
             errs = [e for e in [await ecmp.check_frr(self.cfg.bgp)] if e]
         if errs:
             raise DaemonError("; ".join(errs))
+        for w in config_warnings(self.cfg):
+            log.warning("config: %s", w)
         opts = build_options(self.cfg)
         sdir = state_dir(self.cfg)
         private_dir(Path(STATE_ROOT))  # also fixes a 0755 one left by an older version
@@ -156,6 +160,10 @@ class Daemon:
                  else "fresh maps")
         self.prog = await asyncio.to_thread(loader.compile_balancer, opts)
         self.tables = ServiceTables(self.prog, opts, state_file=str(sdir / "tables.json"))
+        # Health verdicts of the previous run (tables.json): a real that was DOWN starts
+        # DOWN and needs `rise` passes; one down only for want of a MAC is not a verdict.
+        self._saved_down = {(k, a) for k, vs in self.tables.vips.items()
+                            for a, r in vs.reals.items() if r.down and r.mac != NO_MAC}
         await self._set_dp_config()
         await self._resolve_macs(self._unknown_macs(self.cfg))
         await self.apply(self.cfg, initial=True)
@@ -392,7 +400,8 @@ class Daemon:
         old_vips = {str(v.address) for v in self.cfg.vips}
         self.cfg = cfg
         self.health.sync({(key, str(r.address)): r.healthcheck
-                          for v in cfg.vips for key in (v.key,) for r in v.reals})
+                          for v in cfg.vips for key in (v.key,) for r in v.reals},
+                         start_down=self._saved_down if initial else frozenset())
         self._refresh_down(writes)  # other VIPs' reals: _on_health keeps them current
         if not self.vrrp and not initial and cfg.bgp is None:
             now = {str(v.address) for v in cfg.vips}
@@ -520,14 +529,17 @@ class Daemon:
                                    "survive it); nothing was applied"])
         await self._resolve_macs(self._unknown_macs(cfg) - self._unknown_macs(self.cfg))
         async with self._lock:
-            before = {v.key for v in self.cfg.vips}
+            old = {v.key: v for v in self.cfg.vips}
             await self._apply_locked(cfg)
         self.reloads += 1
-        after = {v.key for v in cfg.vips}
-        log.info("reloaded %s: +%d -%d VIPs", self.config_path, len(after - before),
-                 len(before - after))
+        before, after = set(old), {v.key for v in cfg.vips}
+        changed = {v.key: d for v in cfg.vips if v.key in old for d in [_vip_diff(old[v.key], v)]
+                   if d}
+        log.info("reloaded %s: +%d -%d VIPs, %d changed%s", self.config_path,
+                 len(after - before), len(before - after), len(changed),
+                 "".join(f"; {k}: {', '.join(d)}" for k, d in changed.items()))
         return {"added": sorted(after - before), "removed": sorted(before - after),
-                "vips": len(after)}
+                "changed": changed, "vips": len(after)}
 
     # --------------------------------------------------------------- status
     def status(self) -> dict:
@@ -593,6 +605,19 @@ class Daemon:
                     for src, sport, dst, dport, proto, rid in t.conn_entries(limit, want)]
 
         return await asyncio.to_thread(rows)
+
+
+def _vip_diff(a, b) -> list[str]:
+    """What a reload changed in one VIP, for the reload report ("mode dr -> tun", ...)."""
+    out = [f"{f} {getattr(a, f)} -> {getattr(b, f)}" for f in ("mode", "hash", "ring_size",
+                                                               "all_down")
+           if getattr(a, f) != getattr(b, f)]
+    ra = {str(r.address): r for r in a.reals}
+    rb = {str(r.address): r for r in b.reals}
+    out += [f"real {x} added" for x in rb if x not in ra]
+    out += [f"real {x} removed" for x in ra if x not in rb]
+    out += [f"real {x} changed" for x in rb if x in ra and ra[x] != rb[x]]
+    return out
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -165,7 +165,10 @@ class HealthChecker:
     source: Source | None = None
     checks: dict[tuple[str, str], CheckState] = field(default_factory=dict)
 
-    def sync(self, wanted: dict[tuple[str, str], HealthCheckConfig]) -> None:
+    def sync(self, wanted: dict[tuple[str, str], HealthCheckConfig],
+             start_down: frozenset | set = frozenset()) -> None:
+        """Start/stop/restart loops to match `wanted`. A new check starts UP, except the
+        keys in `start_down` (a restart's saved DOWN verdicts): they need `rise` passes."""
         for key in list(self.checks):
             if key not in wanted or self.checks[key].hc != wanted[key]:
                 st = self.checks.pop(key)
@@ -175,7 +178,11 @@ class HealthChecker:
                     self._start(key, wanted[key], st.rf.up)
         for key, hc in wanted.items():
             if key not in self.checks:
-                self._start(key, hc, True)
+                down = key in start_down
+                if down:
+                    log.warning("real %s of %s starts DOWN, as saved before the restart; "
+                                "UP after %d passing checks", key[1], key[0], hc.rise)
+                self._start(key, hc, not down)
 
     def _start(self, key, hc: HealthCheckConfig, up: bool) -> None:
         st = CheckState(key[0], key[1], hc, RiseFall(hc.rise, hc.fall, up=up))

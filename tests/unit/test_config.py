@@ -1075,3 +1075,27 @@ def test_ring_size_against_the_running_data_plane():
     small = Capacity(max_vips=2, max_real_ids=3, ring_max=65537)
     errs = check_capacity(cfg, small)
     assert [e.split(":")[0] for e in errs] == ["vip[2]", "vip[3].ring_size", "vip[3].real[0]"]
+
+
+def _udp_sync(walk: float, timeout: int = 4, proto: str = "udp") -> Config:
+    data = full()
+    data["node"]["conn_timeout_s"] = timeout
+    data["vip"][0]["protocol"] = proto
+    data["sync"]["full_sync_interval_s"] = walk
+    return parse(data)
+
+
+@pytest.mark.parametrize("walk,timeout,proto,warned", [
+    (0, 4, "udp", "is 0 (walks only when a peer starts)"),
+    (30, 4, "udp", "is 30 s, longer than node.conn_timeout_s (4 s)"),
+    (2, 4, "udp", None),
+    (30, 4, "tcp", None),  # TCP entries do not time out
+    (60, 300, "udp", None),
+])
+def test_check_warns_when_udp_flows_outlive_the_walks(walk, timeout, proto, warned):
+    warns = cfgmod.config_warnings(_udp_sync(walk, timeout, proto))
+    if warned is None:
+        assert warns == []
+    else:
+        assert len(warns) == 1 and warned in warns[0] and "10.99.0.100:80/udp" in warns[0]
+    assert cfgmod.config_warnings(parse(minimal())) == []  # no sync: nothing to warn about

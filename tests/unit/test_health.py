@@ -248,3 +248,28 @@ def test_script_check_runs_through_l4lb_scripts(tmp_path: Path):
 def test_oserror_keeps_its_errno():
     res = asyncio.run(probe("127.0.0.1", hc(80, "tcp"), source="192.0.2.77"))
     assert not res.ok and res.errno == errno.EADDRNOTAVAIL
+
+
+def test_a_saved_down_verdict_needs_rise_passes(caplog):
+    """A restart's saved DOWN: the real starts DOWN (is_up False before any probe) and
+    comes UP only after `rise` passing checks; other reals start UP as before."""
+    other = ("10.0.0.100:80/tcp", "127.0.0.2")
+
+    async def run():
+        async with HttpServer(b"HTTP/1.0 200 OK\r\n\r\n") as srv:
+            rec = Recorder()
+            hcx = HealthChecker(rec)
+            hcx.sync({KEY: hc(srv.port, rise=3), other: hc(srv.port, type_="none")},
+                     start_down={KEY})
+            before = (hcx.is_up(*KEY), hcx.is_up(*other))
+            await rec.wait(1)
+            passes = hcx.checks[KEY].checks
+            hcx.stop()
+            return before, rec.changes, passes
+
+    with caplog.at_level(logging.INFO, logger="l4lb.health"):
+        before, changes, passes = asyncio.run(run())
+    assert before == (False, True)
+    assert changes == [(True, "")] and passes == 3
+    assert any("starts DOWN, as saved before the restart" in r.getMessage()
+               for r in caplog.records)
