@@ -1099,3 +1099,16 @@ def test_check_warns_when_udp_flows_outlive_the_walks(walk, timeout, proto, warn
     else:
         assert len(warns) == 1 and warned in warns[0] and "10.99.0.100:80/udp" in warns[0]
     assert cfgmod.config_warnings(parse(minimal())) == []  # no sync: nothing to warn about
+
+
+def test_reload_report_names_mode_and_real_changes_per_vip():
+    from l4lb.daemon import _vip_diff
+
+    a = parse(minimal()).vips[0]
+    data = minimal()
+    data["vip"][0]["mode"] = "tun"
+    data["vip"][0]["real"] = [{"address": "10.99.0.11", "weight": 5}, {"address": "10.99.0.13"}]
+    b = parse(data).vips[0]
+    assert _vip_diff(a, b) == ["mode dr -> tun", "real 10.99.0.13 added",
+                               "real 10.99.0.12 removed", "real 10.99.0.11 changed"]
+    assert _vip_diff(a, a) == []
