@@ -37,7 +37,9 @@ node does not have is counted (``skipped``, by reason) and left out. A backup
 overwrites (the master's choice wins over whatever it held for that 5-tuple); a
 master only fills in flows it does not know (BPF_NOEXIST), so a late message
 from the old master never moves a flow the new master has already placed.
-Installed entries get this node's own CLOCK_MONOTONIC_COARSE time as last-seen.
+An entry carries its age (seconds since the sender's data plane last saw the
+flow); installed, its last-seen is this node's CLOCK_MONOTONIC_COARSE now minus
+that age, so a UDP flow's idle timeout runs on from the old master's last packet.
 Walks skip entries idle for longer than the data plane's conn timeout, so a
 standby never brings a dead flow back to life.
 

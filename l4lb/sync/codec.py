@@ -34,11 +34,20 @@ with one ``struct`` format per address shape (IPv4/IPv6 client+VIP, IPv4/IPv6
 real), so that packing and unpacking run in C (``Struct.iter_unpack``) and
 the record layout itself enforces address lengths and port ranges::
 
-    src (4|16) | sport (u16) | dst (4|16) | dport (u16) | proto (u8) | real (4|16)
+    src (4|16) | sport (u16) | dst (4|16) | dport (u16) | proto (u8) | real (4|16) | age (u16)
+
+``age`` is whole seconds (rounded; at most MAX_AGE_S) since the sender's data
+plane last saw a packet of the flow, as of when the record was built: an age, not
+a time, so that the clocks of the two nodes need not agree. The receiver sets its
+last-seen to its own now minus the age, so a UDP flow's idle timeout on the new
+master counts from the last packet the old master saw. Seconds are the data
+plane's own grain (it refreshes last-seen at most once a second) and cost 2 bytes
+a record.
 
 Decoded entries are a PackedEntries: a sequence of SyncEntry over the blobs
 (unpacked only when read as tuples), so bulk consumers can work on the blobs.
 Version 2: sessions ordered (version 1's were random), challenge and response.
+Version 3: each entry carries its age.
 """
 
 from __future__ import annotations
@@ -75,6 +84,7 @@ __all__ = [
     "Response",
     "PackedEntries",
     "NONCE_LEN",
+    "MAX_AGE_S",
     "SHAPE_LENS",
     "Message",
     "encode",
@@ -84,7 +94,7 @@ __all__ = [
     "check_entry",
 ]
 
-VERSION = 2
+VERSION = 3
 MAGIC = b"L4S"
 TAG_LEN = 32
 _PREFIX = struct.Struct("!3sBI")
@@ -98,6 +108,7 @@ ROLES = ("master", "backup")
 REASONS = ("truncated", "oversize", "bad_mac", "version", "malformed")
 
 _U64 = 1 << 64
+MAX_AGE_S = 0xFFFF  # older entries are sent as this (18 h; conn_timeout_s may be 24 h)
 _U32 = 1 << 32
 _PROTOS = frozenset((6, 17))
 _PROTO_BYTES = bytes((6, 17))
@@ -112,6 +123,7 @@ class SyncEntry(NamedTuple):
     dport: int
     proto: int  # 6 (TCP) or 17 (UDP)
     real: bytes  # real server address, 4 or 16 bytes (any family: tunnel mode)
+    age_s: int = 0  # since the sender last saw a packet of the flow (0..MAX_AGE_S)
 
 
 class SyncDecodeError(Exception):
@@ -213,7 +225,7 @@ class _Shape(NamedTuple):
 
 
 def _mk_shape(code: int, alen: int, rlen: int) -> _Shape:
-    st = struct.Struct(f"!{alen}sH{alen}sHB{rlen}s")
+    st = struct.Struct(f"!{alen}sH{alen}sHB{rlen}sH")
     return _Shape(code, st, st.size, 2 * alen + 4)
 
 
@@ -297,7 +309,7 @@ class PackedEntries(Sequence):
 def check_entry(e: object) -> bool:
     """True if ``e`` is a well-formed entry (slow, per entry: for filtering)."""
     try:
-        src, sport, dst, dport, proto, real = e  # type: ignore[misc]
+        src, sport, dst, dport, proto, real, age = e  # type: ignore[misc]
     except (TypeError, ValueError):
         return False
     return (
@@ -311,6 +323,8 @@ def check_entry(e: object) -> bool:
         and 0 <= dport <= 0xFFFF
         and type(proto) is int
         and proto in _PROTOS
+        and type(age) is int
+        and 0 <= age <= MAX_AGE_S
     )
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from l4lb.dataplane import maps as M
 from l4lb.dataplane.tables import CONN_KEY, CONN_VAL
-from l4lb.sync.codec import SHAPE_LENS, SyncEntry
+from l4lb.sync.codec import MAX_AGE_S, SHAPE_LENS, SyncEntry
 
 __all__ = ["Translator", "decode_events", "NUMPY_MIN"]
 
@@ -71,6 +71,17 @@ _VAL_ID_NOW = _layout([(M.ConnVal.real_id.offset, "I"), (M.ConnVal.vip_id.offset
 assert _KEY4.size == _KEY6.size == CONN_KEY.size and _VAL_RS.size == CONN_VAL.size
 _LENS_BY_CODE = {code: (lens, size) for lens, (code, size) in SHAPE_LENS.items()}
 NUMPY_MIN = 64  # entries: below, plain struct code is faster than numpy's set-up
+_NS = 1_000_000_000
+
+
+def age_s(now_ns: int, seen_ns: int) -> int:
+    """A conn-table last-seen as the wire's age: whole seconds, rounded, 0..MAX_AGE_S."""
+    return min(max((now_ns - seen_ns + _NS // 2) // _NS, 0), MAX_AGE_S)
+
+
+def seen_ns(now_ns: int, age: int) -> int:
+    """The wire's age as this node's last-seen (never below 0: a young clock)."""
+    return max(now_ns - age * _NS, 0)
 
 
 def _packed(addr: str, _cache: dict[str, bytes] = {}) -> bytes:  # noqa: B006 - a cache
@@ -149,7 +160,7 @@ class Translator:
             if real is None:
                 missing.append(ev)
             else:
-                out.append((*ev[:5], real))
+                out.append((*ev[:5], real, *(ev[6:7] or (0,))))
         if missing and self.maybe_refresh(missed=True):
             ra = self.real_addr
             for ev in missing:
@@ -157,7 +168,7 @@ class Translator:
                 if real is None:
                     skipped["unknown_real"] += 1
                 else:
-                    out.append((*ev[:5], real))
+                    out.append((*ev[:5], real, *(ev[6:7] or (0,))))
         elif missing:
             skipped["unknown_real"] += len(missing)
         return out, skipped
@@ -178,16 +189,16 @@ class Translator:
                      for s, d, sp, dp, pr, f in CONN_KEY.iter_unpack(keys))
         ids = _VAL_RS.iter_unpack(vals)
         cutoff = now_ns - timeout_ns if timeout_ns else -1
-        # (src, sport, dst, dport, proto, real id): the real's address comes next
-        recs = [(s, sp, d, dp, pr, rid) for (s, d, sp, dp, pr), (rid, seen) in zip(
-            flows, ids, strict=True) if seen >= cutoff]
+        # (src, sport, dst, dport, proto, real id, age): the real's address comes next
+        recs = [(s, sp, d, dp, pr, rid, age_s(now_ns, seen)) for (s, d, sp, dp, pr), (rid, seen)
+                in zip(flows, ids, strict=True) if seen >= cutoff]
         skipped: Counter = Counter()
         if len(recs) < n:
             skipped["idle"] = n - len(recs)
         ra = self.real_addr
         if set(map(_RID, recs)) <= ra.keys():
             get = ra.__getitem__
-            return [(s, sp, d, dp, pr, get(rid)) for s, sp, d, dp, pr, rid in recs], skipped
+            return [(s, sp, d, dp, pr, get(rid), a) for s, sp, d, dp, pr, rid, a in recs], skipped
         out, more = self._with_addresses(recs, 0)
         skipped.update(more)
         return out, skipped
@@ -241,6 +252,9 @@ class Translator:
         if unknown.any():
             skipped["unknown_real"] = int(unknown.sum())
             keep &= ~unknown
+        # age_s() in bulk (int64: a last-seen ahead of now_ns, another CPU's, is age 0)
+        idle = now_ns - V["last_seen_ns"].astype(np.int64)
+        ages = np.clip((idle + _NS // 2) // _NS, 0, MAX_AGE_S)
         out: dict[tuple[int, int, int], np.ndarray] = {}
         for f, alen in ((M.FAMILY_V4, 4), (M.FAMILY_V6, 16)):
             for rl in (4, 16):
@@ -248,13 +262,14 @@ class Translator:
                 if not m.any():
                     continue
                 sel = K[m]
-                rows = np.empty((len(sel), 2 * alen + 5 + rl), np.uint8)
+                rows = np.empty((len(sel), 2 * alen + 7 + rl), np.uint8)
                 rows[:, 0:alen] = sel[:, _K_SRC:_K_SRC + alen]
                 rows[:, alen:alen + 2] = sel[:, _K_SPORT:_K_SPORT + 2]  # network order both
                 rows[:, alen + 2:2 * alen + 2] = sel[:, _K_DST:_K_DST + alen]
                 rows[:, 2 * alen + 2:2 * alen + 4] = sel[:, _K_DPORT:_K_DPORT + 2]
                 rows[:, 2 * alen + 4] = sel[:, _K_PROTO]
-                rows[:, 2 * alen + 5:] = addrs[rid[m], :rl]
+                rows[:, 2 * alen + 5:2 * alen + 5 + rl] = addrs[rid[m], :rl]
+                rows[:, -2:] = ages[m].astype(">u2").view(np.uint8).reshape(-1, 2)
                 out[(alen, alen, rl)] = rows
         return out, skipped
 
@@ -275,7 +290,7 @@ class Translator:
             if not m:
                 continue
             R = np.frombuffer(blob, np.uint8, m * size).reshape(m, size)
-            uniq, inv = _distinct(R[:, alen + 2:])
+            uniq, inv = _distinct(R[:, alen + 2:size - 2])  # dst|dport|proto|real
             ids = self._ids_of(uniq, alen)
             if any(type(t) is str for t in ids) and self.maybe_refresh(missed=True):
                 ids = self._ids_of(uniq, alen)
@@ -302,7 +317,8 @@ class Translator:
             v = np.zeros(len(sel), _VAL_DT)
             v["real_id"] = rid_u[inv_ok]
             v["vip_id"] = vid_u[inv_ok]
-            v["last_seen_ns"] = now_ns
+            age = sel[:, size - 2:].copy().view(">u2").ravel().astype(np.int64)
+            v["last_seen_ns"] = np.maximum(now_ns - age * _NS, 0)
             keys_out.append(k.tobytes())
             vals_out.append(v.tobytes())
         return b"".join(keys_out), b"".join(vals_out), skipped
@@ -348,7 +364,8 @@ class Translator:
         # (VIP, real) up once per call.
         cache: dict = {}
         target = self._target
-        for src, sport, dst, dport, proto, real in entries:
+        vpack = _VAL_ID_NOW.pack
+        for src, sport, dst, dport, proto, real, age in entries:
             ck = (dst, dport, proto, real)
             t = cache.get(ck)
             if t is None:
@@ -357,7 +374,8 @@ class Translator:
                 skipped[t] += 1
                 continue
             keys.append(kpack(src, dst, sport, dport, proto, t[0]))
-            vals.append(t[1])
+            # last-seen from the sender's age: its idle time, not our install time
+            vals.append(vpack(*t[2], seen_ns(now_ns, age)) if age else t[1])
         return keys, vals, skipped, bool(skipped)
 
 

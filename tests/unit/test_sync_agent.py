@@ -20,7 +20,7 @@ from l4lb.dataplane.tables import CONN_KEY, CONN_VAL, RealState, VipState
 from l4lb.sync import agent as sync_agent
 from l4lb.sync import translate
 from l4lb.sync.agent import Translator, decode_events
-from l4lb.sync.codec import SyncEntry
+from l4lb.sync.codec import VERSION, SyncEntry
 
 VIP = "10.99.0.100"
 CLIENT = "10.99.0.11"
@@ -172,7 +172,7 @@ def test_walk_records_skip_idle_flows():
     tr = Translator(t)
     (keys, vals, _), = t.conn_batches()
     entries, skipped = tr.records_to_entries(keys, vals, now, 300 * 10**9)
-    assert entries == [SyncEntry(p(CLIENT), 1, p(VIP), 80, 6, p("10.99.0.31"))]
+    assert entries == [SyncEntry(p(CLIENT), 1, p(VIP), 80, 6, p("10.99.0.31"), 10)]  # age 10 s
     assert dict(skipped) == {"idle": 1, "unknown_real": 1}
     entries, _ = tr.records_to_entries(keys, vals, now, 0)  # no timeout: all known ones
     assert [e[1] for e in entries] == [1, 2]  # (src, sport, ...) tuples
@@ -415,7 +415,7 @@ def mixed_table(now):
     """Conn-table records of every shape, some idle, some naming unknown reals."""
     t = FakeTables(STANDBY_VIPS)
     for i in range(300):
-        t.add(CLIENT, 1000 + i, VIP, 80, (7, 8, 9)[i % 3], 3, now)
+        t.add(CLIENT, 1000 + i, VIP, 80, (7, 8, 9)[i % 3], 3, now - (i % 7) * 10**9)  # ages
         t.add("fd99::11", 1000 + i, "fd99::100", 443, (12, 13)[i % 2], 5, now)
         t.add(CLIENT, 5000 + i, VIP, 53, 11, 4, now - (400 * 10**9 if i % 5 == 0 else 0),
               proto=17)
@@ -444,8 +444,8 @@ def test_bulk_paths_give_what_the_per_entry_paths_give():
         codec_pack(e) for e in (SyncEntry(p(CLIENT), 1, p("10.99.0.200"), 80, 6, p("10.99.0.31")),
                                 SyncEntry(p(CLIENT), 2, p(VIP), 80, 6, p("10.99.0.35")))))])
     groups = packed.groups + extra.groups
-    k1, v1, s1 = tr.groups_to_records(groups, 77)
-    k2, v2, s2 = tr.entries_to_records([*packed, *extra], 77)
+    k1, v1, s1 = tr.groups_to_records(groups, now + 77)
+    k2, v2, s2 = tr.entries_to_records([*packed, *extra], now + 77)
     assert s1 == s2 == Counter(unknown_vip=1, unknown_real=1)
     assert sorted(records(k1, v1)) == sorted(records(k2, v2)) and len(records(k1, v1)) == 840
 
@@ -453,7 +453,7 @@ def test_bulk_paths_give_what_the_per_entry_paths_give():
 def codec_pack(e: SyncEntry) -> bytes:
     import struct  # noqa: PLC0415
 
-    return struct.pack("!4sH4sHB4s", *e)
+    return struct.pack("!4sH4sHB4sH", *e)
 
 
 def test_garbage_flood_costs_bounded_work_per_turn_and_is_counted(monkeypatch):
@@ -492,7 +492,7 @@ def test_garbage_flood_costs_bounded_work_per_turn_and_is_counted(monkeypatch):
         b.receiver.on_datagram = counting
         try:
             body = bytes((0x99, 2)) + bytes(1400 - PREFIX_LEN - 2 - 32)  # "a full-walk chunk"
-            junk = b"L4S\x02" + (len(body)).to_bytes(4, "big") + body + bytes(32)
+            junk = b"L4S" + bytes([VERSION]) + len(body).to_bytes(4, "big") + body + bytes(32)
             assert len(junk) == 1400 and junk[PREFIX_LEN:PREFIX_LEN + 2] == bytes((0x99, 2))
             n = 300
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as spoof, \
@@ -631,3 +631,52 @@ def test_distinct_rows_survive_hash_collisions(monkeypatch):
     monkeypatch.setattr(translate, "_MIX", np.uint64(0))  # hash = the last word only
     uniq, inv = translate._distinct(rows)  # rows 0 and 1 now collide: found and resolved
     assert [uniq[i] for i in inv] == [bytes(r) for r in rows] and len(uniq) == 3
+
+
+# --------------------------------------------------------------------------- entry ages
+
+
+@pytest.mark.parametrize("bulk", [False, True], ids=["per-entry", "numpy"])
+def test_a_synced_flow_keeps_its_idle_time_across_clocks(bulk):
+    """Issue 17: the standby's last-seen is its own now minus the age the master saw,
+    whatever the two clocks read; not its install time."""
+    from l4lb.sync.codec import FullChunk, decode, encode  # noqa: PLC0415
+
+    a_now, b_now = 7_000 * 10**9, 123_456 * 10**9 + 321  # unrelated clocks
+    ta = FakeTables(STANDBY_VIPS)
+    idle_s = [0, 1, 3, 250]
+    for i, idle in enumerate(idle_s):
+        ta.add(CLIENT, 5000 + i, VIP, 53, 11, 4, a_now - idle * 10**9 - 4 * 10**8, proto=17)
+    tr = Translator(ta)
+    keys, vals, _ = next(ta.conn_batches())
+    if bulk:
+        from l4lb.sync.codec import SHAPE_LENS, PackedEntries  # noqa: PLC0415
+
+        rows, skipped = tr.records_to_rows(keys, vals, a_now, 300 * 10**9)
+        ents = PackedEntries(tuple((SHAPE_LENS[k][0], r.tobytes()) for k, r in rows.items()))
+    else:
+        ents, skipped = tr.records_to_entries(keys, vals, a_now, 300 * 10**9)
+    assert not +skipped and sorted(e[6] for e in ents) == idle_s  # 0.4 s more rounds down
+    key = b"k" * 32
+    got = decode(encode(FullChunk("lb1", 1, 1, 0.0, 1, 0, True, ents), key), key).entries
+    tb = FakeTables(STANDBY_VIPS)
+    if bulk:
+        k, v, skipped = Translator(tb).groups_to_records(got.groups, b_now)
+    else:
+        k, v, skipped = Translator(tb).entries_to_records(list(got), b_now)
+    assert not +skipped
+    seen = {key[2]: val[2] for key, val in records(k, v)}  # sport -> last_seen_ns
+    assert seen == {5000 + i: b_now - idle * 10**9 for i, idle in enumerate(idle_s)}
+    # A young clock (the standby booted recently) cannot go below 0: idle since boot.
+    k, v, _ = Translator(tb).entries_to_records(list(got), 2 * 10**9)
+    assert sorted(val[2] for _, val in records(k, v)) == [0, 0, 10**9, 2 * 10**9]
+
+
+def test_age_helpers_round_and_clamp():
+    s = 10**9
+    assert translate.age_s(100 * s, 100 * s) == 0
+    assert translate.age_s(100 * s, 100 * s + 5) == 0  # another CPU's newer last-seen
+    assert translate.age_s(100 * s, 98 * s - s // 2) == 3  # 2.5 s rounds up
+    assert translate.age_s(10**6 * s, 0) == 0xFFFF  # saturates at MAX_AGE_S
+    assert translate.seen_ns(100 * s, 3) == 97 * s
+    assert translate.seen_ns(2 * s, 3) == 0

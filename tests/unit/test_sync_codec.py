@@ -119,7 +119,7 @@ def test_single_shape_keeps_order_and_fields() -> None:
 def test_entries_are_compact() -> None:
     one = len(encode(Entries("lb1", 1, 1, 0.0, [e4(0)]), KEY))
     hundred = len(encode(Entries("lb1", 1, 1, 0.0, [e4(i) for i in range(100)]), KEY))
-    assert (hundred - one) / 99 <= 17.1  # 17-byte IPv4 records, no per-entry framing
+    assert (hundred - one) / 99 <= 19.1  # 19-byte IPv4 records (with age), no per-entry framing
 
 
 # --------------------------------------------------------------------------- sizing
@@ -159,7 +159,7 @@ def test_entry_capacity() -> None:
     assert entry_capacity(1400, "lb1", (16, 16, 16)) == len(
         pack_entries([e6(i) for i in range(500)], 1400, "lb1")[0]
     )
-    assert entry_capacity(1400, "lb1") >= 70  # ~76 IPv4 entries per 1400-byte datagram
+    assert entry_capacity(1400, "lb1") >= 68  # 68 IPv4 entries (19 bytes) per 1400-byte datagram
 
 
 def test_pack_entries_empty_and_too_small() -> None:
@@ -422,6 +422,7 @@ def test_fuzz_mutated_valid_messages(data) -> None:
             st.integers(0, 65535),
             st.sampled_from([6, 17]),
             st.sampled_from([4, 16]).flatmap(lambda n: st.binary(min_size=n, max_size=n)),
+            st.integers(0, 0xFFFF),
         ).map(lambda e: e._replace(dst=V4 if len(e.src) == 4 else V6)),
         max_size=200,
     )
@@ -442,7 +443,7 @@ def test_packed_entries_pass_through_encode_unchanged() -> None:
     """Pre-packed records (the walk thread's) encode to the very datagram the same
     entries as tuples give, and decode back to a PackedEntries equal to them."""
     ents = [e4(i) for i in range(40)]
-    blob = b"".join(struct.pack("!4sH4sHB4s", *e) for e in ents)
+    blob = b"".join(struct.pack("!4sH4sHB4sH", *e) for e in ents)
     packed = PackedEntries.from_groups([(0, blob)])
     assert len(packed) == 40 and packed == ents and list(packed) == ents and packed[3] == ents[3]
     a = encode(FullChunk("lb1", 1, 2, 3.0, 4, 0, True, packed), KEY)
@@ -453,7 +454,7 @@ def test_packed_entries_pass_through_encode_unchanged() -> None:
 
 
 @pytest.mark.parametrize("groups", [[(9, b"")], [(0, b"\x00" * 16)], [("0", b"")],
-                                    [(0, b"\x00" * 12 + b"\x07" + b"\x00" * 4)]],
+                                    [(0, b"\x00" * 12 + b"\x07" + b"\x00" * 6)]],
                          ids=["shape", "partial record", "code type", "proto"])
 def test_packed_entries_checked_when_built(groups) -> None:
     with pytest.raises(ValueError):
@@ -465,3 +466,15 @@ def test_challenge_and_response_checked_when_encoded() -> None:
         encode(Challenge("lb1", 1, 1, 0.0, b"short"), KEY)
     with pytest.raises(ValueError):
         encode(Response("lb1", 1, 1, 0.0, "boss", bytes(16)), KEY)
+
+
+def test_entries_carry_their_age() -> None:
+    """Version 3: each record ends in its age (u16 seconds); out of range is refused."""
+    ents = [e4(1)._replace(age_s=0), e4(2)._replace(age_s=4), e6(3)._replace(age_s=0xFFFF)]
+    got = decode(encode(Entries("lb1", 1, 1, 0.0, ents), KEY), KEY).entries
+    assert [e.age_s for e in got] == [0, 4, 0xFFFF] and list(got) == ents
+    assert VERSION == 3 and codec.MAX_AGE_S == 0xFFFF
+    for bad in (-1, 0x10000, 1.5):
+        assert not check_entry(e4(1)._replace(age_s=bad))
+        with pytest.raises(ValueError):
+            encode(Entries("lb1", 1, 1, 0.0, [e4(1)._replace(age_s=bad)]), KEY)
