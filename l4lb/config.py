@@ -1487,15 +1487,16 @@ def config_warnings(cfg: Config) -> list[str]:
     if cfg.sync.enabled and udp:
         walk, timeout = cfg.sync.full_sync_interval_s, cfg.node.conn_timeout_s
         # A synced entry is refreshed on the standby only by the next walk: a UDP flow
-        # whose standby copy aged past conn_timeout_s is rescheduled at takeover.
-        if walk == 0 or walk > timeout:
-            what = "0 (walks only when a peer starts)" if walk == 0 else f"{walk:g} s"
+        # whose standby copy aged past conn_timeout_s is rescheduled at takeover. The
+        # copy is up to one walk plus the data plane's 1 s last-seen grain old.
+        if walk == 0 or walk + 1 >= timeout:
+            what = "0 (walks only when a peer starts)" if walk == 0 else \
+                f"{walk:g} s, not below node.conn_timeout_s ({timeout} s) - 1 s"
             warns.append(
-                f"sync.full_sync_interval_s is {what}, longer than node.conn_timeout_s "
-                f"({timeout} s), with UDP VIPs ({', '.join(udp[:3])}"
+                f"sync.full_sync_interval_s is {what}, with UDP VIPs ({', '.join(udp[:3])}"
                 f"{', ...' if len(udp) > 3 else ''}): the standby's copies of long-lived UDP "
                 "flows go idle between walks, and a failover moves them to the new master's "
-                f"ring; set full_sync_interval_s below {timeout}")
+                f"ring; set full_sync_interval_s below {max(timeout - 1, 1)} s")
     return warns
 
 

@@ -38,13 +38,16 @@ def conns(lab: Lab, node: str, vip_key: str) -> dict[int, str]:
     return {r["cport"]: r["real"] for r in rows}
 
 
-def start_hold(lab: Lab, tag: str, target: str, count: int, seconds: float = 150):
+def start_hold(lab: Lab, tag: str, target: str, count: int, seconds: float = 150,
+               udp: bool = False):
     """`count` long-lived echo connections from client1 to `target` ("addr:port",
-    "[v6]:port"), one exchange every 0.1 s; returns once all are connected."""
+    "[v6]:port"), one exchange every 0.1 s; returns once all are connected. `udp`:
+    UDP flows on connected sockets instead, each reply checked for its real."""
     ready = lab.workdir / f"{tag}-ready.json"
     svc = lab.popen("client1", [sys.executable, "-m", "l4lb.labclient", "hold", target,
                                 "--conns", str(count), "--every", "0.1", "--seconds",
-                                str(seconds), "--ready-file", str(ready)], log_name=f"{tag}.log")
+                                str(seconds), "--ready-file", str(ready)] +
+                    (["--udp"] if udp else []), log_name=f"{tag}.log")
     wait_for(ready.exists, 20, what=f"{tag}: {count} connections")
     assert json.loads(ready.read_text())["connected"] == count, svc.output()[-2000:]
     return svc

@@ -1087,7 +1087,8 @@ def _udp_sync(walk: float, timeout: int = 4, proto: str = "udp") -> Config:
 
 @pytest.mark.parametrize("walk,timeout,proto,warned", [
     (0, 4, "udp", "is 0 (walks only when a peer starts)"),
-    (30, 4, "udp", "is 30 s, longer than node.conn_timeout_s (4 s)"),
+    (30, 4, "udp", "is 30 s, not below node.conn_timeout_s (4 s) - 1 s"),
+    (3, 4, "udp", "is 3 s, not below"),  # a copy up to 3 s + the 1 s grain old
     (2, 4, "udp", None),
     (30, 4, "tcp", None),  # TCP entries do not time out
     (60, 300, "udp", None),
