@@ -62,6 +62,7 @@ __all__ = [
     "Capacity",
     "check_capacity",
     "config_warnings",
+    "hc_via",
 ]
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -142,6 +143,10 @@ class HealthCheckConfig:
     http_expect_status: int = 200
     http_host: str | None = None
     script: tuple[str, ...] | None = None
+    # "tunnel": probe through the tunnel (tc BPF: addressed to the VIP, encapsulated to
+    # the real), so a real without decap fails; "auto": tunnel for tun VIPs (tcp/http/
+    # https checks, real of the VIP's family), else direct. See hc_via().
+    via: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -787,6 +792,7 @@ _HC: dict[str, Conv] = {
     "http_expect_status": _int(100, 599),
     "http_host": _str(_check_http_host),
     "script": _argv,
+    "via": _enum("auto", "direct", "tunnel"),
 }
 _HC_DEFAULTS = {f.name: f.default for f in dataclasses.fields(HealthCheckConfig)}
 
@@ -847,6 +853,26 @@ def _parse_hc(ctx: _Ctx, path: str, raw: Any, base: _HcLayer) -> _HcLayer:
     # type = "script" without a script is checked per real (_parse_real): a VIP may set
     # the type and leave each real its own script, as keepalived's MISC_CHECK does.
     return _HcLayer(values, origin, base.bad | bad)
+
+
+def _tunnel_hc_unfit(mode: str, hc_type: str, real_family: int, vip_family: int) -> str | None:
+    if mode != "tun":
+        return f'the VIP is mode = "{mode}", not "tun"'
+    if hc_type not in ("tcp", "http", "https"):
+        return f'type = "{hc_type}" sends no packet to the real'
+    if real_family != vip_family:
+        return (f"the real is IPv{real_family} and the VIP IPv{vip_family} (a probe keeps its "
+                "family through the tunnel)")
+    return None
+
+
+def hc_via(vip: VipConfig, real: RealConfig) -> str:
+    """How `real`'s health check of `vip` is sent: "tunnel" or "direct"."""
+    via = real.healthcheck.via
+    if via == "auto":
+        fits = _tunnel_hc_unfit(vip.mode, real.healthcheck.type, real.family, vip.family) is None
+        return "tunnel" if fits else "direct"
+    return via
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1008,6 +1034,13 @@ def _parse_real(
                 f'and needs the same family — use mode = "tun" or an {want} real',
             )
             address = None
+    if hc.values["via"] == "tunnel" and "via" not in hc.bad and address is not None \
+            and vip_addr is not None and mode is not None:
+        why = _tunnel_hc_unfit(mode, hc.values["type"], address.version, vip_addr.version)
+        if why:
+            bad_hc = True
+            ctx.err(_join(hc.origin["via"], "via"), f'"tunnel" does not fit {path}: {why}; '
+                    'use via = "direct" (or "auto")')
     if address is None or weight is None or bad_mac or bad_hc or vip_port is None:
         return None
     return RealConfig(

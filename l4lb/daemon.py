@@ -31,6 +31,7 @@ from l4lb.config import (
     config_from_dict,
     config_to_dict,
     config_warnings,
+    hc_via,
     load_config,
 )
 from l4lb.dataplane import loader
@@ -128,6 +129,8 @@ class Daemon:
         self.reloads = 0
         self._lock = asyncio.Lock()
         self._saved_down: set[tuple[str, str]] = set()  # (VIP key, real) DOWN at the last stop
+        self.hc_tunnel: loader.HcTunnel | None = None  # tc programs of tunnel health checks
+        self.health.mark_for = self._hc_mark
 
     # ------------------------------------------------------------ lifecycle
     async def run(self) -> int:
@@ -236,6 +239,12 @@ class Daemon:
             except Exception as e:  # noqa: BLE001 - stopping anyway
                 log.warning("routing stop: %s", e)
         self.health.stop()
+        if self.hc_tunnel is not None:  # no probes without the daemon
+            for ifname in self.hc_tunnel.attached:
+                try:
+                    loader.detach_hc_tunnel(ifname)
+                except Exception as e:  # noqa: BLE001 - stopping anyway
+                    log.warning("removing the tunnel health check from %s: %s", ifname, e)
         if self.vrrp:  # a master sends priority 0 and drops its VIPs, then the VRRP process exits
             try:
                 await self.vrrp.stop(graceful=True)
@@ -399,6 +408,7 @@ class Daemon:
                               "kept") from None
         old_vips = {str(v.address) for v in self.cfg.vips}
         self.cfg = cfg
+        await self._program_hc_tunnels(cfg)
         self.health.sync({(key, str(r.address)): r.healthcheck
                           for v in cfg.vips for key in (v.key,) for r in v.reals},
                          start_down=self._saved_down if initial else frozenset())
@@ -408,6 +418,50 @@ class Daemon:
             for a in old_vips - now:
                 await self._hold_vip(a, False)
             await self._hold_vips(True)
+
+    async def _program_hc_tunnels(self, cfg: Config) -> None:
+        """Tunnel health checks (bpf/hc_tunnel.c): the tc programs on the node's
+        interfaces once a check needs them, and probe mark -> VIP for each real."""
+        want = {}
+        for v in cfg.vips:
+            vs = self.tables.vips.get(v.key)
+            for r in v.reals:
+                rs = vs.reals.get(str(r.address)) if vs else None
+                if rs is not None and hc_via(v, r) == "tunnel":
+                    want[M.hc_mark(rs.real_id)] = v.address
+        if not want and self.hc_tunnel is None:
+            return
+        if self.hc_tunnel is None:
+            try:
+                self.hc_tunnel = await asyncio.to_thread(loader.HcTunnel)
+                for ifname in cfg.node.interfaces:
+                    await asyncio.to_thread(self.hc_tunnel.attach, ifname)
+            except loader.DataplaneError as e:
+                self.hc_tunnel = None
+                log.error("tunnel health checks cannot run (%s): those reals fail their "
+                          'checks; set [healthcheck] via = "direct" to check them directly', e)
+                return
+            log.info("tunnel health checks: tc programs attached to %s",
+                     ",".join(cfg.node.interfaces))
+        t = self.hc_tunnel.tunnels
+        for k in [k.value for k in t.keys()]:
+            if k not in want:
+                del t[t.Key(k)]
+        for mark, vip in want.items():
+            t[t.Key(mark)] = M.hc_tunnel_def(vip)
+
+    def _hc_mark(self, vip: str, real: str) -> int | None:
+        """SO_MARK of the probe of `real` for `vip` (HealthChecker.mark_for)."""
+        try:
+            v = self.cfg.vip_by_key(vip)
+            r = v.real_by_address(real)
+        except KeyError:
+            return None
+        if hc_via(v, r) != "tunnel":
+            return None
+        vs = self.tables.vips.get(vip) if self.tables else None
+        rs = vs.reals.get(str(r.address)) if vs else None
+        return M.hc_mark(rs.real_id) if rs is not None and self.hc_tunnel else 0
 
     def _refresh_down(self, vips) -> None:
         for v in vips:
@@ -557,7 +611,7 @@ class Daemon:
                     "mac": self._mac_for(r), "id": rs.real_id if rs else None,
                     "up": self.health.is_up(v.key, str(r.address)),
                     "in_ring": bool(rs and not rs.down and r.weight > 0),
-                    "health": r.healthcheck.type,
+                    "health": r.healthcheck.type, "via": hc_via(v, r),
                     "last_check": (chk.last.detail or "ok") if chk and chk.last else None,
                 })
             vips.append({"vip": v.key, "mode": v.mode, "hash": v.hash,
@@ -631,6 +685,7 @@ def offline_stop(cfg: Config) -> list[str]:
     for ifname in cfg.node.interfaces:
         loader.detach_xdp(ifname)
         done.append(f"XDP detached from {ifname}")
+        loader.detach_hc_tunnel(ifname)
         for v in cfg.vips:
             if netutil.del_address(ifname, v.address):
                 done.append(f"VIP {v.address} removed from {ifname}")

@@ -19,6 +19,7 @@ import asyncio
 import errno
 import logging
 import os
+import socket
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -78,16 +79,20 @@ def _family(addr: str) -> int:
 
 
 async def probe(addr: str, hc: HealthCheckConfig, source: str | None = None,
-                env: dict[str, object] | None = None) -> ProbeResult:
-    """One check of `addr`; never raises (except CancelledError)."""
+                env: dict[str, object] | None = None, mark: int | None = None) -> ProbeResult:
+    """One check of `addr`; never raises (except CancelledError). `mark`: SO_MARK of
+    the probe socket (tunnel checks: bpf/hc_tunnel.c encapsulates what carries it);
+    0 means a tunnel check that cannot run (yet)."""
     t0 = time.monotonic()
     err = 0
     try:
         if hc.type == "script":
             res = await scripts.run(hc.script or (), hc.timeout_s, env)
             detail = "" if res.ok else f"script {res.detail}"
+        elif mark == 0:
+            detail = "tunnel health check not ready (no real id or no tc program)"
         else:
-            detail = await asyncio.wait_for(_probe(addr, hc, source), hc.timeout_s)
+            detail = await asyncio.wait_for(_probe(addr, hc, source, mark), hc.timeout_s)
     except asyncio.TimeoutError:
         detail = f"timeout after {hc.timeout_s:g}s"
     except ssl.SSLError as e:
@@ -102,7 +107,23 @@ async def probe(addr: str, hc: HealthCheckConfig, source: str | None = None,
     return ProbeResult(detail == "", time.monotonic() - t0, detail, err)
 
 
-async def _probe(addr: str, hc: HealthCheckConfig, source: str | None) -> str:
+async def _marked_socket(addr: str, port: int, source: str | None, mark: int) -> socket.socket:
+    """A TCP socket carrying SO_MARK `mark`, connected to addr:port (from `source`)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        sock.setblocking(False)
+        if source:
+            sock.bind((source, 0))
+        await asyncio.get_running_loop().sock_connect(sock, (addr, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _probe(addr: str, hc: HealthCheckConfig, source: str | None,
+                 mark: int | None = None) -> str:
     """'' when healthy, else what failed."""
     if hc.type == "none":
         return ""
@@ -111,9 +132,14 @@ async def _probe(addr: str, hc: HealthCheckConfig, source: str | None) -> str:
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-    reader, writer = await asyncio.open_connection(
-        addr, hc.port, ssl=ctx, limit=MAX_STATUS_LINE,
-        local_addr=(source, 0) if source else None)
+    if mark:
+        sock = await _marked_socket(addr, hc.port, source, mark)
+        reader, writer = await asyncio.open_connection(
+            sock=sock, ssl=ctx, limit=MAX_STATUS_LINE, server_hostname="" if ctx else None)
+    else:
+        reader, writer = await asyncio.open_connection(
+            addr, hc.port, ssl=ctx, limit=MAX_STATUS_LINE,
+            local_addr=(source, 0) if source else None)
     try:
         if hc.type == "tcp":
             return ""
@@ -164,6 +190,9 @@ class HealthChecker:
     on_change: OnChange
     source: Source | None = None
     checks: dict[tuple[str, str], CheckState] = field(default_factory=dict)
+    # (VIP key, real) -> SO_MARK for a check through the tunnel (0: wanted, not ready),
+    # None for a direct check.
+    mark_for: Callable[[str, str], int | None] | None = None
 
     def sync(self, wanted: dict[tuple[str, str], HealthCheckConfig],
              start_down: frozenset | set = frozenset()) -> None:
@@ -219,7 +248,8 @@ class HealthChecker:
         env = {"L4LB_VIP": st.vip, "L4LB_REAL": st.real, "L4LB_PORT": st.hc.port}
         while True:
             src = None if st.hc.type in ("script", "none") else await self._source(st.real)
-            res = await probe(st.real, st.hc, src, env)
+            mark = self.mark_for(st.vip, st.real) if self.mark_for else None
+            res = await probe(st.real, st.hc, src, env, mark)
             if res.errno == errno.EADDRNOTAVAIL and self.source is not None:
                 self.source.invalidate()  # our address went away: look again
             if not res.ok and (st.last is None or st.last.detail != res.detail):

@@ -175,6 +175,69 @@ def compile_decap() -> Program:
     return Program("decap.c", "xdp_decap", [f"-I{BPF_DIR}"])
 
 
+TC_HC_PRIO = 0x4c  # our tc filters' priority/handle: a restart replaces, never stacks
+_TC_PARENT = {"ingress": "ffff:fff2", "egress": "ffff:fff3"}
+
+
+class HcTunnel:
+    """bpf/hc_tunnel.c: tunnel health checks, tc egress + ingress on the node's
+    interfaces; ``tunnels`` maps probe marks to VIPs (maps.hc_tunnel)."""
+
+    def __init__(self) -> None:
+        bcc = _bcc()
+        try:
+            self.bpf = bcc.BPF(src_file=str(BPF_DIR / "hc_tunnel.c").encode(),
+                               cflags=[f"-I{BPF_DIR}", "-Wno-compare-distinct-pointer-types"])
+            self.fns = {d: self.bpf.load_func(f"tc_hc_{d}".encode(), bcc.BPF.SCHED_CLS)
+                        for d in ("egress", "ingress")}
+        except Exception as e:  # bcc raises bare Exception on compile/verifier errors
+            raise DataplaneError(f"compiling bpf/hc_tunnel.c failed: {e}") from e
+        self.tunnels = self.bpf[b"hc_tunnels"]
+        self.attached: set[str] = set()
+
+    def attach(self, ifname: str) -> None:
+        """clsact on `ifname` (kept if there), our two filters added or replaced."""
+        from pyroute2 import IPRoute  # noqa: PLC0415
+        from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415
+
+        try:
+            with IPRoute() as ipr:
+                idx = ipr.link_lookup(ifname=ifname)[0]
+                try:
+                    ipr.tc("add", "clsact", idx)
+                except NetlinkError as e:
+                    if e.code != 17:  # EEXIST: another program's clsact, or ours of before
+                        raise
+                for d, fn in self.fns.items():
+                    ipr.tc("replace-filter", "bpf", idx, TC_HC_PRIO, parent=_TC_PARENT[d],
+                           fd=fn.fd, name=fn.name.decode(), classid=1, direct_action=True,
+                           prio=TC_HC_PRIO, protocol=0x0003)  # ETH_P_ALL
+        except (NetlinkError, OSError, IndexError) as e:
+            raise DataplaneError(f"attaching the tunnel health check (tc) to {ifname} "
+                                 f"failed: {e}") from e
+        self.attached.add(ifname)
+
+    def stats(self) -> dict[str, int]:
+        t = self.bpf[b"hc_stats"]
+        vals = [sum(t[ct.c_int(i)]) for i in range(4)]
+        return dict(zip(("encapsulated", "no_tunnel", "errors", "replies"), vals, strict=True))
+
+
+def detach_hc_tunnel(ifname: str) -> None:
+    """Remove our tc filters from `ifname` (whatever program they hold)."""
+    from pyroute2 import IPRoute  # noqa: PLC0415
+    from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415
+
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        for parent in _TC_PARENT.values():
+            try:
+                ipr.tc("del-filter", "bpf", idx[0], TC_HC_PRIO, parent=parent, prio=TC_HC_PRIO,
+                       protocol=0x0003)
+            except (NetlinkError, IndexError):
+                pass  # not there
+
+
 def compile_pass() -> Program:
     """A trivial XDP_PASS program: the benchmark baseline, and what a veth peer needs
     so that native XDP_TX frames reach it (DESIGN.md §5)."""

@@ -244,3 +244,27 @@ def flow_tuple(k: FlowKey) -> tuple:
     """(src, sport, dst, dport, proto) of a conn-table key, addresses as ipaddress objects."""
     return (addr_from16(k.src, k.family), socket.ntohs(k.sport), addr_from16(k.dst, k.family),
             socket.ntohs(k.dport), k.proto)
+
+
+# bpf/hc_tunnel.c (tunnel health checks): probe sockets carry SO_MARK
+# HC_MARK_TAG | real id; hc_tunnels maps that mark to the VIP the probe is for.
+HC_MARK_TAG = 0x4C000000
+HC_MARK_MASK = 0xFF000000
+
+
+class HcTunnelDef(ct.Structure):
+    _fields_ = [("vip", ct.c_ubyte * 16), ("family", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
+
+
+def hc_mark(real_id: int) -> int:
+    if not 0 < real_id <= 0xFFFFFF:
+        raise ValueError(f"real id {real_id} does not fit a health-check mark")
+    return HC_MARK_TAG | real_id
+
+
+def hc_tunnel_def(vip) -> HcTunnelDef:
+    raw, fam = addr16(vip)
+    t = HcTunnelDef()
+    t.vip[:] = raw
+    t.family = fam
+    return t

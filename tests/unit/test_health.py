@@ -115,7 +115,7 @@ def test_http_answers(answer, detail):
 
 
 def test_any_exception_in_a_probe_is_a_failed_check(monkeypatch):
-    async def boom(addr, hc_, source):
+    async def boom(*args):
         raise RuntimeError("something nobody expected")
 
     monkeypatch.setattr(health, "_probe", boom)
