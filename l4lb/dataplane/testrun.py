@@ -36,13 +36,18 @@ class RunResult:
     duration_ns: int  # the kernel's average per repeat
 
 
-def test_run(prog_fd: int, packet: bytes, repeat: int = 1, headroom: int = 256) -> RunResult:
-    """Run the program once (or `repeat` times) on `packet` and return what it made of it."""
+def test_run(prog_fd: int, packet: bytes, repeat: int = 1, headroom: int = 256,
+             ctx: bytes | None = None) -> RunResult:
+    """Run the program once (or `repeat` times) on `packet` and return what it made of it.
+    `ctx`: the start of a struct __sk_buff for tc programs (e.g. its mark)."""
     inbuf = ct.create_string_buffer(bytes(packet), len(packet))
     outlen = len(packet) + headroom
     outbuf = ct.create_string_buffer(outlen)
     attr = _TestAttr(prog_fd=prog_fd, data_size_in=len(packet), data_size_out=outlen,
                      data_in=ct.addressof(inbuf), data_out=ct.addressof(outbuf), repeat=repeat)
+    if ctx is not None:
+        cbuf = ct.create_string_buffer(bytes(ctx), len(ctx))
+        attr.ctx_in, attr.ctx_size_in = ct.addressof(cbuf), len(ctx)
     rc = _libc.syscall(_SYS_BPF, BPF_PROG_TEST_RUN, ct.byref(attr), ct.sizeof(attr))
     if rc != 0:
         err = ct.get_errno()

@@ -75,7 +75,7 @@ class FakeTables:
 class NoHealth:
     checks: dict = {}
 
-    def sync(self, wanted):
+    def sync(self, wanted, start_down=frozenset()):
         pass
 
     def is_up(self, vip, real):

@@ -1113,3 +1113,38 @@ def test_reload_report_names_mode_and_real_changes_per_vip():
     assert _vip_diff(a, b) == ["mode dr -> tun", "real 10.99.0.13 added",
                                "real 10.99.0.12 removed", "real 10.99.0.11 changed"]
     assert _vip_diff(a, a) == []
+
+
+def test_healthcheck_via_defaults_to_the_tunnel_for_tun_vips():
+    data = minimal()
+    data["vip"].append({"address": "10.99.0.101", "port": 80, "mode": "tun",
+                        "real": [{"address": "10.99.0.11"},
+                                 {"address": "fd99::12"},  # tun: another family
+                                 {"address": "10.99.0.13", "healthcheck": {"via": "direct"}},
+                                 {"address": "10.99.0.14", "healthcheck": {"type": "none"}}]})
+    cfg = parse(data)
+    dr, tun = cfg.vips
+    assert [cfgmod.hc_via(dr, r) for r in dr.reals] == ["direct", "direct"]
+    assert [cfgmod.hc_via(tun, r) for r in tun.reals] == ["tunnel", "direct", "direct", "direct"]
+    assert parse_config(dumps_toml(config_to_dict(cfg))) == cfg  # "via" round-trips
+
+
+@pytest.mark.parametrize("where, real, msg", [
+    ("vip", "10.99.0.11", 'vip[0].healthcheck.via: "tunnel" does not fit vip[0].real[0]: the VIP '
+                          'is mode = "dr", not "tun"'),
+    ("real", "fd99::11", 'vip[0].real[0].healthcheck.via: "tunnel" does not fit vip[0].real[0]: '
+                         "the real is IPv6 and the VIP IPv4"),
+])
+def test_healthcheck_via_tunnel_where_it_cannot_work_is_refused(where, real, msg):
+    data = minimal()
+    v = data["vip"][0]
+    v["real"] = [{"address": real}]
+    if where == "vip":
+        v["healthcheck"] = {"via": "tunnel"}
+    else:
+        v["mode"] = "tun"
+        v["real"][0]["healthcheck"] = {"via": "tunnel"}
+    errs = errors_of(data)
+    assert any(msg in e for e in errs), errs
+    assert any("via: 'sideways'" in e or "sideways" in e
+               for e in errors_of(edit(minimal(), ("healthcheck",), "via", "sideways")))

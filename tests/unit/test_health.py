@@ -273,3 +273,32 @@ def test_a_saved_down_verdict_needs_rise_passes(caplog):
     assert changes == [(True, "")] and passes == 3
     assert any("starts DOWN, as saved before the restart" in r.getMessage()
                for r in caplog.records)
+
+
+def test_a_tunnel_check_that_cannot_run_fails_and_says_why():
+    """mark 0: the check wants the tunnel but its tc program or real id is missing."""
+    res = asyncio.run(probe("127.0.0.1", hc(1, "tcp"), mark=0))
+    assert not res.ok and res.detail.startswith("tunnel health check not ready")
+
+
+def test_a_tunnel_check_marks_its_socket(monkeypatch):
+    """The probe socket carries the mark (what bpf/hc_tunnel.c matches on)."""
+    import socket as socket_mod
+
+    seen = []
+    real_setsockopt = socket_mod.socket.setsockopt
+
+    class Spy(socket_mod.socket):
+        def setsockopt(self, *a):
+            seen.append(a)
+            return real_setsockopt(self, *a)
+
+    monkeypatch.setattr(health.socket, "socket", Spy)
+
+    async def run():
+        async with HttpServer(b"HTTP/1.0 200 OK\r\n\r\n") as srv:
+            return await probe("127.0.0.1", hc(srv.port, "http"), mark=0x4C000007)
+
+    res = asyncio.run(run())
+    assert res.ok, res
+    assert (socket_mod.SOL_SOCKET, socket_mod.SO_MARK, 0x4C000007) in seen
