@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import markdown_table  # noqa: E402
 
-BENCHES = ["pps", "throughput", "failover", "sync", "control"]
+BENCHES = ["pps", "throughput", "failover", "sync", "control", "loop", "flood", "tables",
+           "scaleout"]
 
 
 def run_bench(name: str, quick: bool) -> bool:
@@ -142,11 +143,45 @@ def section_control(d: dict) -> tuple[str, str | None]:
     return md + f"\n\n{d['reals']} reals, ring size {d['ring_size']}.", None
 
 
+def _own_markdown(name: str) -> tuple[str, str | None]:
+    """A bench that writes its own Markdown: its tables, without its title and command
+    line (the report prints those from the JSON)."""
+    try:
+        text = (RESULTS / f"{name}.md").read_text()
+    except FileNotFoundError:
+        return f"_{name}.md missing: rerun `bench/report.py --only {name}`._", None
+    lines = [ln for ln in text.splitlines() if not ln.startswith(("# ", "Command:"))
+             and not (ln.startswith("`") and "bench/" in ln.split("`")[1])]
+    while lines and not lines[0].strip():
+        lines.pop(0)
+    return "\n".join(lines).replace("\n## ", "\n### "), None
+
+
+def section_loop(d: dict) -> tuple[str, str | None]:
+    return _own_markdown("loop")
+
+
+def section_flood(d: dict) -> tuple[str, str | None]:
+    return _own_markdown("flood")
+
+
+def section_tables(d: dict) -> tuple[str, str | None]:
+    return _own_markdown("tables")
+
+
+def section_scaleout(d: dict) -> tuple[str, str | None]:
+    return _own_markdown("scaleout")
+
+
 TITLES = {"pps": "Per-packet cost of the XDP program",
           "throughput": "End-to-end throughput in the lab",
           "failover": "Failover outage",
           "sync": "Connection-table sync",
-          "control": "Control plane: API call to new ring in the maps"}
+          "control": "Control plane: API call to new ring in the maps",
+          "loop": "VRRP adverts while the daemon is busy (1M conn entries) and under iperf3",
+          "flood": "Spoofed flood through the VIP: held connections and the backup's table",
+          "tables": "Conn-table walks off the event loop",
+          "scaleout": "Scale-out: ECMP over three nodes announced by FRR"}
 
 
 def write_report() -> Path:
