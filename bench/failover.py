@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Failover: how long a client probing the VIP every 10 ms goes unanswered when the
-VRRP master fails, l4lb against a keepalived pair in the same run (DESIGN.md §7).
+VRRP master fails, l4lb against a keepalived pair in the same run (README: Benchmarks).
 
 One lab (client1, lb1, lb2, real1, real2), reused by every case:
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Per-packet cost of the XDP balancer by BPF_PROG_TEST_RUN (DESIGN.md §7).
+"""Per-packet cost of the XDP balancer by BPF_PROG_TEST_RUN (README: Benchmarks).
 
 Method, the way Katran's perf mode does it: many BPF_PROG_TEST_RUN calls with
 repeat=1 each (repeat>1 would re-run the program on the packet it has already

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Scale-out: N active balancers behind an FRR router's ECMP (DESIGN.md §8, issue 14).
+"""Scale-out: N active balancers behind an FRR router's ECMP (README: VRRP or ECMP; issue 14).
 
 One lab (l4lb/lab_ecmp.py): router (FRR, maximum-paths, L4 multipath hash),
 client1 behind it, lb1..lb3 each running FRR (bgpd + bfdd, BFD 300 ms x 3) and

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Connection-table sync: full-table transfer rate and new-flow lag (DESIGN.md §4, §7).
+"""Connection-table sync: full-table transfer rate and new-flow lag (README: High availability, Benchmarks).
 
 Two processes, each a balancer data plane (the XDP program compiled by bcc,
 private maps) with its SyncAgent, talk over UDP on 127.0.0.1 with the

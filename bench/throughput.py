@@ -9,7 +9,7 @@ Four paths, measured in one run on the same lab, one after another:
 
 The VIP has one real (real1) so every path ends at the same server. On veth,
 native XDP needs an XDP_PASS program on the peer bridge port, which turns off
-TSO there (DESIGN.md §5): native is expected to be slower than generic here,
+TSO there (README: The lab): native is expected to be slower than generic here,
 unlike on real NICs.
 
     bench/throughput.py [--quick] [--seconds S] [--runs N] [--json PATH] [--md PATH]

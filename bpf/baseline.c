@@ -1,4 +1,4 @@
-/* baseline.c: the benchmark baselines (DESIGN.md §7), and the XDP_PASS program a
+/* baseline.c: the benchmark baselines (README: Benchmarks), and the XDP_PASS program a
  * veth peer needs so that native XDP_TX frames reach it. */
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>

@@ -1,4 +1,4 @@
-"""The [bgp] section: ECMP scale-out, VIPs announced over BGP by FRR (DESIGN.md §8).
+"""The [bgp] section: ECMP scale-out, VIPs announced over BGP by FRR (README: VRRP or ECMP).
 
 With [bgp] every node is active: it announces each VIP it can serve as a host
 route, FRR's bgpd tells the upstream router, and the router spreads flows over

@@ -7,7 +7,7 @@ balancer, real) is a namespace "<prefix>-<node>" whose eth0 is one end of a
 veth pair; the other end, "p-<node>", is a port of br0. Addresses come from
 10.99.0.0/24 and fd99::/64 and never leave the lab: nothing is routed to the host.
 
-With router=True (ECMP scale-out, DESIGN.md §8) a "router" node stands between a
+With router=True (ECMP scale-out, README: VRRP or ECMP) a "router" node stands between a
 second bridge br1, where the clients live (10.99.128.0/24, fd99:128::/64), and br0
 (balancers, reals; default route via the router at 10.99.0.1 / fd99::1). It
 forwards with an L4 multipath hash; start_frr() runs FRR in it (and in balancers).
@@ -348,7 +348,7 @@ class Lab:
         sysctls = {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0",
                    "net.ipv6.conf.eth0.accept_dad": "0"}
         if node.role == "real":
-            # Only the balancer may answer ARP for a VIP (DESIGN.md §5).
+            # Only the balancer may answer ARP for a VIP (README: The lab).
             for dev in ("all", "eth0"):
                 sysctls[f"net.ipv4.conf.{dev}.arp_ignore"] = "1"
                 sysctls[f"net.ipv4.conf.{dev}.arp_announce"] = "2"
@@ -502,7 +502,7 @@ http {{
 
     def start_frr(self, name: str, conf: str, daemons: tuple[str, ...] = ("zebra", "bgpd", "bfdd"),
                   timeout: float = 20.0) -> list[Service]:
-        """FRR in a node, one instance per namespace (DESIGN.md §5): the daemons run in the
+        """FRR in a node, one instance per namespace (README: The lab): the daemons run in the
         foreground with pathspace <netns> (`vtysh -N <netns>`), config `conf`."""
         import grp  # noqa: PLC0415
         import pwd  # noqa: PLC0415
@@ -614,7 +614,7 @@ http {{
                         "--mode", mode])
 
     def prepare_native(self, name: str) -> None:
-        """Make native XDP_TX from a node reach the bridge (DESIGN.md §5): an XDP_PASS
+        """Make native XDP_TX from a node reach the bridge (README: The lab): an XDP_PASS
         program on the node's bridge port, and tx checksum offload off there."""
         port = self.node(name).port
         self.run_ns(self.brns, [sys.executable, "-c",

@@ -1,4 +1,4 @@
-"""An ECMP lab (DESIGN.md §8), shared by tests/lab/test_scaleout.py, bench/scaleout.py
+"""An ECMP lab (README: VRRP or ECMP), shared by tests/lab/test_scaleout.py, bench/scaleout.py
 and `make demo-ecmp` (l4lb.demo_ecmp):
 a router running FRR with multipath, clients behind it, N balancers each running FRR
 and l4lb in ECMP mode ([bgp], sync to every other node), reals with an echo server.

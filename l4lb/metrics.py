@@ -1,6 +1,6 @@
 """Prometheus endpoint: a custom collector reads the BPF maps at scrape time.
 
-Names follow Prometheus conventions (DESIGN.md §6): prefix l4lb_, base units,
+Names follow Prometheus conventions (README: Metrics): prefix l4lb_, base units,
 _total on counters, labels vip="addr:port/proto" and real="address".
 
 prometheus_client adds the _total suffix of a counter itself (the family is

@@ -240,7 +240,7 @@ def detach_hc_tunnel(ifname: str) -> None:
 
 def compile_pass() -> Program:
     """A trivial XDP_PASS program: the benchmark baseline, and what a veth peer needs
-    so that native XDP_TX frames reach it (DESIGN.md §5)."""
+    so that native XDP_TX frames reach it (README: The lab)."""
     return Program("baseline.c", "xdp_pass", [f"-I{BPF_DIR}"])
 
 

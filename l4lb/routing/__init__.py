@@ -1,4 +1,4 @@
-"""Scale-out routing (DESIGN.md §8): l4lb decides which VIPs are announced, FRR speaks BGP.
+"""Scale-out routing (README: VRRP or ECMP): l4lb decides which VIPs are announced, FRR speaks BGP.
 
 - frr.py: FRR config text (the node's bgpd/bfdd/zebra, the lab router) and vtysh
   queries (session status as JSON);

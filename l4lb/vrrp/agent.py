@@ -62,7 +62,7 @@ Nothing here relies on the dead process; three things make it safe:
    client that talked to the VIP moves to the new master's MAC within
    milliseconds of the takeover, and its traffic goes through exactly one
    balancer, although the dead node still holds the address.  Static neighbour
-   entries ignore this (DESIGN.md section 5).
+   entries ignore this (README: The lab).
 2. **VIP lifetime.**  The master adds its VIPs with a finite valid / preferred
    lifetime (``vip_lifetime_s``; default ``max(3 s, 3 * Master_Down_Interval)``
    rounded up to whole seconds) and renews it every third of that.  If the

@@ -105,7 +105,7 @@ def test_long_lived_connection_survives_add_drain_and_restart(lab):
 
 def test_native_xdp_mode(lab):
     """Native (driver) XDP on veth: XDP_TX frames reach the bridge only when the peer
-    port runs an XDP program, and tx checksum offload must be off there (DESIGN §5)."""
+    port runs an XDP program, and tx checksum offload must be off there (README: The lab)."""
     lab.l4lb("lb1", ["stop"])
     lab.daemon.proc.wait(20)
     lab.prepare_native("lb1")

@@ -1,4 +1,4 @@
-"""ECMP scale-out (DESIGN.md §8, issue 14): 3 balancers announce two VIPs (DR and tun)
+"""ECMP scale-out (README: VRRP or ECMP; issue 14): 3 balancers announce two VIPs (DR and tun)
 over BGP through FRR to a router that spreads flows by an L4 multipath hash.
 
 test_ecmp_sync: 300 long-lived connections per VIP spread over all three nodes;

@@ -1,4 +1,4 @@
-"""Conn-table sync through a real VRRP failover and failback (DESIGN.md §4).
+"""Conn-table sync through a real VRRP failover and failback (README: High availability).
 
 lb1 (VRRP master, priority 150) and lb2 (backup, priority 100) balance one DR
 VIP over four reals, each with its own Maglev ring: lb2 gives real4 nine times

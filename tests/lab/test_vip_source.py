@@ -1,4 +1,4 @@
-"""A VIP is never the source of a balancer's own traffic (issue 12, DESIGN.md §4).
+"""A VIP is never the source of a balancer's own traffic (issue 12; README: Hostile input).
 
 The reals hold the VIP on lo, so anything a balancer sends them from the VIP is
 answered to the real itself. Linux picks an IPv6 VIP on the node's prefix as the

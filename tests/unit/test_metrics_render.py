@@ -1,6 +1,6 @@
 """The metrics exposition without BPF: the real Daemon, VrrpAgent and SyncAgent
 objects over fake tables, rendered by L4lbCollector. Checks names against the
-Prometheus conventions of DESIGN.md §6 and, when promtool is installed, runs
+Prometheus conventions of README: Metrics and, when promtool is installed, runs
 `promtool check metrics` on the output.
 
 `fake_daemon()` and `family_names()` are also used by test_dashboard.py.
