@@ -130,6 +130,7 @@ class Daemon:
         self._lock = asyncio.Lock()
         self._saved_down: set[tuple[str, str]] = set()  # (VIP key, real) DOWN at the last stop
         self.hc_tunnel: loader.HcTunnel | None = None  # tc programs of tunnel health checks
+        self._hc_compiled: loader.HcTunnel | None = None  # compiled at start, not attached
         self.health.mark_for = self._hc_mark
 
     # ------------------------------------------------------------ lifecycle
@@ -162,6 +163,10 @@ class Daemon:
         log.info("compiling the XDP program (%s)", "reattaching to pinned maps" if reattach
                  else "fresh maps")
         self.prog = await asyncio.to_thread(loader.compile_balancer, opts)
+        # The tunnel health check's tc program compiles now, not under apply: status
+        # answers once the maps are loaded. (One after the other: bcc is not thread-safe.)
+        if any(hc_via(v, r) == "tunnel" for v in self.cfg.vips for r in v.reals):
+            self._hc_compiled = await asyncio.to_thread(_compile_hc)
         self.tables = ServiceTables(self.prog, opts, state_file=str(sdir / "tables.json"))
         # Health verdicts of the previous run (tables.json): a real that was DOWN starts
         # DOWN and needs `rise` passes; one down only for want of a MAC is not a verdict.
@@ -432,8 +437,9 @@ class Daemon:
         if not want and self.hc_tunnel is None:
             return
         if self.hc_tunnel is None:
+            compiled, self._hc_compiled = self._hc_compiled, None
             try:
-                self.hc_tunnel = await asyncio.to_thread(loader.HcTunnel)
+                self.hc_tunnel = compiled or await asyncio.to_thread(loader.HcTunnel)
                 for ifname in cfg.node.interfaces:
                     await asyncio.to_thread(self.hc_tunnel.attach, ifname)
             except loader.DataplaneError as e:
@@ -659,6 +665,14 @@ class Daemon:
                     for src, sport, dst, dport, proto, rid in t.conn_entries(limit, want)]
 
         return await asyncio.to_thread(rows)
+
+
+def _compile_hc() -> loader.HcTunnel | None:
+    """bpf/hc_tunnel.c compiled, or None (then attached later, or its error logged)."""
+    try:
+        return loader.HcTunnel()
+    except loader.DataplaneError:
+        return None
 
 
 def _vip_diff(a, b) -> list[str]:
