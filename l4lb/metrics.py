@@ -59,12 +59,8 @@ def conn_census(tables) -> ConnCensus:
     """Count the conn table by VIP id and real id; thread-safe (only the map fd)."""
     import numpy as np  # noqa: PLC0415 - a dependency of the tables already
 
-    from l4lb.dataplane.tables import CONN_VAL  # noqa: PLC0415
+    from l4lb.dataplane.tables import CONN_VAL_DTYPE as dtype  # noqa: PLC0415 - struct conn_val
 
-    # struct conn_val: real_id, vip_id, last_seen_ns, host order (CONN_VAL "=IIQ")
-    dtype = np.dtype([("real_id", "=u4"), ("vip_id", "=u4"), ("last_seen", "=u8")])
-    if dtype.itemsize != CONN_VAL.size:
-        raise RuntimeError(f"conn_val is {CONN_VAL.size} bytes, the census reads {dtype.itemsize}")
     t0 = time.monotonic()
     c = ConnCensus()
     try:

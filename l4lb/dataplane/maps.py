@@ -174,6 +174,21 @@ for _s, _n in ((VipKey, 20), (VipMeta, 16), (VipEntry, 36), (RealDef, 24), (Flow
                (FlowGuardState, 16)):
     assert ct.sizeof(_s) == _n, (_s.__name__, ct.sizeof(_s))
 
+# Every map of maps.h: its key and value as user space reads them (per-CPU maps: one
+# CPU's value). tests/bpf/test_layout.py checks each against the BTF bcc compiled.
+MAP_TYPES = {
+    "vips": (VipKey, VipMeta), "vip_addrs": (VipKey, ct.c_uint32),
+    "vip_by_id": (ct.c_uint32, VipEntry), "reals": (ct.c_uint32, RealDef),
+    "rings": (ct.c_uint32, ct.c_uint32), "conns": (FlowKey, ConnVal),
+    "embryos": (ct.c_uint32, Embryo), "config": (ct.c_uint32, LbConfig),
+    "flow_guard_cfg": (ct.c_uint32, FlowGuardCfg), "flow_guard": (ct.c_uint32, FlowGuardState),
+    "own_macs": (ct.c_uint32, OwnMac), "vip_filter": (ct.c_uint32, ct.c_uint32),
+    "stats_vip": (ct.c_uint32, Counters), "stats_real": (ct.c_uint32, Counters),
+    "stats_global": (ct.c_uint32, ct.c_uint64),
+}
+# Structs user space reads that no map names as key or value (ring buffer records).
+RECORD_TYPES = {"flow_event": FlowEvent}
+
 
 def addr16(addr) -> tuple[bytes, int]:
     """An address as the 16 bytes the maps hold (IPv4 first, zero-padded), and its family."""
@@ -254,6 +269,9 @@ HC_MARK_MASK = 0xFF000000
 
 class HcTunnelDef(ct.Structure):
     _fields_ = [("vip", ct.c_ubyte * 16), ("family", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
+
+
+HC_MAP_TYPES = {"hc_tunnels": (ct.c_uint32, HcTunnelDef)}  # user space writes only this one
 
 
 def hc_mark(real_id: int) -> int:

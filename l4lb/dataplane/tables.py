@@ -694,7 +694,7 @@ CONN_VAL = struct.Struct("=IIQ")  # real_id, vip_id, last_seen_ns (host order)
 FLOW_KEY_DTYPE = np.dtype([("src", "V16"), ("dst_hi", "<u8"), ("dst_lo", "<u8"),
                            ("sport", ">u2"), ("dport", ">u2"), ("proto", "u1"),
                            ("family", "u1"), ("pad", "V2")])
-CONN_VAL_DTYPE = np.dtype([("real_id", "=u4"), ("vip_id", "=u4"), ("last_seen_ns", "=u8")])
+CONN_VAL_DTYPE = np.dtype(M.ConnVal)  # numpy reads the ctypes mirror's fields and offsets
 # An embryos slot as numpy sees it: only the fields a walk for real ids reads.
 EMBRYO_DTYPE = np.dtype({"names": ["family", "real_id"], "formats": ["=u1", "=u4"],
                          "offsets": [M.Embryo.key.offset + M.FlowKey.family.offset,
