@@ -1,7 +1,7 @@
 """Conn-table sync agent: the asyncio layer around the sans-I/O Sender/Receiver.
 
 The master streams the flows its data plane creates to the standby, so that
-established connections survive a takeover (DESIGN.md §4)::
+established connections survive a takeover (README: High availability)::
 
     XDP new flow -> ring buffer "flow_events" -> agent (batched) -> UDP -> peer
     periodic / on-demand full walk of the conn table (BPF batch lookups) -> UDP -> peer
