@@ -34,9 +34,12 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from l4lb.dataplane import maps as _maps  # compile-time sizes only (no bcc)
+
+if TYPE_CHECKING:  # config_bgp imports this module: the name is for annotations only
+    from l4lb.config_bgp import BgpConfig
 from l4lb.maglev import is_prime
 
 __all__ = [
