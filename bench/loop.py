@@ -113,48 +113,27 @@ def vrrp(lab, node: str) -> dict:
 
 
 # ------------------------------------------------------- filling the pinned table
-_libc = ct.CDLL(None, use_errno=True)
-_libc.syscall.restype = ct.c_long
-_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
-_BPF_OBJ_GET, _BPF_MAP_UPDATE_BATCH = 7, 26
-
-
-class _ObjAttr(ct.Structure):
-    _fields_ = [("pathname", ct.c_uint64), ("bpf_fd", ct.c_uint32), ("file_flags", ct.c_uint32)]
-
-
-class _BatchAttr(ct.Structure):
-    _fields_ = [("in_batch", ct.c_uint64), ("out_batch", ct.c_uint64), ("keys", ct.c_uint64),
-                ("values", ct.c_uint64), ("count", ct.c_uint32), ("map_fd", ct.c_uint32),
-                ("elem_flags", ct.c_uint64), ("flags", ct.c_uint64)]
-
-
-def _bpf(cmd: int, attr) -> int:
-    r = _libc.syscall(_SYS_BPF, cmd, ct.byref(attr), ct.sizeof(attr))
-    if r < 0:
-        e = ct.get_errno()
-        raise OSError(e, f"bpf({cmd}): {os.strerror(e)}")
-    return r
-
-
 def fill_conns(lab, node: str, n: int, chunk: int = 100_000) -> int:
     """Write n established TCP flows to the VIP (real1) into the node's pinned conn
     table; returns n. Ids come from the daemon's tables.json."""
     import numpy as np  # noqa: PLC0415
 
-    from l4lb.dataplane.tables import CONN_KEY, CONN_VAL, coarse_now_ns  # noqa: PLC0415
+    from l4lb.dataplane import bpfsys  # noqa: PLC0415
+    from l4lb.dataplane import maps as M  # noqa: PLC0415
+    from l4lb.dataplane.tables import CONN_VAL_DTYPE, coarse_now_ns  # noqa: PLC0415
 
     st = status(lab, node)
     tables = json.loads((Path("/run/l4lb") / lab.l4lb_name(node) / "tables.json").read_text())
     vip = next(v for v in tables["vips"] if v["address"] == VIP and v["port"] == VPORT)
     real_id, vip_id = vip["reals"][0]["real_id"], vip["vip_id"]
-    path = ct.create_string_buffer(f"{st['pin_dir']}/conns".encode())
-    fd = _bpf(_BPF_OBJ_GET, _ObjAttr(pathname=ct.addressof(path)))
-    kdt = np.dtype([("src", ">u4"), ("src_pad", "V12"), ("dst", ">u4"), ("dst_pad", "V12"),
-                    ("sport", ">u2"), ("dport", ">u2"), ("proto", "u1"), ("family", "u1"),
-                    ("pad", "V2")])
-    vdt = np.dtype([("real_id", "=u4"), ("vip_id", "=u4"), ("last_seen", "=u8")])
-    assert kdt.itemsize == CONN_KEY.size and vdt.itemsize == CONN_VAL.size
+    fd = bpfsys.obj_get(f"{st['pin_dir']}/conns")
+    # IPv4 flow keys: the fields this fill sets, at the mirror's offsets (maps.FlowKey)
+    fields = {"src": ">u4", "dst": ">u4", "sport": ">u2", "dport": ">u2", "proto": "u1",
+              "family": "u1"}
+    kdt = np.dtype({"names": list(fields), "formats": list(fields.values()),
+                    "offsets": [getattr(M.FlowKey, f).offset for f in fields],
+                    "itemsize": ct.sizeof(M.FlowKey)})
+    vdt = CONN_VAL_DTYPE
     vip_int = int.from_bytes(socket.inet_aton(VIP), "big")
     try:
         for lo in range(0, n, chunk):
@@ -164,13 +143,8 @@ def fill_conns(lab, node: str, n: int, chunk: int = 100_000) -> int:
             k["sport"] = 1024 + i % 60000
             k["dst"], k["dport"], k["proto"], k["family"] = vip_int, VPORT, 6, 4
             v = np.zeros(len(i), vdt)
-            v["real_id"], v["vip_id"], v["last_seen"] = real_id, vip_id, coarse_now_ns()
-            kb, vb = k.tobytes(), v.tobytes()
-            kbuf, vbuf = ct.create_string_buffer(kb, len(kb)), ct.create_string_buffer(vb,
-                                                                                      len(vb))
-            _bpf(_BPF_MAP_UPDATE_BATCH, _BatchAttr(keys=ct.addressof(kbuf),
-                                                    values=ct.addressof(vbuf), count=len(i),
-                                                    map_fd=fd))
+            v["real_id"], v["vip_id"], v["last_seen_ns"] = real_id, vip_id, coarse_now_ns()
+            bpfsys.update_batch(fd, k.tobytes(), v.tobytes(), len(i))
     finally:
         os.close(fd)
     return n

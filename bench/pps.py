@@ -316,7 +316,7 @@ class Runner:
     Python allows: one attr, one output buffer, frames addressed in place."""
 
     def __init__(self, prog_fd: int, frames: bytes, frame_len: int, cyclic: bool):
-        from l4lb.dataplane import testrun  # noqa: PLC0415 - keeps the pure helpers import-light
+        from l4lb.dataplane import bpfsys, testrun  # noqa: PLC0415 - keeps the pure helpers import-light
         if len(frames) % frame_len:
             raise ValueError("frames are not all frame_len long")
         self.frame_len = frame_len
@@ -329,8 +329,8 @@ class Runner:
                                       data_out=ct.addressof(self.out), repeat=1)
         self._ref = ct.byref(self.attr)
         self._size = ct.sizeof(self.attr)
-        self._syscall = testrun._libc.syscall
-        self._nr = (testrun._SYS_BPF, testrun.BPF_PROG_TEST_RUN)
+        self._syscall = bpfsys.raw_syscall
+        self._nr = (bpfsys.SYS_BPF, bpfsys.BPF_PROG_TEST_RUN)
         self.next = 0
         self.long_calls = 0
 

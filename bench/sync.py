@@ -270,7 +270,9 @@ class Worker:
             stall, self.max_stall = self.max_stall, 0.0
             return t.user + t.system, stall
         if cmd == "prog_id":
-            return prog_id(self.prog.fd)
+            from l4lb.dataplane import bpfsys  # noqa: PLC0415
+
+            return bpfsys.prog_id(self.prog.fd)
         if cmd == "full":  # arg: urgent (a peer waits for it) or periodic
             ag.request_full(urgent=arg)
             return time.time()
@@ -292,35 +294,9 @@ def worker_main(conn, role: str, port: int, peer_port: int, args: dict) -> None:
 
 # The flow generator is a process of its own: in the master's process it would
 # compete with the agent for the GIL, which the data plane in the kernel never does.
-_SYS_BPF, _BPF_PROG_GET_FD_BY_ID, _BPF_OBJ_GET_INFO_BY_FD = 321, 13, 15
-
-
-def _bpf(cmd: int, attr: bytes | bytearray) -> int:
-    import ctypes as ct  # noqa: PLC0415
-
-    libc = ct.CDLL(None, use_errno=True)
-    libc.syscall.restype = ct.c_long
-    buf = ct.create_string_buffer(bytes(attr), len(attr))
-    rc = libc.syscall(_SYS_BPF, cmd, buf, len(attr))
-    if rc < 0:
-        err = ct.get_errno()
-        raise OSError(err, os.strerror(err))
-    attr[:] = buf.raw
-    return rc
-
-
-def prog_id(fd: int) -> int:
-    import ctypes as ct  # noqa: PLC0415
-
-    info = ct.create_string_buffer(256)
-    attr = bytearray(struct.pack("=IIQ", fd, 256, ct.addressof(info)))
-    _bpf(_BPF_OBJ_GET_INFO_BY_FD, attr)
-    return struct.unpack_from("=I", info.raw, 4)[0]  # bpf_prog_info.id
-
-
 def gen_main(conn) -> None:
     """New flows by BPF_PROG_TEST_RUN of a TCP SYN and ACK through the master's program."""
-    from l4lb.dataplane import testrun  # noqa: PLC0415
+    from l4lb.dataplane import bpfsys, testrun  # noqa: PLC0415
 
     conn.send(("ready", None))
     frames: list[bytes] = []
@@ -341,7 +317,7 @@ def gen_main(conn) -> None:
             continue
         pid, rate = arg
         count = len(frames)
-        fd = _bpf(_BPF_PROG_GET_FD_BY_ID, bytearray(struct.pack("=III", pid, 0, 0)))
+        fd = bpfsys.fd_by_id(bpfsys.BPF_PROG_GET_FD_BY_ID, pid)
         sent = [0.0] * count
         t0 = time.time()
         for i in range(count):

@@ -22,13 +22,16 @@ _SYS_BPF_BY_ARCH = {
 }
 
 BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_OBJ_GET = 1, 2, 7
-BPF_PROG_TEST_RUN = 10
+BPF_PROG_TEST_RUN, BPF_PROG_GET_FD_BY_ID, BPF_OBJ_GET_INFO_BY_FD = 10, 13, 15
+BPF_BTF_GET_FD_BY_ID = 19
 BPF_MAP_LOOKUP_BATCH, BPF_MAP_LOOKUP_AND_DELETE_BATCH = 24, 25
 BPF_MAP_UPDATE_BATCH, BPF_MAP_DELETE_BATCH = 26, 27
 BPF_NOEXIST = 1
 
 _libc = ct.CDLL(None, use_errno=True)
 _libc.syscall.restype = ct.c_long
+# syscall(SYS_BPF, cmd, attr_ref, size) for hot loops (bench/pps.py): -1 and errno on failure.
+raw_syscall = _libc.syscall
 
 
 def sys_bpf_number(machine: str | None = None) -> int:
@@ -66,6 +69,43 @@ def bpf(cmd: int, attr) -> int:
     if _libc.syscall(SYS_BPF, cmd, ct.byref(attr), ct.sizeof(attr)) == 0:
         return 0
     return ct.get_errno()
+
+
+def call(cmd: int, attr) -> int:
+    """bpf(2) for commands that return something (an fd, an id): the result, or OSError."""
+    r = _libc.syscall(SYS_BPF, cmd, ct.byref(attr), ct.sizeof(attr))
+    if r < 0:
+        err = ct.get_errno()
+        raise OSError(err, f"bpf(2) command {cmd}: {os.strerror(err)}")
+    return r
+
+
+class InfoAttr(ct.Structure):
+    """union bpf_attr, the `info` member (BPF_OBJ_GET_INFO_BY_FD)."""
+    _fields_ = [("bpf_fd", ct.c_uint32), ("info_len", ct.c_uint32), ("info", ct.c_uint64)]
+
+
+class IdAttr(ct.Structure):
+    """union bpf_attr, the BPF_*_GET_FD_BY_ID member."""
+    _fields_ = [("id", ct.c_uint32), ("next_id", ct.c_uint32), ("open_flags", ct.c_uint32)]
+
+
+def obj_info(fd: int, info) -> None:
+    """Fill ``info`` (a ctypes struct bpf_{prog,map,btf}_info, or a prefix of one)."""
+    call(BPF_OBJ_GET_INFO_BY_FD, InfoAttr(bpf_fd=fd, info_len=ct.sizeof(info),
+                                          info=ct.addressof(info)))
+
+
+def prog_id(fd: int) -> int:
+    """The kernel's id of the program behind ``fd`` (bpf_prog_info.id)."""
+    info = (ct.c_uint32 * 2)()  # struct bpf_prog_info: type, id, ...
+    obj_info(fd, info)
+    return info[1]
+
+
+def fd_by_id(cmd: int, obj_id: int) -> int:
+    """A new fd for a program (BPF_PROG_GET_FD_BY_ID) or BTF object by id; caller closes it."""
+    return call(cmd, IdAttr(id=obj_id))
 
 
 def obj_get(path: str) -> int:

@@ -16,20 +16,12 @@ from dataclasses import dataclass
 
 from l4lb.dataplane import bpfsys
 
-BPF_OBJ_GET_INFO_BY_FD, BPF_BTF_GET_FD_BY_ID = 15, 19
 BTF_MAGIC = 0xEB9F
 
 # BTF kinds (linux/btf.h) and the bytes each carries after struct btf_type.
 INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT = range(1, 12)
 FUNC, FUNC_PROTO, VAR, DATASEC, FLOAT, DECL_TAG, TYPE_TAG, ENUM64 = range(12, 20)
 _QUALIFIERS = (TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG)
-_libc = ct.CDLL(None, use_errno=True)
-_libc.syscall.restype = ct.c_long
-
-
-class _InfoAttr(ct.Structure):
-    """union bpf_attr, the `info` member."""
-    _fields_ = [("bpf_fd", ct.c_uint32), ("info_len", ct.c_uint32), ("info", ct.c_uint64)]
 
 
 class _MapInfo(ct.Structure):
@@ -53,10 +45,10 @@ class BtfError(Exception):
 
 
 def _get_info(fd: int, info) -> None:
-    attr = _InfoAttr(bpf_fd=fd, info_len=ct.sizeof(info), info=ct.addressof(info))
-    err = bpfsys.bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
-    if err:
-        raise BtfError(f"BPF_OBJ_GET_INFO_BY_FD: {os.strerror(err)}")
+    try:
+        bpfsys.obj_info(fd, info)
+    except OSError as e:
+        raise BtfError(f"BPF_OBJ_GET_INFO_BY_FD: {e.strerror}") from e
 
 
 @dataclass(frozen=True)
@@ -121,10 +113,10 @@ class Btf:
         _get_info(map_fd, mi)
         if not mi.btf_id:
             raise BtfError(f"map {mi.name.decode()} carries no BTF")
-        fd = _libc.syscall(bpfsys.SYS_BPF, BPF_BTF_GET_FD_BY_ID, ct.byref(ct.c_uint32(mi.btf_id)),
-                           4)  # returns an fd: bpfsys.bpf() returns only 0 or the errno
-        if fd < 0:
-            raise BtfError(f"BPF_BTF_GET_FD_BY_ID {mi.btf_id}: {os.strerror(ct.get_errno())}")
+        try:
+            fd = bpfsys.fd_by_id(bpfsys.BPF_BTF_GET_FD_BY_ID, mi.btf_id)
+        except OSError as e:
+            raise BtfError(f"BPF_BTF_GET_FD_BY_ID {mi.btf_id}: {e.strerror}") from e
         try:
             bi = _BtfInfo()
             _get_info(fd, bi)

@@ -10,6 +10,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from l4lb.dataplane import bpfsys
 from l4lb.dataplane import maps as M
 
 # The BPF sources ship inside the package (l4lb/bpf links the repository's bpf/):
@@ -147,15 +148,16 @@ def set_flow_guard(table, max_per_s: int) -> None:
     if not isinstance(table, (str, os.PathLike)):
         table[ct.c_uint32(0)] = val
         return
-    lib = _bcc().libbcc.lib
-    fd = lib.bpf_obj_get(os.fsencode(table))
-    if fd < 0:
-        why = "no such file" if not os.path.exists(table) else "bpf_obj_get failed"
-        raise DataplaneError(f"cannot open pinned map {table}: {why}")
+    try:
+        fd = bpfsys.obj_get(os.fspath(table))
+    except OSError as e:
+        raise DataplaneError(f"cannot open pinned map {table}: {e.strerror}") from e
     try:
         key = ct.c_uint32(0)
-        if lib.bpf_update_elem(fd, ct.byref(key), ct.byref(val), 0) != 0:
-            raise DataplaneError(f"cannot update {table}")
+        err = bpfsys.bpf(bpfsys.BPF_MAP_UPDATE_ELEM, bpfsys.ElemAttr(
+            map_fd=fd, key=ct.addressof(key), value=ct.addressof(val)))
+        if err:
+            raise DataplaneError(f"cannot update {table}: {os.strerror(err)}")
     finally:
         os.close(fd)
 

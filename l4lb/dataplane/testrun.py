@@ -1,6 +1,6 @@
 """BPF_PROG_TEST_RUN: run an XDP program on a crafted packet, in the kernel.
 
-bcc has no wrapper for it, so this calls bpf(2) with the test-run attribute.
+bcc has no wrapper for it, so this calls bpf(2) (bpfsys) with the test-run attribute.
 """
 
 from __future__ import annotations
@@ -9,12 +9,9 @@ import ctypes as ct
 import os
 from dataclasses import dataclass
 
-BPF_PROG_TEST_RUN = 10
-_SYS_BPF = 321  # x86_64
-XDP_VERDICT = {0: "ABORTED", 1: "DROP", 2: "PASS", 3: "TX", 4: "REDIRECT"}
+from l4lb.dataplane import bpfsys
 
-_libc = ct.CDLL(None, use_errno=True)
-_libc.syscall.restype = ct.c_long
+XDP_VERDICT = {0: "ABORTED", 1: "DROP", 2: "PASS", 3: "TX", 4: "REDIRECT"}
 
 
 class _TestAttr(ct.Structure):
@@ -48,9 +45,8 @@ def test_run(prog_fd: int, packet: bytes, repeat: int = 1, headroom: int = 256,
     if ctx is not None:
         cbuf = ct.create_string_buffer(bytes(ctx), len(ctx))
         attr.ctx_in, attr.ctx_size_in = ct.addressof(cbuf), len(ctx)
-    rc = _libc.syscall(_SYS_BPF, BPF_PROG_TEST_RUN, ct.byref(attr), ct.sizeof(attr))
-    if rc != 0:
-        err = ct.get_errno()
+    err = bpfsys.bpf(bpfsys.BPF_PROG_TEST_RUN, attr)
+    if err:
         raise OSError(err, f"BPF_PROG_TEST_RUN failed: {os.strerror(err)}")
     return RunResult(verdict=XDP_VERDICT.get(attr.retval, str(attr.retval)), retval=attr.retval,
                      data=outbuf.raw[:attr.data_size_out], duration_ns=attr.duration)

@@ -24,6 +24,7 @@ import pytest
 
 from l4lb import maglev
 from l4lb.api import ApiError, request
+from l4lb.dataplane import bpfsys
 from l4lb.dataplane import maps as M
 from l4lb.lab import Lab, wait_for
 
@@ -64,26 +65,6 @@ def lab():
 
 
 # ------------------------------------------------------------------ the pinned maps
-_SYS_BPF, _OBJ_GET, _LOOKUP, _UPDATE_BATCH = 321, 7, 1, 26
-_libc = ct.CDLL(None, use_errno=True)
-_libc.syscall.restype = ct.c_long
-
-
-class _ObjAttr(ct.Structure):
-    _fields_ = [("pathname", ct.c_uint64), ("bpf_fd", ct.c_uint32), ("file_flags", ct.c_uint32)]
-
-
-class _ElemAttr(ct.Structure):
-    _fields_ = [("map_fd", ct.c_uint32), ("_pad", ct.c_uint32), ("key", ct.c_uint64),
-                ("value", ct.c_uint64), ("flags", ct.c_uint64)]
-
-
-class _BatchAttr(ct.Structure):
-    _fields_ = [("in_batch", ct.c_uint64), ("out_batch", ct.c_uint64), ("keys", ct.c_uint64),
-                ("values", ct.c_uint64), ("count", ct.c_uint32), ("map_fd", ct.c_uint32),
-                ("elem_flags", ct.c_uint64), ("flags", ct.c_uint64)]
-
-
 class PinnedMaps:
     """The daemon's maps as the XDP program sees them, opened by pin path."""
 
@@ -91,19 +72,16 @@ class PinnedMaps:
         self.ring_max = int(re.search(r"-r(\d+)-", pin_dir).group(1))
         self.fds = {}
         for name in ("vips", "rings", "reals", "conns"):
-            path = ct.create_string_buffer(f"{pin_dir}/{name}".encode())
-            attr = _ObjAttr(pathname=ct.addressof(path))
-            fd = _libc.syscall(_SYS_BPF, _OBJ_GET, ct.byref(attr), ct.sizeof(attr))
-            assert fd >= 0, f"BPF_OBJ_GET {pin_dir}/{name}: {os.strerror(ct.get_errno())}"
-            self.fds[name] = fd
+            self.fds[name] = bpfsys.obj_get(f"{pin_dir}/{name}")
 
     def close(self):
         for fd in self.fds.values():
             os.close(fd)
 
     def _get(self, name, key, val) -> bool:
-        attr = _ElemAttr(map_fd=self.fds[name], key=ct.addressof(key), value=ct.addressof(val))
-        return _libc.syscall(_SYS_BPF, _LOOKUP, ct.byref(attr), ct.sizeof(attr)) == 0
+        attr = bpfsys.ElemAttr(map_fd=self.fds[name], key=ct.addressof(key),
+                               value=ct.addressof(val))
+        return bpfsys.bpf(bpfsys.BPF_MAP_LOOKUP_ELEM, attr) == 0
 
     def vip(self, key: str) -> M.VipMeta | None:
         addr, port, proto = re.fullmatch(r"\[?(.+?)\]?:(\d+)/(\w+)", key).groups()
@@ -133,11 +111,7 @@ class PinnedMaps:
                                       bytes(12), cp, vp, socket.IPPROTO_TCP, M.FAMILY_V4)
                         for c, cp, v, vp, _, _ in entries)
         vals = b"".join(CONN_VAL.pack(rid, vid, 0) for *_, rid, vid in entries)
-        kb, vb = ct.create_string_buffer(keys), ct.create_string_buffer(vals)
-        attr = _BatchAttr(keys=ct.addressof(kb), values=ct.addressof(vb), count=len(entries),
-                          map_fd=self.fds["conns"])
-        assert _libc.syscall(_SYS_BPF, _UPDATE_BATCH, ct.byref(attr), ct.sizeof(attr)) == 0, \
-            os.strerror(ct.get_errno())
+        bpfsys.update_batch(self.fds["conns"], keys, vals, len(entries))
 
     def programmed_reals(self, max_reals: int = M.DEFAULT_MAX_REALS) -> dict[int, str]:
         """id -> address of every id the reals map holds (family 0 = unused)."""
