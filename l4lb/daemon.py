@@ -131,6 +131,7 @@ class Daemon:
         self._saved_down: set[tuple[str, str]] = set()  # (VIP key, real) DOWN at the last stop
         self.hc_tunnel: loader.HcTunnel | None = None  # tc programs of tunnel health checks
         self._hc_compiled: loader.HcTunnel | None = None  # compiled at start, not attached
+        self._hc_marks: dict = {}  # what hc_tunnel.tunnels holds: probe mark -> VIP address
         self.health.mark_for = self._hc_mark
 
     # ------------------------------------------------------------ lifecycle
@@ -449,12 +450,13 @@ class Daemon:
                 return
             log.info("tunnel health checks: tc programs attached to %s",
                      ",".join(cfg.node.interfaces))
-        t = self.hc_tunnel.tunnels
-        for k in [k.value for k in t.keys()]:
-            if k not in want:
-                del t[t.Key(k)]
+        t, had = self.hc_tunnel.tunnels, self._hc_marks
+        for k in had.keys() - want.keys():  # only what changed: few syscalls per change
+            t.pop(t.Key(k), None)
         for mark, vip in want.items():
-            t[t.Key(mark)] = M.hc_tunnel_def(vip)
+            if had.get(mark) != vip:
+                t[t.Key(mark)] = M.hc_tunnel_def(vip)
+        self._hc_marks = want
 
     def _hc_mark(self, vip: str, real: str) -> int | None:
         """SO_MARK of the probe of `real` for `vip` (HealthChecker.mark_for)."""

@@ -24,7 +24,8 @@ def lab():
         vips = [{"address": VIPS[f], "port": PORT, "mode": "tun",
                  "real": [{"address": r.ipv4 if f == 4 else r.ipv6}
                           for r in lab.by_role("real")]} for f in (4, 6)]
-        lab.daemon = lab.start_l4lb("lb1", lab.balancer_config("lb1", vips, healthcheck=HC))
+        lab.cfg = lab.balancer_config("lb1", vips, healthcheck=HC)
+        lab.daemon = lab.start_l4lb("lb1", lab.cfg)
         lab.ready = time.monotonic()  # its checks run from before this
         yield lab
 
@@ -77,3 +78,14 @@ def test_with_decap_every_real_is_up_and_stays_up(lab):
         assert all(r["via"] == "tunnel" for r in checks[fam].values())
         got = spread(lab, fam, 90)
         assert got["ok"] == 90 and set(got["reals"]) == {"real1", "real2"}, got
+
+
+def test_a_reload_to_dr_reports_the_mode_change_and_checks_directly(lab):
+    lab.cfg["vip"][0]["mode"] = "dr"
+    lab.write_config("lb1", lab.cfg)
+    out = lab.l4lb("lb1", ["reload"]).stdout
+    assert f"{VIPS[4]}:{PORT}/tcp: mode tun -> dr" in out, out
+    st = lab.l4lb_json("lb1", ["status"])
+    modes = {v["vip"]: (v["mode"], {r["via"] for r in v["reals"]}) for v in st["vips"]}
+    assert modes == {f"{VIPS[4]}:{PORT}/tcp": ("dr", {"direct"}),
+                     f"[{VIPS[6]}]:{PORT}/tcp": ("tun", {"tunnel"})}, modes
