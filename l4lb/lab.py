@@ -545,10 +545,6 @@ http {{
             raise LabError(f"{name}: vtysh {' '.join(commands)}: {r.stderr.strip()[-300:]}")
         return r.stdout
 
-    def frr_json(self, name: str, command: str):
-        out = self.vtysh(name, command)
-        return json.loads(out) if out.strip() else {}
-
     def status(self) -> dict:
         return read_state(self.prefix) or {}
 

@@ -159,17 +159,6 @@ def del_address(ifname: str, addr) -> bool:
             return False
 
 
-def has_address(ifname: str, addr) -> bool:
-    ip = ipaddress.ip_address(addr)
-    try:
-        idx = ifindex(ifname)
-    except LookupError:
-        return False
-    with IPRoute() as ipr:
-        return any(ipaddress.ip_address(a.get_attr("IFA_ADDRESS")) == ip
-                   for a in ipr.get_addr(index=idx))
-
-
 def next_hop(addr) -> tuple[str, int]:
     """(next-hop address, ifindex) the kernel would use to reach `addr`."""
     ip = ipaddress.ip_address(addr)

@@ -56,10 +56,6 @@ def configure(security: bool = True) -> None:
     _security = bool(security)
 
 
-def security_enabled() -> bool:
-    return _security
-
-
 def resolve(argv0: str) -> str:
     """argv[0] as an absolute path: a bare name is looked up in SAFE_PATH only."""
     if not argv0:

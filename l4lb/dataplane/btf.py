@@ -147,12 +147,6 @@ class Btf:
         t = self.types[self.resolve(tid)]
         return "void" if t is None else f"{'struct ' if t.kind == STRUCT else ''}{t.name}"
 
-    def find_struct(self, name: str) -> int:
-        for i, t in enumerate(self.types):
-            if t is not None and t.kind == STRUCT and t.name == name:
-                return i
-        raise BtfError(f"struct {name} is not in the program's BTF")
-
     def layout(self, tid: int) -> tuple[Field, ...]:
         """A struct's fields (nested structs expanded); () for a scalar or array."""
         t = self.types[self.resolve(tid)]

@@ -257,24 +257,3 @@ def remove_pins(pin_dir: str) -> None:
         os.rmdir(os.path.dirname(pin_dir.rstrip("/")))
     except OSError:
         pass  # other layouts or nodes still pinned there
-
-
-def cpu_count() -> int:
-    return os.cpu_count() or 1
-
-
-def percpu_sum(values, fields=None):
-    """Sum a bcc per-CPU value list (ctypes structs or ints)."""
-    if fields is None:
-        return sum(int(v) for v in values)
-    return {f: sum(getattr(v, f) for v in values) for f in fields}
-
-
-def batch_update(table, keys_ct, vals_ct) -> None:
-    """Update many entries in one syscall (array maps support batch ops)."""
-    table.items_update_batch(keys_ct, vals_ct)
-
-
-def uint_array(values) -> ct.Array:
-    """A ctypes uint32 array over an array('I') / numpy buffer without copying per item."""
-    return (ct.c_uint32 * len(values)).from_buffer_copy(memoryview(values).cast("B"))

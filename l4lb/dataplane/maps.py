@@ -210,10 +210,6 @@ def mac_bytes(mac: str) -> bytes:
     return bytes(int(p, 16) for p in parts)
 
 
-def mac_str(raw) -> str:
-    return ":".join(f"{b:02x}" for b in bytes(raw))
-
-
 def vip_key(addr, port: int, proto: str | int) -> VipKey:
     raw, fam = addr16(addr)
     k = VipKey()

@@ -778,4 +778,4 @@ def _empty_map(t) -> None:
 
 
 __all__ = ["ServiceTables", "TablesError", "VipState", "RealState", "RealIds", "coarse_now_ns",
-           "socket", "CONN_KEY", "CONN_VAL", "FLOW_KEY_DTYPE", "CONN_VAL_DTYPE", "WALK_BATCH"]
+           "CONN_KEY", "CONN_VAL", "FLOW_KEY_DTYPE", "CONN_VAL_DTYPE", "WALK_BATCH"]

@@ -52,7 +52,6 @@ __all__ = [
     "decode",
     "encode",
     "inet_checksum",
-    "family_of",
 ]
 
 IPPROTO_VRRP = 112
@@ -119,16 +118,6 @@ class Advert:
     auth_data: bytes = b""
     type: int = ADVERT_TYPE
     checksum: int | None = None
-
-    @property
-    def adver_int_s(self) -> float:
-        """The interval in seconds."""
-        return self.interval_cs / 100.0
-
-
-def family_of(addr: Address | str) -> int:
-    """Return 4 or 6 for an address."""
-    return ipaddress.ip_address(addr).version
 
 
 def _norm_family(family: int | None, src: Address) -> int:
