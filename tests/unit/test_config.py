@@ -441,7 +441,8 @@ def test_vrrp_v2_rules():
 
 def test_vrrp_v3_centiseconds():
     for ok in (0.01, 0.1, 0.35, 1, 40.95):
-        parse(edit(full(), ("vrrp", 0), "advert_interval_s", ok))
+        assert parse(edit(full(), ("vrrp", 0), "advert_interval_s", ok)).vrrp[0] \
+            .advert_interval_s == ok
 
 
 def test_vrrp_uniqueness():
@@ -1005,7 +1006,9 @@ def test_dataclasses_usable_directly():
     assert vip.key == "10.99.0.100:0/udp"
     cfg = Config(node=node, vips=(vip,))
     assert cfg.vip_by_key("10.99.0.100:0/udp") is vip
-    assert isinstance(VrrpConfig(name="a", interface="eth0", vrid=1, vips=()).family, int)
+    assert VrrpConfig(name="a", interface="eth0", vrid=1, vips=()).family == 4  # no VIPs: IPv4
+    v6 = (ipaddress.ip_address("fd99::100"), ipaddress.ip_address("10.99.0.100"))
+    assert VrrpConfig(name="a", interface="eth0", vrid=1, vips=v6).family == 6  # the first's
 
 
 def test_vip_without_reals_is_allowed():
