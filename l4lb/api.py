@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from l4lb.config import ConfigError
+from l4lb.errors import L4lbError
 
 log = logging.getLogger("l4lb.api")
 MAX_REQUEST = 1 << 20
@@ -31,8 +32,8 @@ WRITE_TIMEOUT = 10.0  # seconds for the client to take the answer
 MAX_CLIENTS = 64
 
 
-class ApiError(Exception):
-    pass
+class ApiError(L4lbError):
+    """A request the daemon refused or could not answer; the message says why."""
 
 
 def _vip_index(data: dict, key: str) -> int:

@@ -154,8 +154,8 @@ def start(config: str = typer.Option(..., "--config", "-c", help="Config file (T
     import asyncio
     import os
 
-    from l4lb.daemon import Daemon, DaemonError, configure_logging
-    from l4lb.dataplane.loader import DataplaneError
+    from l4lb.daemon import Daemon, configure_logging
+    from l4lb.errors import L4lbError
 
     if os.geteuid() != 0:
         fail("l4lb start needs root (CAP_BPF, CAP_NET_ADMIN); run it with sudo or as the "
@@ -164,7 +164,7 @@ def start(config: str = typer.Option(..., "--config", "-c", help="Config file (T
     configure_logging(log_level)
     try:
         rc = asyncio.run(Daemon(cfg, config_path=config).run())
-    except (DaemonError, DataplaneError, RuntimeError, OSError) as e:
+    except (L4lbError, RuntimeError, OSError) as e:
         fail(str(e), 1)
     raise typer.Exit(rc)
 
@@ -543,11 +543,16 @@ def import_config(
 
 
 def main() -> None:
+    from l4lb.errors import L4lbError
+
     try:
         app()
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except L4lbError as e:  # a module's error for the user: its message, no traceback
+        typer.echo(f"l4lb: error: {e}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

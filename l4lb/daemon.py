@@ -37,6 +37,7 @@ from l4lb.config import (
 from l4lb.dataplane import loader
 from l4lb.dataplane import maps as M
 from l4lb.dataplane.tables import ServiceTables, TablesError
+from l4lb.errors import L4lbError
 from l4lb.health import HealthChecker
 
 log = logging.getLogger("l4lb")
@@ -44,8 +45,8 @@ NO_MAC = "00:00:00:00:00:00"
 STATE_ROOT = "/run/l4lb"
 
 
-class DaemonError(Exception):
-    pass
+class DaemonError(L4lbError):
+    """The daemon cannot start or go on; the message says why."""
 
 
 class NotReady(Exception):

@@ -40,6 +40,8 @@ from pathlib import Path
 
 from pyroute2 import NetNS, netns
 
+from l4lb.errors import L4lbError
+
 STATE_DIR = Path("/run/l4lb/lab")
 PIN_ROOT = "/sys/fs/bpf/l4lb"
 NETNS_DIR = Path("/run/netns")
@@ -63,7 +65,7 @@ CLIENT_BRIDGE = "br1"
 FRR_DIR = Path("/var/run/frr")  # FRR's per-pathspace state: /var/run/frr/<netns>/
 
 
-class LabError(Exception):
+class LabError(L4lbError):
     """A lab cannot be built or used; the message says what to do."""
 
 

@@ -35,6 +35,8 @@ import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from l4lb.errors import L4lbError
+
 log = logging.getLogger("l4lb.scripts")
 
 SAFE_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -46,7 +48,7 @@ _security = True  # set once from [node] script_security by the daemon
 _refusals: set[str] = set()  # refusals already logged
 
 
-class ScriptRefused(Exception):
+class ScriptRefused(L4lbError):
     """The script is unsafe to run as root (or cannot be found); the message says the fix."""
 
 

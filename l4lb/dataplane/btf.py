@@ -15,6 +15,7 @@ import struct
 from dataclasses import dataclass
 
 from l4lb.dataplane import bpfsys
+from l4lb.errors import L4lbError
 
 BTF_MAGIC = 0xEB9F
 
@@ -40,7 +41,7 @@ class _BtfInfo(ct.Structure):
                 ("name", ct.c_uint64), ("name_len", ct.c_uint32), ("kernel_btf", ct.c_uint32)]
 
 
-class BtfError(Exception):
+class BtfError(L4lbError):
     """No BTF to read, or BTF this reader does not understand."""
 
 

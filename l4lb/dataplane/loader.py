@@ -12,6 +12,7 @@ from pathlib import Path
 
 from l4lb.dataplane import bpfsys
 from l4lb.dataplane import maps as M
+from l4lb.errors import L4lbError
 
 # The BPF sources ship inside the package (l4lb/bpf links the repository's bpf/):
 # the same lookup works from a checkout and from an installed wheel.
@@ -24,7 +25,7 @@ XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 BPF_F_NO_COMMON_LRU = 1 << 1
 
 
-class DataplaneError(Exception):
+class DataplaneError(L4lbError):
     """The data plane could not be built or attached; the message says why."""
 
 

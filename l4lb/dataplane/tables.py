@@ -38,6 +38,7 @@ from l4lb import maglev
 from l4lb.dataplane import bpfsys
 from l4lb.dataplane import maps as M
 from l4lb.dataplane.loader import BuildOptions, Program
+from l4lb.errors import L4lbError
 
 log = logging.getLogger("l4lb.tables")
 
@@ -48,8 +49,8 @@ _BPF_HASH, _BPF_ARRAY, _BPF_PERCPU_HASH, _BPF_PERCPU_ARRAY = 1, 2, 5, 6
 _BPF_LRU_HASH, _BPF_LRU_PERCPU_HASH = 9, 10
 
 
-class TablesError(Exception):
-    pass
+class TablesError(L4lbError):
+    """The maps cannot hold or take a change; the message says why."""
 
 
 @dataclass

@@ -116,6 +116,7 @@ from typing import Any
 
 from .. import scripts
 from ..config import VrrpConfig
+from ..errors import L4lbError
 from .machine import (
     AddVips,
     Config,
@@ -183,7 +184,7 @@ INITIALIZE, BACKUP, MASTER, FAULT = "initialize", "backup", "master", "fault"
 _NOTIFY_STATE = {MASTER: "MASTER", BACKUP: "BACKUP", FAULT: "FAULT", INITIALIZE: "STOP"}
 
 
-class AgentError(Exception):
+class AgentError(L4lbError):
     """The agent cannot start (no such interface, no address to send from...)."""
 
 
