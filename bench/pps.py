@@ -100,7 +100,30 @@ CASES = [
     Case("tun_v6_established", "lb", "tun6", "one", XDP_TX, False, "IP6IP6, one established flow"),
     Case("dr_v6_new", "lb", "dr6", "new", XDP_TX, False, "a fresh 5-tuple every call"),
     Case("non_vip", "lb", None, "one", XDP_PASS, True, "IPv4 TCP to an address that is no VIP"),
+    Case("dr_v4_established_1m", "lb", "dr4", "many1m", XDP_TX, False,
+         "hits cycling over 1,000,000 established flows (cache-cold)"),
+    # Floors (bpf/floors.c): fixed programs, never tuned with the balancer.
+    Case("floor_parse", "floor_parse", None, "one", XDP_PASS, True,
+         "floor: parse Eth/IPv4/TCP into a 40-byte key"),
+    Case("floor_dr", "floor_dr", None, "one", XDP_TX, False,
+         "floor: parse + LRU lookup + MAC rewrite"),
+    Case("floor_tun", "floor_tun", None, "one", XDP_TX, False, "floor: floor_dr + IPIP push"),
+    Case("floor_new", "floor_new", None, "new", XDP_TX, False,
+         "floor: parse + LRU insert of a fresh key"),
+    Case("floor_dr_1m", "floor_dr", None, "many1m", XDP_TX, False,
+         "floor_dr cycling over 1,000,000 flows in its table"),
 ]
+FLOOR_PROGS = ("floor_parse", "floor_dr", "floor_tun", "floor_new")
+#: case -> (its floor, the issue's aim for net(case) / net(floor)); IPv6 cases are set
+#: against the IPv4 floor (the floors parse IPv4 only), and say so in the table.
+FLOOR_OF = {
+    "dr_v4_established": ("floor_dr", 1.15), "dr_v6_established": ("floor_dr", 1.15),
+    "tun_v4_established": ("floor_tun", 1.15), "tun_v6_established": ("floor_tun", 1.15),
+    "dr_v4_new": ("floor_new", 1.1), "tun_v4_new": ("floor_new", 1.1),
+    "dr_v6_new": ("floor_new", 1.1), "non_vip": ("floor_parse", 1.2),
+    "dr_v4_established_1m": ("floor_dr_1m", 1.2),
+}
+DEFAULT_FLOWS_1M = 1_000_000
 CASE_BY_NAME = {c.name: c for c in CASES}
 
 #: The issue's targets for net ns (printed beside the figures, never asserted).
@@ -188,13 +211,46 @@ def flow_src(base: str, i: int) -> tuple[bytes, int]:
 
 
 def flow_frames(src_base: str, dst: str, dport: int, count: int, flags: int) -> bytes:
-    """`count` frames of distinct flows to dst:dport, concatenated (all the same length)."""
+    """`count` frames of distinct flows to dst:dport, concatenated (all the same length):
+    frame i is tcp_frame(*flow_src(src_base, i), ...). Built from one template with numpy
+    (a million frames in about a second): only the source address's last 32 bits, the
+    source port and the checksums vary, and the checksums are patched by RFC 1624."""
+    import numpy as np  # noqa: PLC0415 - the pure helpers stay import-light
+
     d = ipaddress.ip_address(dst).packed
-    out = []
-    for i in range(count):
-        s, sport = flow_src(src_base, i)
-        out.append(tcp_frame(s, d, sport, dport, flags))
-    return b"".join(out)
+    base = ipaddress.ip_address(src_base)
+    if int(base) % (1 << 32) + (count - 1) // PORTS_PER_SRC >= 1 << 32:
+        raise ValueError("too many flows for one source series")
+    zero_src = base.packed[:-4] + bytes(4)
+    t = np.frombuffer(tcp_frame(zero_src, d, 0, dport, flags), dtype=np.uint8)
+    flen = len(t)
+    l3 = 14
+    ip_end = l3 + (20 if len(d) == 4 else 40)
+    src_off = l3 + (12 if len(d) == 4 else 8) + len(d) - 4    # the source's last 4 bytes
+    i = np.arange(count, dtype=np.uint64)
+    low = (int(base) % (1 << 32) + i // PORTS_PER_SRC).astype(np.uint64)
+    sport = (1024 + i % PORTS_PER_SRC).astype(np.uint64)
+    out = np.tile(t, count).reshape(count, flen)
+    out[:, src_off:src_off + 4] = (low[:, None] >> np.array([24, 16, 8, 0], np.uint64)
+                                   & 0xFF).astype(np.uint8)
+    out[:, ip_end:ip_end + 2] = np.stack([sport >> 8, sport & 0xFF], 1).astype(np.uint8)
+    # Each checksum in the template covers the zero source and port; add the new words
+    # (one's complement sums: ~new = ~old + added words, RFC 1624 with old words 0).
+    added = (low >> 16) + (low & 0xFFFF)
+
+    def patch(off: int, extra):
+        old = (int(t[off]) << 8) | int(t[off + 1])
+        total = (~old & 0xFFFF) + extra
+        total = (total & 0xFFFF) + (total >> 16)
+        total = (total & 0xFFFF) + (total >> 16)
+        new = ~total & 0xFFFF
+        out[:, off] = (new >> 8).astype(np.uint8)
+        out[:, off + 1] = (new & 0xFF).astype(np.uint8)
+
+    if len(d) == 4:
+        patch(l3 + 10, added)                     # IPv4 header checksum
+    patch(ip_end + 16, added + sport)             # TCP checksum (pseudo header + port)
+    return out.tobytes()
 
 
 def client_base(family: int, series: int) -> str:
@@ -227,22 +283,48 @@ def build_report(cases: dict[str, dict], method: str, meta: dict, extra: dict | 
     """The JSON document: cases (with net), method, kernel, command, quick, timestamp, and
     whatever else the run knows (extra)."""
     add_net(cases)
-    doc = {"cases": cases, "method": method}
+    doc = {"cases": cases, "floor_ratios": floor_ratios(cases), "method": method}
     doc.update({k: meta[k] for k in ("kernel", "command", "quick", "timestamp")})
     if extra:
         doc.update(extra)
     return doc
 
 
-HEADERS = ["case", "min ns", "median ns", "max ns", "net ns", "target net", "Katran net"]
+HEADERS = ["case", "min ns", "median ns", "max ns", "net ns", "target net", "floor",
+           "x floor (aim)", "Katran net"]
+
+
+def floor_ratios(cases: dict[str, dict]) -> dict[str, dict]:
+    """net(case) / net(its floor) for every case whose floor ran in the same run; a floor
+    whose net is not above 0.5 ns gives no ratio (None): it would only say noise."""
+    out = {}
+    for name, (floor, aim) in FLOOR_OF.items():
+        if name not in cases or floor not in cases:
+            continue
+        fnet = cases[floor]["net_ns"]
+        ratio = round(cases[name]["net_ns"] / fnet, 2) if fnet > 0.5 else None
+        out[name] = {"floor": floor, "ratio": ratio, "aim": aim,
+                     "met": ratio is not None and ratio <= aim}
+    return out
+
+
+def floor_cell(r: dict | None) -> str:
+    if not r:
+        return ""
+    if r["ratio"] is None:
+        return f"n/a (<= {r['aim']})"
+    return f"{r['ratio']:.2f} (<= {r['aim']}, {'ok' if r['met'] else 'over'})"
 
 
 def table_rows(report: dict) -> list[list[str]]:
     rows = []
+    ratios = report.get("floor_ratios") or floor_ratios(report["cases"])
     for name, v in report["cases"].items():
+        r = ratios.get(name)
+        floor = (r["floor"] + (" (v4)" if "_v6_" in name else "")) if r else ""
         rows.append([name, f"{v['min_ns']:.1f}", f"{v['median_ns']:.1f}", f"{v['max_ns']:.1f}",
-                     f"{v['net_ns']:.1f}", target_cell(name, v["net_ns"]),
-                     KATRAN.get(name, "")])
+                     f"{v['net_ns']:.1f}", target_cell(name, v["net_ns"]), floor,
+                     floor_cell(r), KATRAN.get(name, "")])
     return rows
 
 
@@ -306,7 +388,12 @@ def render_markdown(report: dict) -> str:
     lines += ["- " + n for n in notes(report)]
     lines += ["- targets (issue, net ns): established <= 75 (dr) / <= 110 (tun), new flow <= 650, "
               "non-VIP <= 30; Katran, same method on this machine: 186 established IPv4 IPIP, "
-              "~780 new, 58 non-VIP"]
+              "~780 new, 58 non-VIP",
+              "floors (bpf/floors.c, fixed, measured in the same rounds): x floor = net(case) / "
+              "net(floor); aims (issue 16): established <= 1.15x floor_dr / floor_tun, new flow "
+              "<= 1.1x floor_new, non-VIP <= 1.2x floor_parse, 1M flows <= 1.2x floor_dr_1m; "
+              "IPv6 cases are set against the IPv4 floors; dr_v4_established_many (100k flows) "
+              "has no floor of its own (the 1M pair is the many-flows comparison)"]
     return "\n".join(lines) + "\n"
 
 
@@ -441,6 +528,8 @@ def parse_args(argv=None):
                     help="calls of one case before the next case's turn (interleaving grain)")
     ap.add_argument("--flows", type=int, default=DEFAULT_MANY_FLOWS,
                     help="established flows that dr_v4_established_many cycles over")
+    ap.add_argument("--flows-1m", type=int, default=DEFAULT_FLOWS_1M, dest="flows_1m",
+                    help="flows in the table for dr_v4_established_1m and floor_dr_1m")
     ap.add_argument("--cases", help="comma-separated subset (xdp_pass is always run)")
     ap.add_argument("--cpu", type=int, help="CPU to pin to (default: the last one)")
     ap.add_argument("--per-cpu-lru", action="store_true",
@@ -450,8 +539,8 @@ def parse_args(argv=None):
                          "older version, e.g. `git archive HEAD bpf | tar -x -C /tmp/old`)")
     a = ap.parse_args(argv)
     a.calls = a.calls or (QUICK_CALLS if a.quick else DEFAULT_CALLS)
-    if min(a.rounds, a.calls, a.flows, a.chunk) < 1:
-        ap.error("--rounds, --calls, --chunk and --flows must be positive")
+    if min(a.rounds, a.calls, a.flows, a.chunk, a.flows_1m) < 1:
+        ap.error("--rounds, --calls, --chunk, --flows and --flows-1m must be positive")
     names = [c.name for c in CASES]
     if a.cases:
         want = {s.strip() for s in a.cases.split(",") if s.strip()} | {"xdp_pass"}
@@ -488,8 +577,34 @@ def conn_table_size_for(flows_needed: int, default: int) -> int:
     return size
 
 
+def compile_floors(table_size: int) -> dict:
+    """bpf/floors.c's four programs sharing one LRU table, always from this checkout's
+    bpf/ (an A/B run with --bpf-dir measures both balancers against the same floors)."""
+    from l4lb.dataplane import loader  # noqa: PLC0415
+
+    bcc = loader._bcc()
+    b = bcc.BPF(src_file=str(ROOT / "bpf" / "floors.c").encode(),
+                cflags=[f"-DFLOOR_TABLE_SIZE={table_size}"])
+
+    class FloorProg:
+        def __init__(self, fn, owner):
+            self.fd, self._owner = fn.fd, owner
+
+        def close(self):
+            if self._owner:
+                b.cleanup()
+
+    return {name: FloorProg(b.load_func(name.encode(), bcc.BPF.XDP), name == "floor_parse")
+            for name in FLOOR_PROGS}
+
+
+def case_count(case: Case, args, new_per_case: int) -> int:
+    """Frames a case's runner holds (distinct flows unless the case has one flow)."""
+    return {"one": 1, "many": args.flows, "many1m": args.flows_1m}.get(case.flows, new_per_case)
+
+
 def run(args) -> dict:
-    from l4lb.dataplane import loader, tables, testrun  # noqa: PLC0415
+    from l4lb.dataplane import loader, tables  # noqa: PLC0415
     from l4lb.dataplane import maps as M  # noqa: PLC0415
 
     if os.geteuid() != 0:
@@ -499,15 +614,20 @@ def run(args) -> dict:
     cases = args.case_list
     warmup = min(args.calls, 2000)
     new_per_case = warmup + args.rounds * args.calls
-    flows_needed = args.flows + sum(new_per_case for c in cases if c.flows == "new") + 16
+    lb_cases = [c for c in cases if c.prog == "lb"]
+    floor_cases = [c for c in cases if c.prog in FLOOR_PROGS]
+    flows_needed = sum(case_count(c, args, new_per_case) for c in lb_cases if c.vip) + 16
     conn_size = conn_table_size_for(flows_needed, M.DEFAULT_CONN_TABLE_SIZE)
+    floor_size = conn_table_size_for(
+        sum(case_count(c, args, new_per_case) for c in floor_cases) + 16, 1024)
     opts = loader.BuildOptions(conn_table_size=conn_size, per_cpu_lru=args.per_cpu_lru)
 
     if args.bpf_dir:
         loader.BPF_DIR = Path(args.bpf_dir).resolve()
     t0 = time.monotonic()
-    progs = {"pass": loader.compile_pass(), "swap": loader.compile_swap(),
-             "lb": loader.compile_balancer(opts)}
+    progs = compile_floors(floor_size) if floor_cases else {}
+    progs.update({"pass": loader.compile_pass(), "swap": loader.compile_swap(),
+                  "lb": loader.compile_balancer(opts)})
     try:
         st = tables.ServiceTables(progs["lb"], opts)
         st.set_config(tun_src4=TUN_SRC4, tun_src6=TUN_SRC6, flow_events=False,
@@ -528,11 +648,13 @@ def run(args) -> dict:
         runners: dict[str, Runner] = {}
         frame_len = {}
         for series, c in enumerate(cases):
-            count = args.flows if c.flows == "many" else new_per_case
+            count = case_count(c, args, new_per_case)
             frames = case_frames(c, count, series)
             flen = len(case_frames(c, 1, series))
             frame_len[c.name] = flen
             runners[c.name] = Runner(progs[c.prog].fd, frames, flen, cyclic=c.flows != "new")
+            if c.prog in ("floor_dr", "floor_tun"):  # its flows enter the floor's table
+                Runner(progs["floor_new"].fd, frames, flen, cyclic=False).run(count, XDP_TX)
 
         # Warm-up (not measured): a single flow gets established; the many flows are
         # each run once, which installs them all; new-flow cases spend fresh frames.
@@ -540,19 +662,19 @@ def run(args) -> dict:
         # flow enters the conn table by its SYN and its next packet); measured are ACKs.
         for series, c in enumerate(cases):
             if c.prog == "lb" and c.vip is not None and c.flows != "new":
-                count = args.flows if c.flows == "many" else 1
+                count = case_count(c, args, new_per_case)
                 syns = case_frames(c, count, series, TCP_SYN)
                 acks = case_frames(c, count, series)
                 size = len(syns) // count
-                for i in range(count):
-                    for f in (syns, acks):
-                        testrun.test_run(progs["lb"].fd, f[i * size:(i + 1) * size])
+                both = b"".join(f[i * size:(i + 1) * size] for i in range(count)
+                                for f in (syns, acks))  # SYN 0, ACK 0, SYN 1, ...
+                Runner(progs["lb"].fd, both, size, cyclic=False).run(2 * count, c.verdict)
         for c in cases:
             r = runners[c.name]
             r.run(1, c.verdict)
             check_output(c, frame_len[c.name], r.output())
             r.next = 0 if c.flows != "new" else r.next
-            if c.flows == "many":
+            if c.flows in ("many", "many1m"):
                 r.run(r.count, c.verdict)
             else:
                 r.run(warmup - 1 if c.flows == "new" else warmup, c.verdict)
@@ -598,7 +720,7 @@ def run(args) -> dict:
         g1 = st.global_counters()
         misses = g1["conn_miss"] - g0["conn_miss"]
         lost = g1.get("conn_miss_non_syn", 0) - g0.get("conn_miss_non_syn", 0)  # ACKs of no flow
-        expect_new = args.rounds * args.calls * sum(1 for c in cases if c.flows == "new")
+        expect_new = args.rounds * args.calls * sum(1 for c in lb_cases if c.flows == "new")
         if misses != expect_new or lost:
             raise BenchError(f"{misses} new flows counted, expected {expect_new}, and {lost} "
                              "packets of no known flow: an entry was evicted or a flow was "
@@ -624,7 +746,8 @@ def run(args) -> dict:
                   "conn_timeout_s": CONN_TIMEOUT_S, "flow_events": False,
                   "frame_bytes_v4": len(tcp_frame(bytes(4), bytes(4), 1, 1)),
                   "frame_bytes_v6": len(tcp_frame(bytes(16), bytes(16), 1, 1)),
-                  "many_flows": args.flows, "cpu": cpu, "cpus": os.cpu_count(),
+                  "many_flows": args.flows, "flows_1m": args.flows_1m,
+                  "floor_table_size": floor_size if floor_cases else None, "cpu": cpu, "cpus": os.cpu_count(),
                   "bpf_dir": str(args.bpf_dir or "bpf"), "bpf_sha256": bpf_digest(loader.BPF_DIR),
                   "own_macs": own_macs},
         "targets_net_ns": TARGETS, "katran_net_ns": KATRAN,

@@ -93,9 +93,38 @@ def test_flow_series_are_distinct_and_same_length():
         pps.client_base(4, 250)
 
 
+def test_vectorised_frames_equal_one_by_one():
+    import ipaddress
+    for base, dst in (("10.3.255.250", "10.200.0.100"), ("fd00:3::1", "fd00:200::100")):
+        for flags in (pps.TCP_SYN, pps.TCP_ACK):
+            n = 61_000  # crosses a source-address step (60,000 ports per address)
+            frames = pps.flow_frames(base, dst, 80, n, flags)
+            flen = len(frames) // n
+            d = ipaddress.ip_address(dst).packed
+            for i in (0, 1, 59_999, 60_000, n - 1):
+                s, sport = pps.flow_src(base, i)
+                assert frames[i * flen:(i + 1) * flen] == pps.tcp_frame(s, d, sport, 80, flags)
+    with pytest.raises(ValueError):
+        pps.flow_frames("255.255.255.255", "10.200.0.100", 80, 61_000, pps.TCP_SYN)
+
+
+def test_floor_ratios():
+    def case(net):
+        return {"min_ns": 0.0, "median_ns": 0.0, "max_ns": 0.0, "net_ns": net}
+    r = pps.floor_ratios({"dr_v4_established": case(46.0), "floor_dr": case(40.0),
+                          "non_vip": case(10.0), "floor_parse": case(0.4),
+                          "tun_v4_established": case(60.0)})
+    assert r["dr_v4_established"] == {"floor": "floor_dr", "ratio": 1.15, "aim": 1.15,
+                                      "met": True}
+    assert r["non_vip"]["ratio"] is None and not r["non_vip"]["met"]  # floor within noise
+    assert "tun_v4_established" not in r  # its floor did not run
+    assert pps.floor_cell(r["dr_v4_established"]) == "1.15 (<= 1.15, ok)"
+
+
 def test_expected_counter_deltas():
     c = pps.CASE_BY_NAME
     assert pps.expected_deltas(c["xdp_pass"], 10) == {}
+    assert pps.expected_deltas(c["floor_new"], 10) == {}  # floors touch no balancer counter
     assert pps.expected_deltas(c["non_vip"], 10) == {"pass_non_vip": 10}
     assert pps.expected_deltas(c["tun_v4_new"], 7) == {"tx_tun": 7, "conn_miss": 7}
     assert pps.expected_deltas(c["dr_v6_established"], 5) == {"tx_dr": 5, "conn_hit": 5}
@@ -108,7 +137,10 @@ def test_every_case_named_in_the_brief():
     assert set(names) == {"xdp_pass", "xdp_tx_swap", "dr_v4_established",
                           "dr_v4_established_many", "dr_v4_new", "tun_v4_established",
                           "tun_v4_new", "dr_v6_established", "tun_v6_established", "dr_v6_new",
-                          "non_vip"}
+                          "non_vip", "dr_v4_established_1m", "floor_parse", "floor_dr",
+                          "floor_tun", "floor_new", "floor_dr_1m"}
+    # every floor a ratio names is a case of the same run
+    assert {f for f, _ in pps.FLOOR_OF.values()} <= set(names)
     # repeat=N is only valid where the output run again is the same case
     assert not any(c.same_on_rerun for c in pps.CASES if c.flows != "one")
     # nor for any VIP case: the output is addressed to a real's MAC, not the balancer's
