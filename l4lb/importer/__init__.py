@@ -3,7 +3,7 @@
 keepalived.py / haproxy.py read the files (grammar only); kaconvert.py (with
 kavrrp.py, kalvs.py, kabase.py) and haconvert.py map them onto the l4lb config
 model; emit.py writes the commented TOML; convert.py ties it together and
-validates the result with config.py. The report (report.py) lists, with file and
+validates the result with l4lb.config. The report (report.py) lists, with file and
 line, every setting that was dropped or changes meaning.
 """
 

@@ -1,6 +1,6 @@
 """keepalived statements -> l4lb tables ([[vrrp]], [[vip]], [sync]) and a report of what differs.
 
-Spellings follow l4lb/config.py and configs/ha-lb1.toml. Every keyword is either
+Spellings follow l4lb/config/ and configs/ha-lb1.toml. Every keyword is either
 mapped, reported (no equivalent / changed meaning), or an error when keepalived
 itself has no such keyword.
 """

@@ -13,7 +13,7 @@ import ipaddress
 from collections import Counter
 from collections.abc import Iterable
 
-from l4lb.config_bgp import ROUTE_PROTO
+from l4lb.config.bgp import ROUTE_PROTO
 
 MAIN_TABLE = 254
 

@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from l4lb.config_bgp import BgpConfig
+from l4lb.config.bgp import BgpConfig
 
 ROUTE_MAP = "L4LB-VIPS"
 BFD_PROFILE = "l4lb"

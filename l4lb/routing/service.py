@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from l4lb.config_bgp import BgpConfig
+from l4lb.config.bgp import BgpConfig
 from l4lb.routing import announce, frr
 
 log = logging.getLogger("l4lb.routing")

@@ -32,6 +32,7 @@ from l4lb.config import (
     load_config,
     parse_config,
 )
+from l4lb.config import system as cfgsys
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 KEY = "0123456789abcdef0123456789abcdef"
@@ -909,7 +910,7 @@ def test_parse_does_not_touch_the_system(monkeypatch):
         raise AssertionError("parse must not look at the machine")
 
     monkeypatch.setattr(socket, "if_nametoindex", boom)
-    monkeypatch.setattr(cfgmod, "check_system", boom)
+    monkeypatch.setattr(cfgsys, "check_system", boom)
     parse(edit(full(), ("node",), "interfaces", ["no-such-if0"]))
 
 
@@ -920,7 +921,7 @@ def test_parse_does_not_touch_the_system(monkeypatch):
 def no_mounts(monkeypatch, tmp_path):
     mounts = tmp_path / "mounts"
     mounts.write_text("bpf /sys/fs/bpf bpf rw,relatime 0 0\n")
-    monkeypatch.setattr(cfgmod, "_MOUNTS", str(mounts))
+    monkeypatch.setattr(cfgsys, "_MOUNTS", str(mounts))
     return mounts
 
 
@@ -984,7 +985,7 @@ def test_check_system_key_file(no_mounts, tmp_path):
 
 def test_check_system_bpffs(monkeypatch, tmp_path):
     mounts = tmp_path / "mounts"
-    monkeypatch.setattr(cfgmod, "_MOUNTS", str(mounts))
+    monkeypatch.setattr(cfgsys, "_MOUNTS", str(mounts))
     cfg = parse(edit(minimal(), ("node",), "interfaces", ["lo"]))
     mounts.write_text("/dev/root / ext4 rw 0 0\nsysfs /sys sysfs rw 0 0\n")
     errs = check_system(cfg)
@@ -995,7 +996,7 @@ def test_check_system_bpffs(monkeypatch, tmp_path):
     )
     mounts.write_text("sysfs /sys sysfs rw 0 0\nbpf /sys/fs/bpf bpf rw 0 0\n")
     assert check_system(cfg) == []
-    monkeypatch.setattr(cfgmod, "_MOUNTS", str(tmp_path / "absent"))
+    monkeypatch.setattr(cfgsys, "_MOUNTS", str(tmp_path / "absent"))
     assert check_system(cfg) == []  # cannot tell: say nothing
 
 

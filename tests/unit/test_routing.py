@@ -3,7 +3,7 @@
 import pytest
 
 from l4lb.config import ConfigError, config_from_dict, config_to_dict, dumps_toml, parse_config
-from l4lb.config_bgp import check_bgp_system
+from l4lb.config.bgp import check_bgp_system
 from l4lb.routing import announce, frr, service
 
 

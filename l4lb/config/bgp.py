@@ -17,8 +17,8 @@ the nodes by ECMP. l4lb never speaks BGP itself; see l4lb/routing/.
     communities = ["65001:100"]
     med = 10
 
-Parsed by config.py (config_from_dict calls parse_bgp with its validation
-helpers); every error names its field, like the rest of the config.
+Parsed by config/parse.py (config_from_dict calls parse_bgp; the validation
+helpers are convert.py's); every error names its field, like the rest of the config.
 """
 
 from __future__ import annotations
@@ -29,7 +29,21 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
-from l4lb import config as C
+from l4lb.config.convert import (
+    Conv,
+    _bool,
+    _float,
+    _get,
+    _int,
+    _ip,
+    _list,
+    _q,
+    _str,
+    _table,
+    _tables,
+    _type_msg,
+)
+from l4lb.config.model import IPAddress, _default
 
 ASN_MAX = 4294967294  # 0 and 4294967295 are reserved (RFC 7607, RFC 7300)
 # FRR's bfdd ranges (bfd profile: receive-interval/transmit-interval 10-60000 ms,
@@ -44,7 +58,7 @@ _PATHSPACE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 @dataclass(frozen=True)
 class BgpNeighbor:
-    address: C.IPAddress
+    address: IPAddress
     asn: int
     password: str | None = None
     bfd: bool = True
@@ -54,7 +68,7 @@ class BgpNeighbor:
 class BgpVip:
     """Route attributes of one VIP address (all its ports share the host route)."""
 
-    address: C.IPAddress
+    address: IPAddress
     communities: tuple[str, ...] = ()
     med: int | None = None
 
@@ -89,13 +103,13 @@ class BgpConfig:
 
 def _community(ctx, path: str, v: Any) -> str | None:
     if not isinstance(v, str):
-        ctx.err(path, C._type_msg('a community string ("65001:100" or "no-export")', v))
+        ctx.err(path, _type_msg('a community string ("65001:100" or "no-export")', v))
         return None
     if v in _WELL_KNOWN:
         return v
     m = _COMMUNITY.fullmatch(v)
     if not m or int(m.group(1)) > 65535 or int(m.group(2)) > 65535:
-        ctx.err(path, f'{C._q(v)} is not a community: write "AS:N" with both parts 0..65535, '
+        ctx.err(path, f'{_q(v)} is not a community: write "AS:N" with both parts 0..65535, '
                       f"or one of {', '.join(_WELL_KNOWN)}")
         return None
     return v
@@ -103,14 +117,14 @@ def _community(ctx, path: str, v: Any) -> str | None:
 
 def _router_id(ctx, path: str, v: Any) -> ipaddress.IPv4Address | None:
     if not isinstance(v, str):
-        ctx.err(path, C._type_msg('an IPv4 address string (e.g. "10.99.0.21")', v))
+        ctx.err(path, _type_msg('an IPv4 address string (e.g. "10.99.0.21")', v))
         return None
     try:
         rid = ipaddress.ip_address(v.strip())
     except ValueError:
         rid = None
     if not isinstance(rid, ipaddress.IPv4Address) or rid.is_unspecified or rid.is_multicast:
-        ctx.err(path, f"{C._q(v)} is not an IPv4 address; a BGP router id is a 32-bit "
+        ctx.err(path, f"{_q(v)} is not an IPv4 address; a BGP router id is a 32-bit "
                       'dotted quad, e.g. "10.99.0.21" (also on IPv6-only nodes)')
         return None
     return rid
@@ -118,7 +132,7 @@ def _router_id(ctx, path: str, v: Any) -> ipaddress.IPv4Address | None:
 
 def _password(ctx, path: str, v: Any) -> str | None:
     if not isinstance(v, str):
-        ctx.err(path, C._type_msg("a string", v))
+        ctx.err(path, _type_msg("a string", v))
         return None
     if not 1 <= len(v) <= 80 or any(c.isspace() or not c.isprintable() for c in v):
         ctx.err(path, "must be 1..80 printable characters without spaces (a TCP MD5 key)")
@@ -133,35 +147,35 @@ def _pathspace(ctx, path: str, v: Any) -> str | None:
     return v
 
 
-_COMMS = C._list(_community, what="communities", unique=True)
-_NEIGHBOR: dict[str, C.Conv] = {
-    "address": C._ip(), "asn": C._int(1, ASN_MAX), "password": _password, "bfd": C._bool,
+_COMMS = _list(_community, what="communities", unique=True)
+_NEIGHBOR: dict[str, Conv] = {
+    "address": _ip(), "asn": _int(1, ASN_MAX), "password": _password, "bfd": _bool,
 }
-_VIP: dict[str, C.Conv] = {
-    "address": C._ip(), "communities": _COMMS, "med": C._int(0, 4294967295),
+_VIP: dict[str, Conv] = {
+    "address": _ip(), "communities": _COMMS, "med": _int(0, 4294967295),
 }
-_BGP: dict[str, C.Conv] = {
-    "asn": C._int(1, ASN_MAX),
+_BGP: dict[str, Conv] = {
+    "asn": _int(1, ASN_MAX),
     "router_id": _router_id,
     "communities": _COMMS,
-    "med": C._int(0, 4294967295),
-    "hold_s": C._int(0, 65535),
-    "keepalive_s": C._int(0, 65535),
-    "bfd": C._bool,
-    "bfd_rx_ms": C._int(*BFD_MS),
-    "bfd_tx_ms": C._int(*BFD_MS),
-    "bfd_multiplier": C._int(*BFD_MULT),
-    "drain_s": C._float(0, 3600),
-    "join_timeout_s": C._float(0, 600),
+    "med": _int(0, 4294967295),
+    "hold_s": _int(0, 65535),
+    "keepalive_s": _int(0, 65535),
+    "bfd": _bool,
+    "bfd_rx_ms": _int(*BFD_MS),
+    "bfd_tx_ms": _int(*BFD_MS),
+    "bfd_multiplier": _int(*BFD_MULT),
+    "drain_s": _float(0, 3600),
+    "join_timeout_s": _float(0, 600),
     "frr_pathspace": _pathspace,
-    "vtysh": C._str(),
+    "vtysh": _str(),
 }
 _KEYS = (*_BGP, "neighbor", "vip")
 
 
 def parse_bgp(ctx, raw: Any, vip_addresses: set, has_vrrp: bool) -> BgpConfig | None:
     """The [bgp] table (`ctx` collects every error); None when invalid."""
-    tbl = C._table(ctx, "bgp", raw, _KEYS)
+    tbl = _table(ctx, "bgp", raw, _KEYS)
     if tbl is None:
         return None
     ok = True
@@ -169,22 +183,22 @@ def parse_bgp(ctx, raw: Any, vip_addresses: set, has_vrrp: bool) -> BgpConfig | 
     required = {"asn": "add asn = 65001 (this node's AS)",
                 "router_id": 'add router_id = "10.99.0.21" (IPv4)'}
     for k, conv in _BGP.items():
-        default = None if k in required else C._default(BgpConfig, k)
-        v[k] = C._get(ctx, tbl, "bgp", k, conv, default, required=required.get(k))
+        default = None if k in required else _default(BgpConfig, k)
+        v[k] = _get(ctx, tbl, "bgp", k, conv, default, required=required.get(k))
         if v[k] is None and (k in tbl or k in required):
             ok = False
     neighbors: list[BgpNeighbor] = []
     seen: dict[Any, str] = {}
-    items = C._tables(ctx, "bgp.neighbor", tbl.get("neighbor", []), "bgp.neighbor")
+    items = _tables(ctx, "bgp.neighbor", tbl.get("neighbor", []), "bgp.neighbor")
     if "neighbor" not in tbl or not items:
         ctx.err("bgp.neighbor", "required; add at least one [[bgp.neighbor]] with address and "
                                 "asn (the router this node peers with)")
         ok = False
     for p, t in items:
-        if C._table(ctx, p, t, _NEIGHBOR) is None:
+        if _table(ctx, p, t, _NEIGHBOR) is None:
             ok = False
             continue
-        n = {k: C._get(ctx, t, p, k, conv, C._default(BgpNeighbor, k),
+        n = {k: _get(ctx, t, p, k, conv, _default(BgpNeighbor, k),
                        required={"address": 'add address = "10.99.0.1"',
                                  "asn": "add asn = 65000 (the neighbour's AS)"}.get(k))
              for k, conv in _NEIGHBOR.items()}
@@ -201,11 +215,11 @@ def parse_bgp(ctx, raw: Any, vip_addresses: set, has_vrrp: bool) -> BgpConfig | 
         neighbors.append(BgpNeighbor(**n))
     vips: list[BgpVip] = []
     seen_vip: dict[Any, str] = {}
-    for p, t in C._tables(ctx, "bgp.vip", tbl.get("vip", []), "bgp.vip"):
-        if C._table(ctx, p, t, _VIP) is None:
+    for p, t in _tables(ctx, "bgp.vip", tbl.get("vip", []), "bgp.vip"):
+        if _table(ctx, p, t, _VIP) is None:
             ok = False
             continue
-        a = {k: C._get(ctx, t, p, k, conv, C._default(BgpVip, k),
+        a = {k: _get(ctx, t, p, k, conv, _default(BgpVip, k),
                        required="add the address of a [[vip]]" if k == "address" else None)
              for k, conv in _VIP.items()}
         if a["address"] is None or any(a[k] is None and k in t for k in _VIP):
