@@ -34,15 +34,19 @@ log = logging.getLogger("l4lb.health")
 @dataclass
 class RiseFall:
     """Up after `rise` passes in a row, down after `fall` failures in a row.
-    A new real starts up (like LVS with a fresh real server) unless told otherwise."""
+    A new real starts up (like LVS with a fresh real server) unless told otherwise;
+    up=None: the first result decides (VRRP track scripts, as keepalived)."""
 
     rise: int
     fall: int
-    up: bool = True
+    up: bool | None = True
     streak: int = 0  # consecutive results that disagree with `up`
 
     def feed(self, ok: bool) -> bool:
-        """Feed one result; True when the state flipped."""
+        """Feed one result; True when the state flipped (or was first set)."""
+        if self.up is None:
+            self.up = ok
+            return True
         if ok == self.up:
             self.streak = 0
             return False

@@ -117,6 +117,7 @@ from typing import Any
 from .. import scripts
 from ..config import VrrpConfig
 from ..errors import L4lbError
+from ..health import RiseFall
 from .machine import (
     AddVips,
     Config,
@@ -499,30 +500,6 @@ class _Netlink:
 # --------------------------------------------------------------------------
 
 
-class _Tracker:
-    """rise/fall bookkeeping of one track script."""
-
-    def __init__(self, rise: int, fall: int) -> None:
-        self.rise, self.fall = rise, fall
-        self.ok: bool | None = None
-        self._run = 0  # >0: successes in a row, <0: failures in a row
-
-    def result(self, ok: bool) -> bool:
-        if self.ok is None:
-            self.ok = ok
-            self._run = 0
-            return ok
-        if ok:
-            self._run = self._run + 1 if self._run > 0 else 1
-            if not self.ok and self._run >= self.rise:
-                self.ok = True
-        else:
-            self._run = self._run - 1 if self._run < 0 else -1
-            if self.ok and -self._run >= self.fall:
-                self.ok = False
-        return self.ok
-
-
 class VrrpAgent:
     """One VRRP instance on the network.  See the module docstring.
 
@@ -565,7 +542,8 @@ class VrrpAgent:
         # tracking
         self._link_up = True
         self._if_up: dict[str, bool] = {}
-        self._script_trackers = [_Tracker(t.rise, t.fall) for t in cfg.track_scripts]
+        # health's rise/fall counter; the first result decides (up=None)
+        self._script_trackers = [RiseFall(t.rise, t.fall, up=None) for t in cfg.track_scripts]
         self._offset = 0
         self._fault_reasons: list[str] = []
         self._iface_ok = True
@@ -1086,7 +1064,7 @@ class VrrpAgent:
             elif (t.weight < 0 and not up) or (t.weight > 0 and up):
                 offset += t.weight
         for t, tr in zip(cfg.track_scripts, self._script_trackers, strict=True):
-            ok = bool(tr.ok)
+            ok = bool(tr.up)
             if t.weight == 0:
                 if not ok:
                     reasons.append(f"track script {t.script[0]} failing")
@@ -1127,16 +1105,15 @@ class VrrpAgent:
         results = await asyncio.gather(*(self._run_script(t.script, max(t.interval_s, 1.0))
                                          for t in ts))
         for tr, ok in zip(self._script_trackers, results, strict=True):
-            tr.result(ok)
+            tr.feed(ok)
 
     async def _script_loop(self, i: int, t: Any) -> None:
         tr = self._script_trackers[i]
         while True:
             await asyncio.sleep(t.interval_s)
-            before = tr.ok
-            if tr.result(await self._run_script(t.script, max(t.interval_s, 1.0))) != before:
+            if tr.feed(await self._run_script(t.script, max(t.interval_s, 1.0))):
                 log.info("vrrp %s: track script %s %s", self.cfg.name, t.script[0],
-                         "succeeds" if tr.ok else "fails")
+                         "succeeds" if tr.up else "fails")
                 self._recompute()
 
 

@@ -78,6 +78,16 @@ def test_rise_fall():
     assert rf.up
 
 
+def test_rise_fall_first_result_decides():
+    """up=None (VRRP track scripts): the first result sets the state, then rise/fall."""
+    rf = RiseFall(rise=2, fall=1, up=None)
+    assert rf.feed(False) and rf.up is False
+    assert [rf.feed(x) for x in (True, False, True, True, False)] == \
+        [False, False, False, True, True]
+    assert rf.up is False
+    assert RiseFall(rise=3, fall=3, up=None).feed(True)
+
+
 def test_huge_status_line_is_a_failed_check_and_the_check_goes_on():
     async def run():
         async with HttpServer(b"HTTP/1.0 200 " + b"x" * 70_000 + b"\r\n\r\n") as srv:
