@@ -57,12 +57,10 @@ The price of UDP is no congestion control: the full walk is paced, sockets get
 large buffers, and the stream itself is bounded by the flow rate. (LVS's sync
 daemon and conntrackd made the same choice.)
 
-The ring buffer is read on the event loop (``ring_mode="epoll"``): the loop
-watches libbpf's epoll fd for the ring and consumes what is there when it
-becomes readable, so an event costs no thread hop and no polling. The other
-modes ("thread": ``ring_buffer_poll`` in a thread, events handed over with
-``call_soon_threadsafe``; "poll": ``ring_buffer_consume`` every millisecond)
-are kept for comparison; bench/sync.py measures them.
+The ring buffer is read on the event loop by default (ring.py: ``RING_MODES``).
+Beside this file: ring.py (the new-flow ring buffer consumer), walk.py (the
+full walk's thread), translate.py (wire entries <-> conn-table records),
+metrics.py (status() and the Prometheus families).
 """
 
 from __future__ import annotations
@@ -78,26 +76,17 @@ import os
 import socket
 import threading
 import time
-import weakref
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from l4lb import netutil
 from l4lb.dataplane.tables import CONN_KEY, coarse_now_ns
-from l4lb.sync.codec import (
-    MAX_DATAGRAM,
-    PREFIX_LEN,
-    SHAPE_LENS,
-    PackedEntries,
-    entry_capacity,
-)
+from l4lb.sync.codec import MAX_DATAGRAM, PREFIX_LEN, SHAPE_LENS, PackedEntries, entry_capacity
 from l4lb.sync.machine import (
-    REJECT_REASONS,
     Backlog,
     InstallEntries,
     PeerDown,
@@ -109,18 +98,21 @@ from l4lb.sync.machine import (
     SendResponse,
     new_session,
 )
+from l4lb.sync.metrics import _fmt_addr
+from l4lb.sync.metrics import metrics as _metrics
+from l4lb.sync.metrics import status as _status
+from l4lb.sync.ring import RING_MODES, RingConsumer
 from l4lb.sync.translate import NUMPY_MIN, Translator, decode_events
+from l4lb.sync.walk import _WalkFeed
 
 log = logging.getLogger("l4lb.sync")
 
 __all__ = ["SyncAgent", "Translator", "decode_events", "RING_MODES", "SKIP_REASONS"]
 
-RING_MODES = ("epoll", "thread", "poll")
 #: Reasons an entry received from the peer is not installed.
 SKIP_REASONS = ("unknown_vip", "unknown_real", "local_entry")
 
 WALK_BATCH = 4096  # conn-table entries per BPF_MAP_LOOKUP_BATCH call (walk thread)
-WALK_AHEAD = 256  # full-walk chunks the walk thread may have ready ahead of sending
 RECV_BURST = 256  # datagrams read per wake-up before installing
 RECV_TURN_BYTES = 256 << 10  # ... and at most this many bytes (MAC work per loop turn)
 FULL_TURN_BYTES = 128 << 10  # set-aside full-walk datagrams authenticated per loop turn
@@ -133,125 +125,6 @@ SOCK_BUF = 8 << 20  # socket buffers: a full walk's burst and a slow loop tick
 WALK_LOOP_ENTRIES = 4000  # full-walk entries framed and sent per loop tick (bounds the stall)
 STATE_FILE = "sync.json"  # in the node's state dir: our last session, peers' highest
 DEFAULT_STATE_ROOT = "/run/l4lb"  # daemon.STATE_ROOT: /run/l4lb/<node>/
-
-
-# =========================================================================== ring buffer
-
-# One bcc ring-buffer callback per Program, opened once (bcc cannot close one;
-# opening the same map twice would give two consumers of one ring): agents
-# come and go by swapping the sink it calls.
-_ring_sinks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_libbpf = None
-
-
-def _open_ring(prog, sink: Callable[[bytes], None]) -> None:
-    holder = _ring_sinks.get(prog)
-    if holder is None:
-        holder = _ring_sinks[prog] = [sink]
-
-        def cb(_ctx, data, size, _h=holder):
-            _h[0](ct.string_at(data, size))
-            return 0
-
-        prog.bpf[b"flow_events"].open_ring_buffer(cb)
-    else:
-        holder[0] = sink
-
-
-def _close_ring(prog) -> None:
-    holder = _ring_sinks.get(prog)
-    if holder is not None:
-        holder[0] = _drop_event
-
-
-def _drop_event(_raw: bytes) -> None:
-    pass
-
-
-def _ring_epoll_fd(prog) -> int:
-    """libbpf's epoll fd for the program's ring buffers (readable when one has data)."""
-    global _libbpf
-    mgr = getattr(prog.bpf, "_ringbuf_manager", None)
-    if not mgr:
-        raise RuntimeError("no ring buffer open")
-    if _libbpf is None:
-        lib = ct.CDLL("libbpf.so.1", use_errno=True)
-        lib.ring_buffer__epoll_fd.argtypes = [ct.c_void_p]
-        lib.ring_buffer__epoll_fd.restype = ct.c_int
-        _libbpf = lib
-    fd = _libbpf.ring_buffer__epoll_fd(mgr)
-    if fd < 0:
-        raise RuntimeError("ring_buffer__epoll_fd failed")
-    return fd
-
-
-# =========================================================================== walk thread
-
-
-class _WalkClosed(Exception):
-    pass
-
-
-class _WalkFeed:
-    """A full walk made in a thread: BPF batch lookups, translation to wire
-    records and cutting into datagram-sized chunks all run there; the loop only
-    takes ready chunks (``get``, never blocks) to frame, sign and send them at
-    the walk's pace. At most ``ahead`` chunks wait; the thread wakes the loop
-    (``wake``, thread-safe) when the loop found none ready."""
-
-    def __init__(self, produce: Callable[[_WalkFeed], None], wake: Callable[[], None],
-                 ahead: int = WALK_AHEAD) -> None:
-        self._q: deque = deque()
-        self._cv = threading.Condition()
-        self._ahead = ahead
-        self._wake = wake
-        self._want = False
-        self._closed = False
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, args=(produce,),
-                                        name="sync-walk", daemon=True)
-        self._thread.start()
-
-    def _main(self, produce) -> None:
-        try:
-            produce(self)
-        except _WalkClosed:
-            return
-        except Exception as e:  # noqa: BLE001 - handed to the sender (full_failed)
-            with self._cv:
-                self._error = e
-                self._want = False
-            self._wake()
-
-    def put(self, chunk: PackedEntries, last: bool) -> None:
-        """(walk thread) Queue one chunk; blocks while ``ahead`` are waiting."""
-        with self._cv:
-            while len(self._q) >= self._ahead and not self._closed:
-                self._cv.wait(0.5)
-            if self._closed:
-                raise _WalkClosed
-            self._q.append((chunk, last))
-            want, self._want = self._want, False
-        if want:
-            self._wake()
-
-    def get(self):
-        """(loop) The next (chunk, last), or None if none is ready yet."""
-        with self._cv:
-            if self._q:
-                item = self._q.popleft()
-                self._cv.notify()
-                return item
-            if self._error is not None:
-                raise self._error
-            self._want = True
-            return None
-
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._q.clear()
-            self._cv.notify_all()
 
 
 # =========================================================================== local address
@@ -379,11 +252,9 @@ class SyncAgent:
         self._loop_thread: int | None = None
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
-        self._ring_fd: int | None = None
-        self._ring_thread: threading.Thread | None = None
-        self._ring_task: asyncio.Task | None = None
-        self._ring_stop = threading.Event()
-        self._events: list[bytes] = []
+        # (a lambda: bench/sync.py wraps _on_events on the instance)
+        self._ring = RingConsumer(prog, ring_mode, lambda raws: self._on_events(raws),
+                                  self._ring_error)
         self._rbuf = bytearray(MAX_DATAGRAM + 1)
         self._deferred = Backlog(DEFER_MAX_BYTES, FULL_TURN_BYTES)
         self._full_handle: asyncio.Handle | None = None
@@ -450,7 +321,7 @@ class SyncAgent:
         self._sock = sock
         self.bound = sock.getsockname()[:2]
         loop.add_reader(sock.fileno(), self._on_readable)
-        self._start_ring(loop)
+        self._ring.start(loop)
         self.started_at = self._clock()
         self._task = loop.create_task(self._run(), name="sync")
         log.info("sync: %s on %s, peers %s, role %s, ring %s, session %d", self.node_name,
@@ -466,12 +337,12 @@ class SyncAgent:
             except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping anyway
                 pass
             self._task = None
-        self._drain_ring()
+        self._ring.drain()
         try:
             self._send(self.sender.flush(self._clock()))
         except Exception as e:  # noqa: BLE001
             log.warning("sync: final flush failed: %s", e)
-        await self._stop_ring()
+        await self._ring.stop()
         self.sender.set_role("backup", self._clock())  # ends a walk (and its thread)
         if self._full_handle is not None:
             self._full_handle.cancel()
@@ -508,7 +379,7 @@ class SyncAgent:
         self._urgent = role == "master"
         if old == "master":
             # The flows this node placed up to now go to the new master first.
-            self._drain_ring()
+            self._ring.drain()
             self._send(self.sender.flush(self._clock()))
         self.sender.set_role(role, self._clock())
         self.counters["role_changes"] += 1
@@ -640,71 +511,9 @@ class SyncAgent:
 
     # ----------------------------------------------------------------- new flows
 
-    def _start_ring(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._ring_stop.clear()
-        if self.ring_mode == "thread":
-            # The bcc callback runs in the polling thread: it gets its own list.
-            buf: list[bytes] = []
-            _open_ring(self.prog, buf.append)
-            t = threading.Thread(target=self._ring_thread_main, args=(loop, buf),
-                                 name="sync-ring", daemon=True)
-            self._ring_thread = t
-            t.start()
-            return
-        _open_ring(self.prog, self._events.append)
-        if self.ring_mode == "epoll":
-            self._ring_fd = _ring_epoll_fd(self.prog)
-            loop.add_reader(self._ring_fd, self._drain_ring)
-        else:
-            self._ring_task = loop.create_task(self._ring_poll_main(), name="sync-ring")
-
-    def _ring_thread_main(self, loop: asyncio.AbstractEventLoop, buf: list[bytes]) -> None:
-        bpf = self.prog.bpf
-        while not self._ring_stop.is_set():
-            try:
-                bpf.ring_buffer_poll(100)
-            except Exception:  # noqa: BLE001
-                log.exception("sync: ring buffer poll failed")
-                self._ring_stop.wait(1.0)
-            if buf:
-                batch = buf[:]
-                del buf[:]
-                try:
-                    loop.call_soon_threadsafe(self._on_events, batch)
-                except RuntimeError:  # the loop is closed
-                    return
-
-    async def _ring_poll_main(self) -> None:
-        while True:
-            self._drain_ring()
-            await asyncio.sleep(0.001)
-
-    async def _stop_ring(self) -> None:
-        self._ring_stop.set()
-        if self._ring_fd is not None and self._loop is not None:
-            self._loop.remove_reader(self._ring_fd)
-            self._ring_fd = None
-        if self._ring_thread is not None:
-            await asyncio.to_thread(self._ring_thread.join, 2.0)
-            self._ring_thread = None
-        if self._ring_task is not None:
-            self._ring_task.cancel()
-            self._ring_task = None
-        _close_ring(self.prog)
-
-    def _drain_ring(self) -> None:
-        """Consume what the ring holds (on the loop) and hand it to the sender."""
-        if self.ring_mode == "thread" or self._loop is None:
-            return
-        try:
-            self.prog.bpf.ring_buffer_consume()
-        except Exception as e:  # noqa: BLE001
-            self.counters["ring_errors"] += 1
-            log.warning("sync: ring buffer consume failed: %s", e)
-        if self._events:
-            batch = self._events[:]
-            del self._events[:]
-            self._on_events(batch)
+    def _ring_error(self, e: Exception) -> None:
+        self.counters["ring_errors"] += 1
+        log.warning("sync: ring buffer consume failed: %s", e)
 
     def _on_events(self, raws: list[bytes]) -> None:
         now = self._clock()
@@ -901,161 +710,11 @@ class SyncAgent:
         if self.install_hook is not None:
             self.install_hook(keys, vals, now)
 
-    # ----------------------------------------------------------------- status
-
-    def _peer_states(self) -> list[dict]:
-        rst = self.receiver.status()["peers"]
-        now = self._clock()
-        out = []
-        matched = set()
-        for host, port in self.peers:
-            name, info = None, None
-            for n, p in rst.items():
-                addr = p.get("addr")
-                if isinstance(addr, tuple) and addr[0] == host and addr[1] == port:
-                    name, info = n, p
-                    break
-            if name is not None:
-                matched.add(name)
-            out.append(_peer_row(_fmt_addr((host, port)), name, info, now))
-        for n, p in rst.items():  # authenticated senders from elsewhere (NAT, other port)
-            if n not in matched:
-                out.append(_peer_row(_fmt_addr(p.get("addr")), n, p, now))
-        return out
+    # ----------------------------------------------------------------- status (metrics.py)
 
     def status(self) -> dict:
-        s, r = self.sender, self.receiver
-        ss, rs = s.stats, r.stats
-        peers = self._peer_states()
-        lag = rs.get("lag_s")
-        if s.full_in_progress:
-            state = "full walk"
-        elif any(p["state"] == "up" for p in peers):
-            state = "connected"
-        elif any(p["state"] == "down" for p in peers):
-            state = "peer down"
-        else:
-            state = "waiting for peer"
-        return {
-            "role": s.role,
-            "state": state,
-            "node_id": self.node_name,
-            "listen": str(self.cfg.listen),
-            "peers": ", ".join(
-                f"{p['address']} ({p['name'] or '?'}: {p['state']}"
-                f"{', ' + p['role'] if p['role'] else ''})" for p in peers),
-            "peer_detail": peers,
-            "entries_sent": ss["entries"] + ss["full_entries"],
-            "entries_received": rs["entries"],
-            "entries_installed": self.counters["installed"],
-            "entries_skipped": dict(self.skipped),
-            "lag_ms": None if lag is None else round(lag * 1000, 3),
-            "max_lag_ms": round(rs["max_lag_s"] * 1000, 3),
-            "messages_sent": ss["messages"],
-            "messages_received": rs["messages"],
-            "rejected": {k: v for k, v in r.counters.items() if v},
-            "full_walks": {"sent_started": ss["full_started"],
-                           "sent_completed": ss["full_completed"],
-                           "sent_aborted": ss["full_aborted"],
-                           "sent_failed": ss["full_failed"],
-                           "in_progress": s.full_in_progress,
-                           "entries_sent": ss["full_entries"],
-                           "entries_skipped": dict(self.walk_skipped),
-                           "received_complete": sum(p["full_complete"] or 0 for p in peers),
-                           "received_entries": rs["full_entries"]},
-            "new_flows": {"events": self.counters["events"],
-                          "pending": s.pending_entries,
-                          "dropped_not_master": ss["dropped_not_master"],
-                          "unknown_real": self.counters["events_unknown_real"],
-                          "bad": self.counters["events_bad"]},
-            "full_backlog": len(self._deferred),  # full-walk datagrams set aside
-            "full_backlog_dropped": r.counters["backlog_full"],
-            "session": s.session,
-            "bound": _fmt_addr(self.bound) if self.bound else None,
-            "send_errors": self.counters["send_errors"] + self.counters["send_dropped"],
-            "install_errors": self.counters["install_errors"],
-            "ring_mode": self.ring_mode,
-        }
+        return _status(self)
 
     def metrics(self):
         """prometheus_client metric families (l4lb/metrics.py yields them)."""
-        s, r = self.sender, self.receiver
-        ss, rs = s.stats, r.stats
-        role = GaugeMetricFamily("l4lb_sync_role", "Sync role: 1 on the current one.",
-                                 labels=["role"])
-        for name in ("master", "backup"):
-            role.add_metric([name], 1 if s.role == name else 0)
-        yield role
-        up = GaugeMetricFamily("l4lb_sync_peer_up",
-                               "1 while the peer's messages arrive (authenticated).",
-                               labels=["peer"])
-        for p in self._peer_states():
-            up.add_metric([p["name"] or p["address"]], 1 if p["state"] == "up" else 0)
-        yield up
-        yield CounterMetricFamily("l4lb_sync_messages_sent", "Sync datagrams built and sent.",
-                                  value=ss["messages"])
-        yield CounterMetricFamily("l4lb_sync_messages_received",
-                                  "Sync datagrams accepted (authenticated, in sequence window).",
-                                  value=rs["messages"])
-        sent = CounterMetricFamily("l4lb_sync_entries_sent",
-                                   "Conn entries sent: new flows, and full-walk entries.",
-                                   labels=["kind"])
-        sent.add_metric(["new"], ss["entries"])
-        sent.add_metric(["full"], ss["full_entries"])
-        yield sent
-        recv = CounterMetricFamily("l4lb_sync_entries_received",
-                                   "Conn entries received from the peer.", labels=["kind"])
-        recv.add_metric(["new"], rs["entries"] - rs["full_entries"])
-        recv.add_metric(["full"], rs["full_entries"])
-        yield recv
-        yield CounterMetricFamily("l4lb_sync_entries_installed",
-                                  "Conn entries written to this node's conn table.",
-                                  value=self.counters["installed"])
-        skipped = CounterMetricFamily("l4lb_sync_entries_skipped",
-                                      "Received entries not installed, by reason.",
-                                      labels=["reason"])
-        for reason, n in sorted(self.skipped.items()):
-            skipped.add_metric([reason], n)
-        yield skipped
-        rej = CounterMetricFamily("l4lb_sync_rejected", "Sync datagrams rejected, by reason.",
-                                  labels=["reason"])
-        for reason in REJECT_REASONS:
-            rej.add_metric([reason], r.counters.get(reason, 0))
-        yield rej
-        yield CounterMetricFamily("l4lb_sync_full_walks",
-                                  "Full conn-table walks sent to the peer to the end.",
-                                  value=ss["full_completed"])
-        yield CounterMetricFamily("l4lb_sync_send_errors",
-                                  "Sync datagrams that could not be sent.",
-                                  value=self.counters["send_errors"]
-                                  + self.counters["send_dropped"])
-        yield CounterMetricFamily("l4lb_sync_lost_messages",
-                                  "Sequence gaps in the peer's messages (lost datagrams).",
-                                  value=sum((p.get("lost") or 0)
-                                            for p in r.status()["peers"].values()))
-        lag = rs.get("lag_s")
-        yield GaugeMetricFamily("l4lb_sync_lag_seconds",
-                                "Age of the last batch of new flows when it arrived.",
-                                value=0.0 if lag is None else max(0.0, lag))
-
-
-def _fmt_addr(addr) -> str:
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        host = addr[0]
-        return f"[{host}]:{addr[1]}" if ":" in str(host) else f"{host}:{addr[1]}"
-    return str(addr)
-
-
-def _peer_row(address: str, name: str | None, p: dict | None, now: float) -> dict:
-    if p is None:
-        return {"address": address, "name": None, "state": "unknown", "role": None,
-                "last_seen_s": None, "messages": 0, "entries": 0, "lost": 0, "lag_ms": None,
-                "full_complete": 0}
-    lag = p.get("lag_s")
-    seen = p.get("last_seen")
-    return {"address": address, "name": name, "state": "up" if p.get("alive") else "down",
-            "role": p.get("role"),
-            "last_seen_s": None if seen is None else round(now - seen, 3),
-            "messages": p.get("messages", 0), "entries": p.get("entries", 0),
-            "lost": p.get("lost", 0), "lag_ms": None if lag is None else round(lag * 1000, 3),
-            "full_complete": p.get("full_complete", 0)}
+        return _metrics(self)
