@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes as ct
+import dataclasses
 import hashlib
 import ipaddress
 import os
@@ -298,8 +299,9 @@ def floor_ratios(cases: dict[str, dict]) -> dict[str, dict]:
     """net(case) / net(its floor) for every case whose floor ran in the same run; a floor
     whose net is not above 0.5 ns gives no ratio (None): it would only say noise."""
     out = {}
-    for name, (floor, aim) in FLOOR_OF.items():
-        if name not in cases or floor not in cases:
+    for name in cases:
+        floor, aim = FLOOR_OF.get(name.split("@")[0], (None, None))
+        if floor not in cases:
             continue
         fnet = cases[floor]["net_ns"]
         ratio = round(cases[name]["net_ns"] / fnet, 2) if fnet > 0.5 else None
@@ -537,6 +539,10 @@ def parse_args(argv=None):
     ap.add_argument("--bpf-dir", metavar="DIR",
                     help="compile the balancer from another copy of bpf/ (A/B against an "
                          "older version, e.g. `git archive HEAD bpf | tar -x -C /tmp/old`)")
+    ap.add_argument("--ab-dir", metavar="DIR",
+                    help="also compile the balancer from DIR (another copy of bpf/) and measure "
+                         "every balancer case of it as <case>@A in the same rounds, interleaved "
+                         "(A/B; its counters are not checked, its verdicts are)")
     a = ap.parse_args(argv)
     a.calls = a.calls or (QUICK_CALLS if a.quick else DEFAULT_CALLS)
     if min(a.rounds, a.calls, a.flows, a.chunk, a.flows_1m) < 1:
@@ -550,6 +556,9 @@ def parse_args(argv=None):
         a.case_list = [c for c in CASES if c.name in want]
     else:
         a.case_list = list(CASES)
+    if a.ab_dir:
+        a.case_list += [dataclasses.replace(c, name=c.name + "@A", prog="lb_a")
+                        for c in a.case_list if c.prog == "lb"]
     return a
 
 
@@ -614,7 +623,7 @@ def run(args) -> dict:
     cases = args.case_list
     warmup = min(args.calls, 2000)
     new_per_case = warmup + args.rounds * args.calls
-    lb_cases = [c for c in cases if c.prog == "lb"]
+    lb_cases = [c for c in cases if c.prog in ("lb", "lb_a")]
     floor_cases = [c for c in cases if c.prog in FLOOR_PROGS]
     flows_needed = sum(case_count(c, args, new_per_case) for c in lb_cases if c.vip) + 16
     conn_size = conn_table_size_for(flows_needed, M.DEFAULT_CONN_TABLE_SIZE)
@@ -628,8 +637,15 @@ def run(args) -> dict:
     progs = compile_floors(floor_size) if floor_cases else {}
     progs.update({"pass": loader.compile_pass(), "swap": loader.compile_swap(),
                   "lb": loader.compile_balancer(opts)})
-    try:
-        st = tables.ServiceTables(progs["lb"], opts)
+    if args.ab_dir:
+        here, loader.BPF_DIR = loader.BPF_DIR, Path(args.ab_dir).resolve()
+        try:
+            progs["lb_a"] = loader.compile_balancer(opts)
+        finally:
+            loader.BPF_DIR = here
+
+    def setup(prog):
+        st = tables.ServiceTables(prog, opts)
         st.set_config(tun_src4=TUN_SRC4, tun_src6=TUN_SRC6, flow_events=False,
                       conn_timeout_s=CONN_TIMEOUT_S)
         st.conns.clear()
@@ -638,10 +654,16 @@ def run(args) -> dict:
             vs = st.upsert_vip(addr, port, "tcp", mode=mode)
             st.set_reals(vs.key, real_list(rfam))
         if hasattr(loader, "set_flow_guard"):  # the warm-up admits 100k flows at once
-            loader.set_flow_guard(progs["lb"].map("flow_guard_cfg"), 0xFFFFFFFF)
-        own_macs = hasattr(st, "set_own_macs")
-        if own_macs:  # as the daemon does; BPF_PROG_TEST_RUN's ingress is lo (ifindex 1)
+            loader.set_flow_guard(prog.map("flow_guard_cfg"), 0xFFFFFFFF)
+        if hasattr(st, "set_own_macs"):  # as the daemon does; test runs enter on lo (1)
             st.set_own_macs({1: LB_MAC.hex(":")})
+        return st
+
+    try:
+        st = setup(progs["lb"])
+        if args.ab_dir:
+            setup(progs["lb_a"])
+        own_macs = hasattr(st, "set_own_macs")
         print(f"compiled and set up in {time.monotonic() - t0:.1f} s; building frames ...",
               file=sys.stderr)
 
@@ -661,14 +683,14 @@ def run(args) -> dict:
         # Established flows start with a SYN and its ACK, one flow after the other (a TCP
         # flow enters the conn table by its SYN and its next packet); measured are ACKs.
         for series, c in enumerate(cases):
-            if c.prog == "lb" and c.vip is not None and c.flows != "new":
+            if c.prog in ("lb", "lb_a") and c.vip is not None and c.flows != "new":
                 count = case_count(c, args, new_per_case)
                 syns = case_frames(c, count, series, TCP_SYN)
                 acks = case_frames(c, count, series)
                 size = len(syns) // count
                 both = b"".join(f[i * size:(i + 1) * size] for i in range(count)
                                 for f in (syns, acks))  # SYN 0, ACK 0, SYN 1, ...
-                Runner(progs["lb"].fd, both, size, cyclic=False).run(2 * count, c.verdict)
+                Runner(progs[c.prog].fd, both, size, cyclic=False).run(2 * count, c.verdict)
         for c in cases:
             r = runners[c.name]
             r.run(1, c.verdict)
@@ -720,7 +742,8 @@ def run(args) -> dict:
         g1 = st.global_counters()
         misses = g1["conn_miss"] - g0["conn_miss"]
         lost = g1.get("conn_miss_non_syn", 0) - g0.get("conn_miss_non_syn", 0)  # ACKs of no flow
-        expect_new = args.rounds * args.calls * sum(1 for c in lb_cases if c.flows == "new")
+        expect_new = args.rounds * args.calls * sum(1 for c in cases
+                                                    if c.prog == "lb" and c.flows == "new")
         if misses != expect_new or lost:
             raise BenchError(f"{misses} new flows counted, expected {expect_new}, and {lost} "
                              "packets of no known flow: an entry was evicted or a flow was "
@@ -748,7 +771,8 @@ def run(args) -> dict:
                   "frame_bytes_v6": len(tcp_frame(bytes(16), bytes(16), 1, 1)),
                   "many_flows": args.flows, "flows_1m": args.flows_1m,
                   "floor_table_size": floor_size if floor_cases else None, "cpu": cpu, "cpus": os.cpu_count(),
-                  "bpf_dir": str(args.bpf_dir or "bpf"), "bpf_sha256": bpf_digest(loader.BPF_DIR),
+                  "bpf_dir": str(args.bpf_dir or "bpf"), "ab_dir": args.ab_dir,
+                  "bpf_sha256": bpf_digest(loader.BPF_DIR),
                   "own_macs": own_macs},
         "targets_net_ns": TARGETS, "katran_net_ns": KATRAN,
     }

@@ -27,14 +27,6 @@ static __always_inline void count(__u32 reason)
         *c += 1;
 }
 
-static __always_inline void count_flow(struct counters *c, __u32 bytes, int new_flow)
-{
-    if (!c)
-        return;
-    c->packets += 1;
-    c->bytes += bytes;
-    c->new_flows += new_flow;
-}
 
 static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
 {
@@ -326,7 +318,7 @@ int xdp_balancer(struct xdp_md *ctx)
     struct lb_config *cfg = config.lookup(&zero);
     if (!cfg)
         return XDP_PASS;
-    __u32 vip_id = vip->vip_id;
+    __u32 vip_id = vip->vip_id; /* stats_vip: only user space writes it */
     /* The flow hash is computed only where it is used (ring pick, IPv6 outer flow
      * label): an established flow in DR mode never needs it. */
     int src_only = vip->flags & VIP_F_HASH_SRC;
@@ -353,8 +345,7 @@ int xdp_balancer(struct xdp_md *ctx)
                 cv->last_seen_ns = now; /* avoid dirtying the entry on every packet */
         }
         if (real && real->family && !(real->flags & REAL_F_DOWN) && !stale) {
-            hit = 1;
-            count(ST_CONN_HIT);
+            hit = 1; /* counted in the real's record below */
         } else {
             real = 0; /* its real went down, or the flow idled out: reschedule */
             if (!p.is_icmp_err)
@@ -417,9 +408,15 @@ int xdp_balancer(struct xdp_md *ctx)
     if (p.is_icmp_err)
         count(ST_ICMP_FORWARDED);
 
-    __u32 bytes = (__u32)(data_end - data);
-    count_flow(stats_vip.lookup(&vip_id), bytes, new_flow);
-    count_flow(stats_real.lookup(&real_id), bytes, new_flow);
+    /* One per-CPU record per packet: the real's (its VIP's sums and the global
+     * conn_hit / tx_dr / tx_tun are derived from it in user space). */
+    struct real_counters *rs = stats_real.lookup(&real_id);
+    if (rs) {
+        rs->packets += 1;
+        rs->bytes += (__u32)(data_end - data);
+        rs->new_flows += new_flow;
+        rs->conn_hit += hit;
+    }
 
     if (vip->flags & VIP_F_TUN) {
         if (!hashed && real->family == FAMILY_V6)
@@ -429,9 +426,11 @@ int xdp_balancer(struct xdp_md *ctx)
             count(ST_DROP_ENCAP);
             return XDP_DROP;
         }
-        count(ST_TX_TUN);
+        if (rs)
+            rs->tx_tun += 1;
         return act;
     }
-    count(ST_TX_DR);
+    if (rs)
+        rs->tx_dr += 1;
     return forward_dr(ctx, real);
 }

@@ -118,6 +118,19 @@ struct counters {
     __u64 new_flows;
 };
 
+/* Per real, per CPU: the one record an established flow's packet touches. Its
+ * packets also count for the real's VIP and its hits and transmits for the
+ * global reasons: user space sums them (stats_vip and stats_global's conn_hit,
+ * tx_dr and tx_tun only keep what freed real ids had counted). */
+struct real_counters {
+    __u64 packets;
+    __u64 bytes;
+    __u64 new_flows;
+    __u64 conn_hit;
+    __u64 tx_dr;
+    __u64 tx_tun;
+};
+
 /* Verdicts and reasons, counted per CPU in stats_global. */
 enum stat_reason {
     ST_PASS_NON_IP = 0,    /* not IPv4/IPv6 (ARP, LLDP, ...) */
@@ -206,6 +219,6 @@ L4LB_MAP("array", __u32, struct own_mac, own_macs, MAX_IFINDEX, 0);
 #define VIP_FILTER_SIZE 4096
 L4LB_MAP("array", __u32, __u32, vip_filter, VIP_FILTER_SIZE, 0);
 L4LB_MAP("percpu_array", __u32, struct counters, stats_vip, MAX_VIPS, 0);
-L4LB_MAP("percpu_array", __u32, struct counters, stats_real, MAX_REALS, 0);
+L4LB_MAP("percpu_array", __u32, struct real_counters, stats_real, MAX_REALS, 0);
 L4LB_MAP("percpu_array", __u32, __u64, stats_global, ST_MAX, 0);
 BPF_RINGBUF_OUTPUT(flow_events, 256);

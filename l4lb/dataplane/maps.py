@@ -15,7 +15,7 @@ import struct
 from enum import IntEnum
 from pathlib import Path
 
-LAYOUT_VERSION = 6  # 6: embryos (direct-mapped array), flow_guard maps; more stat reasons
+LAYOUT_VERSION = 7  # 7: stats_real holds RealCounters (one record per packet)
 
 FAMILY_V4 = 4
 FAMILY_V6 = 6
@@ -163,6 +163,17 @@ class Counters(ct.Structure):
     _fields_ = [("packets", ct.c_uint64), ("bytes", ct.c_uint64), ("new_flows", ct.c_uint64)]
 
 
+class RealCounters(ct.Structure):
+    """stats_real's record: the real's counters and the per-packet global reasons it
+    stands for (user space derives per-VIP sums and conn_hit/tx_dr/tx_tun from it)."""
+    _fields_ = [("packets", ct.c_uint64), ("bytes", ct.c_uint64), ("new_flows", ct.c_uint64),
+                ("conn_hit", ct.c_uint64), ("tx_dr", ct.c_uint64), ("tx_tun", ct.c_uint64)]
+
+
+#: The global reasons the data plane counts in RealCounters instead of stats_global.
+REAL_REASONS = ("conn_hit", "tx_dr", "tx_tun")
+
+
 class FlowEvent(ct.Structure):
     _fields_ = [("key", FlowKey), ("real_id", ct.c_uint32), ("vip_id", ct.c_uint32),
                 ("ts_ns", ct.c_uint64)]
@@ -170,7 +181,7 @@ class FlowEvent(ct.Structure):
 
 # Sizes must match the C side exactly; a mismatch is a bug caught at import.
 for _s, _n in ((VipKey, 20), (VipMeta, 16), (VipEntry, 36), (RealDef, 24), (FlowKey, 40), (ConnVal, 16),
-               (LbConfig, 32), (Counters, 24), (FlowEvent, 56), (Embryo, 64), (FlowGuardCfg, 8),
+               (LbConfig, 32), (Counters, 24), (RealCounters, 48), (FlowEvent, 56), (Embryo, 64), (FlowGuardCfg, 8),
                (FlowGuardState, 16)):
     assert ct.sizeof(_s) == _n, (_s.__name__, ct.sizeof(_s))
 
@@ -183,7 +194,7 @@ MAP_TYPES = {
     "embryos": (ct.c_uint32, Embryo), "config": (ct.c_uint32, LbConfig),
     "flow_guard_cfg": (ct.c_uint32, FlowGuardCfg), "flow_guard": (ct.c_uint32, FlowGuardState),
     "own_macs": (ct.c_uint32, OwnMac), "vip_filter": (ct.c_uint32, ct.c_uint32),
-    "stats_vip": (ct.c_uint32, Counters), "stats_real": (ct.c_uint32, Counters),
+    "stats_vip": (ct.c_uint32, Counters), "stats_real": (ct.c_uint32, RealCounters),
     "stats_global": (ct.c_uint32, ct.c_uint64),
 }
 # Structs user space reads that no map names as key or value (ring buffer records).

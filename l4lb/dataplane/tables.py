@@ -43,6 +43,8 @@ from l4lb.errors import L4lbError
 log = logging.getLogger("l4lb.tables")
 
 WALK_BATCH = 4096  # conn entries per bpf(2) call of a walk (~1 ms each)
+_FLOW_FIELDS = ("packets", "bytes", "new_flows")
+_REAL_FIELDS = tuple(f for f, _ in M.RealCounters._fields_)
 STATE_SIZES = ("max_vips", "max_reals", "ring_max", "conn_table_size", "per_cpu_lru")
 # enum bpf_map_type values of the maps a clean start knows how to empty.
 _BPF_HASH, _BPF_ARRAY, _BPF_PERCPU_HASH, _BPF_PERCPU_ARRAY = 1, 2, 5, 6
@@ -122,6 +124,7 @@ class ServiceTables:
         self._slot_rings: dict[int, np.ndarray] = {}  # what each ring slot holds
         self._filter_slots: set[int] = set()  # vip_filter slots set to 1
         self._retired_at: dict[int, float] = {}  # real id -> monotonic time it was retired
+        self._global_base: dict[str, int] = {}  # real-derived reasons at the last reset
         # Why this start reset the maps (None: restored, or a first start).
         self.clean_start_reason: str | None = None
         self._restore_or_reset()
@@ -352,7 +355,7 @@ class ServiceTables:
         del self._vips_map[M.vip_key(vs.address, vs.port, vs.proto)]
         self._vip_by_id[ct.c_uint32(vs.vip_id)] = M.VipEntry()  # family 0: unused
         for r in [*vs.reals.values(), *vs.retired.values()]:
-            self._free_real(r)
+            self._free_real(r, vs.vip_id)
         # Freed in the maps first, then in the file: the file names every id in use.
         self._free_vip_ids.append(vs.vip_id)
         self._published.discard(vs.vip_id)
@@ -444,7 +447,7 @@ class ServiceTables:
                     continue
                 if started is not None and self._retired_at.get(r.real_id, 0.0) >= started:
                     continue
-                self._free_real(vs.retired.pop(addr))
+                self._free_real(vs.retired.pop(addr), vs.vip_id)
                 freed += 1
         if freed:
             self._save()
@@ -483,9 +486,10 @@ class ServiceTables:
         self._reals_map[ct.c_uint32(r.real_id)] = M.real_def(r.address, r.mac, r.down)
         self._written.add(r.real_id)
 
-    def _free_real(self, r: RealState) -> None:
+    def _free_real(self, r: RealState, vip_id: int) -> None:
         # family 0 marks the id unused: flows still naming it are rescheduled.
         self._reals_map[ct.c_uint32(r.real_id)] = M.RealDef()
+        self._fold_real_counters(r.real_id, vip_id)
         self._written.discard(r.real_id)
         self._retired_at.pop(r.real_id, None)
         self._free_real_ids.append(r.real_id)  # FIFO: an id is reused as late as possible
@@ -573,30 +577,88 @@ class ServiceTables:
         return out[:meta.ring_size]
 
     # ---------------------------------------------------------------- stats
+    # The data plane touches one per-CPU record per packet, the real's (RealCounters).
+    # A VIP's counters are the sum of its reals' (live and retired: a real id belongs to
+    # one VIP for its life) plus stats_vip, which keeps what its freed reals had counted;
+    # the global conn_hit / tx_dr / tx_tun likewise (stats_global keeps the freed part).
+    # Only user space writes those stats_vip and stats_global entries: no update races.
     def _zero_counters(self, table, idx: int) -> None:
         zero = table.Leaf()
         table[ct.c_uint32(idx)] = (type(zero) * len(table[ct.c_uint32(idx)]))()
 
     @staticmethod
-    def _sum(table, idx: int) -> dict[str, int]:
+    def _sum(table, idx: int, fields=_FLOW_FIELDS) -> dict[str, int]:
         vals = table[ct.c_uint32(idx)]
-        return {f: sum(getattr(v, f) for v in vals) for f in ("packets", "bytes", "new_flows")}
+        return {f: sum(getattr(v, f) for v in vals) for f in fields}
+
+    def _real_sums(self, ids) -> np.ndarray:
+        """Per-CPU-summed RealCounters of `ids`, one row each (fields as in the struct)."""
+        ids = list(ids)
+        if len(ids) <= 16:
+            rows = [[sum(getattr(v, f) for v in self._stats_real[ct.c_uint32(i)])
+                     for f in _REAL_FIELDS] for i in ids]
+            return np.array(rows, dtype=np.uint64).reshape(len(ids), len(_REAL_FIELDS))
+        per_cpu = ct.sizeof(self._stats_real.Leaf) // ct.sizeof(M.RealCounters)
+        everything = np.zeros((self._stats_real.max_entries, len(_REAL_FIELDS)), np.uint64)
+        for keys, vals, n in bpfsys.lookup_batches(self._stats_real.map_fd, 4,
+                                                   ct.sizeof(self._stats_real.Leaf), 1024):
+            idx = np.frombuffer(keys, np.uint32, n)
+            rec = np.frombuffer(vals, np.uint64).reshape(n, per_cpu, len(_REAL_FIELDS))
+            everything[idx] = rec.sum(axis=1)
+        return everything[np.array(ids, dtype=np.int64)]
+
+    def _fold_real_counters(self, real_id: int, vip_id: int) -> None:
+        """Before an id is freed (and later zeroed for its next real): what it counted
+        moves to its VIP's stats_vip entry and to the global reasons it stands for."""
+        got = dict(zip(_REAL_FIELDS, self._real_sums([real_id])[0].tolist(), strict=True))
+        if not any(got.values()):
+            return
+        vals = self._stats_vip[ct.c_uint32(vip_id)]
+        for f in _FLOW_FIELDS:
+            setattr(vals[0], f, getattr(vals[0], f) + got[f])
+        self._stats_vip[ct.c_uint32(vip_id)] = vals
+        for name in M.REAL_REASONS:
+            k = ct.c_uint32(int(M.StatReason[name.upper()]))
+            g = self._stats_global[k]
+            g[0] += got[name]
+            self._stats_global[k] = g
+
+    def _vip_real_ids(self, vs: VipState) -> list[int]:
+        return [r.real_id for r in [*vs.reals.values(), *vs.retired.values()]]
 
     def vip_counters(self, key: str) -> dict[str, int]:
-        return self._sum(self._stats_vip, self._vip(key).vip_id)
+        vs = self._vip(key)
+        out = self._sum(self._stats_vip, vs.vip_id)
+        ids = self._vip_real_ids(vs)
+        if ids:
+            sums = self._real_sums(ids).sum(axis=0)
+            for j, f in enumerate(_REAL_FIELDS):
+                if f in out:
+                    out[f] += int(sums[j])
+        return out
 
     def real_counters(self, key: str, address) -> dict[str, int]:
         return self._sum(self._stats_real, self._real(key, address).real_id)
 
+    def _real_reason_sums(self) -> dict[str, int]:
+        ids = [i for vs in self.vips.values() for i in self._vip_real_ids(vs)]
+        sums = self._real_sums(ids).sum(axis=0) if ids else np.zeros(len(_REAL_FIELDS))
+        return {f: int(sums[_REAL_FIELDS.index(f)]) for f in M.REAL_REASONS}
+
     def reset_global_counters(self) -> None:
+        """Zero the global counters (as seen by global_counters(); per-real and per-VIP
+        counters stay)."""
         for reason in M.StatReason:
             self._zero_counters(self._stats_global, int(reason))
+        self._global_base = self._real_reason_sums()
 
     def global_counters(self) -> dict[str, int]:
         out = {}
         for reason in M.StatReason:
             vals = self._stats_global[ct.c_uint32(reason)]
             out[reason.name.lower()] = sum(int(v) for v in vals)
+        for f, v in self._real_reason_sums().items():
+            out[f] += v - self._global_base.get(f, 0)
         return out
 
     # ----------------------------------------------------------- conn table
