@@ -7,16 +7,23 @@ never picks a deprecated address as a source when another one exists, RFC 6724
 rule 3), and `own_address` / `SourcePicker` name the address to bind to
 explicitly (IPv4 has no such rule: a VIP in the node's subnet is only a
 secondary address, but a VIP of another subnet would be its primary).
+
+Blocking calls (one IPRoute each) for the daemon, run in threads where they
+could stall the loop; `AsyncNetlink` (one AsyncIPRoute) for the VRRP agent,
+whose VIPs may also carry a lifetime. Both add VIPs with `_vip_attrs`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import socket
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -28,8 +35,11 @@ IFA_F_DEPRECATED = 0x20
 IFA_F_TENTATIVE = 0x40
 IFA_F_NOPREFIXROUTE = 0x200
 INFINITY_LFT = 0xFFFFFFFF
+IFF_UP = 0x1
+IFF_RUNNING = 0x40
 log = logging.getLogger("l4lb.netutil")
 SOURCE_REFRESH_S = 10.0  # SourcePicker re-reads the addresses this often
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # reachable/stale/delay/probe/noarp/perm
 
 
@@ -126,14 +136,24 @@ class SourcePicker:
             return addr
 
 
+def _vip_attrs(version: int, lifetime: int = 0) -> dict[str, Any]:
+    """Netlink attributes of a VIP address. IPv6: no DAD, and deprecated (preferred_lft
+    0): the kernel never picks the VIP as the source of our own traffic, or health checks
+    would be answered to the reals themselves. ``lifetime`` > 0: the kernel deletes the
+    address after that many seconds unless it is renewed; 0: forever."""
+    valid = lifetime if lifetime > 0 else INFINITY_LFT
+    if version == 6:
+        return {"flags": IFA_F_NODAD, "IFA_CACHEINFO": {"ifa_preferred": 0, "ifa_valid": valid}}
+    if lifetime > 0:
+        return {"IFA_CACHEINFO": {"ifa_preferred": lifetime, "ifa_valid": lifetime}}
+    return {}
+
+
 def add_address(ifname: str, addr) -> bool:
     """Add a VIP as a host address (IPv6: deprecated, never a source); False when it
     was already there."""
     ip = ipaddress.ip_address(addr)
-    kw = {}
-    if ip.version == 6:
-        kw = {"flags": IFA_F_NODAD,
-              "IFA_CACHEINFO": {"ifa_preferred": 0, "ifa_valid": INFINITY_LFT}}
+    kw = _vip_attrs(ip.version)
     with IPRoute() as ipr:
         try:
             ipr.addr("add", index=ifindex(ifname), address=str(ip), prefixlen=ip.max_prefixlen,
@@ -202,3 +222,78 @@ def resolve_mac(addr, timeout: float = 2.0) -> str | None:
             if mac:
                 return mac
     return None
+
+
+# --------------------------------------------------------------------------
+# asyncio (the VRRP agent): one AsyncIPRoute
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    index: int
+    up: bool
+    mac: str
+
+
+class AsyncNetlink:
+    """The few rtnetlink operations the VRRP agent needs, over one AsyncIPRoute."""
+
+    def __init__(self) -> None:
+        self._ipr = None
+
+    def _get(self):
+        if self._ipr is None:
+            from pyroute2 import AsyncIPRoute  # noqa: PLC0415 - only the agent needs it
+
+            self._ipr = AsyncIPRoute()
+        return self._ipr
+
+    async def link(self, ifname: str) -> LinkInfo | None:
+        try:
+            msgs = await self._get().link("get", ifname=ifname)
+        except NetlinkError as e:
+            if e.code in (errno.ENODEV, errno.ENOENT):
+                return None
+            raise
+        for m in msgs:
+            flags = m["flags"]
+            return LinkInfo(m["index"], bool(flags & IFF_UP and flags & IFF_RUNNING),
+                            m.get("address") or "00:00:00:00:00:00")
+        return None
+
+    async def addresses(self, index: int, family: int) -> list[tuple[IPAddress, int, int, int]]:
+        """(address, prefixlen, flags, scope) of the interface, one family."""
+        af = socket.AF_INET if family == 4 else socket.AF_INET6
+        out = []
+        async for m in await self._get().addr("dump"):
+            if m["index"] != index or m["family"] != af:
+                continue
+            flags = m.get("IFA_FLAGS") or m["flags"]
+            out.append((ipaddress.ip_address(m.get("address")), m["prefixlen"], flags,
+                        m["scope"]))
+        return out
+
+    async def add_address(self, index: int, iface: ipaddress.IPv4Interface |
+                          ipaddress.IPv6Interface, lifetime: int) -> None:
+        """Add or renew (replace) a VIP; ``lifetime`` as in `_vip_attrs`."""
+        await self._get().addr("replace", index=index, address=str(iface.ip),
+                               prefixlen=iface.network.prefixlen,
+                               **_vip_attrs(iface.version, lifetime))
+
+    async def del_address(self, index: int, iface: ipaddress.IPv4Interface |
+                          ipaddress.IPv6Interface) -> bool:
+        """Delete; False if it was not there."""
+        try:
+            await self._get().addr("del", index=index, address=str(iface.ip),
+                                   prefixlen=iface.network.prefixlen)
+        except NetlinkError as e:
+            if e.code in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ENODEV, errno.ESRCH):
+                return False
+            raise
+        return True
+
+    async def close(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None

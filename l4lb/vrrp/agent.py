@@ -1,5 +1,9 @@
 """VRRP agent: the asyncio driver of :class:`~l4lb.vrrp.machine.VrrpMachine`.
 
+Beside it: sockets.py (the raw VRRP socket, the AF_PACKET sender), frames.py
+(gratuitous ARP / unsolicited NA frames, IPv4 header parsing), packet.py (the
+advert codec); VIP addresses go through l4lb.netutil.AsyncNetlink.
+
 The agent owns the I/O and none of the protocol rules: it feeds the machine
 adverts, timer ticks, interface and track events, with ``loop.time()`` as the
 clock, and performs the actions the machine returns, in order.
@@ -17,8 +21,8 @@ clock, and performs the actions the machine returns, in order.
   batch per wake-up, so a flood cannot starve the timers.
 * **Timers**: one task sleeps until ``machine.next_deadline()`` and is woken
   early by every event.  All machine calls happen in that task, one at a time.
-* **VIPs** are added / removed with pyroute2 on ``cfg.interface`` in the
-  current network namespace (IPv6 with IFA_F_NODAD and deprecated, preferred_lft
+* **VIPs** are added / removed with pyroute2 (:class:`l4lb.netutil.AsyncNetlink`) on
+  ``cfg.interface`` in the current network namespace (IPv6 with IFA_F_NODAD and deprecated, preferred_lft
   0, so the kernel never makes a VIP the source of the node's own traffic).
   Removing an address that is not there is not an error.
 * **Gratuitous ARP** (IPv4: ARP request, sender = target = VIP, broadcast) /
@@ -95,7 +99,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import errno
 import gc
 import inspect
 import ipaddress
@@ -104,20 +107,18 @@ import logging
 import math
 import os
 import signal
-import socket
-import struct
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import scripts
+from .. import netutil, scripts
 from ..config import VrrpConfig
 from ..errors import L4lbError
 from ..health import RiseFall
+from .frames import build_garp, build_unsolicited_na
 from .machine import (
     AddVips,
     Config,
@@ -131,49 +132,23 @@ from .machine import (
 from .packet import (
     AUTH_NONE,
     AUTH_SIMPLE,
-    IPPROTO_VRRP,
-    VRRP_MCAST_V4,
-    VRRP_MCAST_V6,
-    VRRP_TTL,
     Address,
     Advert,
     VrrpDecodeError,
     decode,
     encode,
-    inet_checksum,
 )
+from .sockets import VrrpSocket, _L2Sender
 
 __all__ = [
     "AgentError",
     "VrrpAgent",
-    "VrrpSocket",
-    "build_garp",
-    "build_unsolicited_na",
-    "parse_ipv4",
-    "hop_limit",
     "machine_config",
     "default_vip_lifetime",
     "main",
 ]
 
 log = logging.getLogger("l4lb.vrrp")
-
-# Linux constants the socket module lacks.
-IP_PKTINFO = 8
-IP_MULTICAST_ALL = 49
-IPV6_MULTICAST_ALL = 29
-IFA_F_SECONDARY = 0x01
-IFA_F_NODAD = 0x02
-IFF_UP = 0x1
-IFF_RUNNING = 0x40
-ETH_P_ARP = 0x0806
-ETH_P_IPV6 = 0x86DD
-IPPROTO_ICMPV6 = 58
-ND_NEIGHBOR_ADVERT = 136
-ND_NA_FLAG_OVERRIDE = 0x20000000
-ND_OPT_TARGET_LLADDR = 2
-ALL_NODES_V6 = ipaddress.IPv6Address("ff02::1")
-VRRP_TOS = 0xC0  # precedence "internetwork control", as keepalived
 
 LINK_POLL_S = 0.1
 GARP_SPACING_S = 0.01
@@ -218,281 +193,6 @@ def default_vip_lifetime(mcfg: Config) -> int:
     if mcfg.version == 2:
         mdi = 3 * mcfg.interval_cs / 100.0 + (256 - mcfg.priority) / 256.0
     return max(3, math.ceil(3 * mdi))
-
-
-def _mac_bytes(mac: str) -> bytes:
-    b = bytes(int(x, 16) for x in mac.split(":"))
-    if len(b) != 6:
-        raise ValueError(f"not a MAC address: {mac!r}")
-    return b
-
-
-def build_garp(mac: str, vip: ipaddress.IPv4Address | str) -> bytes:
-    """A gratuitous ARP request frame: broadcast, sender = target = ``vip``."""
-    m = _mac_bytes(mac)
-    ip = ipaddress.IPv4Address(vip).packed
-    eth = b"\xff" * 6 + m + struct.pack("!H", ETH_P_ARP)
-    arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + m + ip + b"\0" * 6 + ip
-    return (eth + arp).ljust(60, b"\0")
-
-
-def build_unsolicited_na(mac: str, src: ipaddress.IPv6Address | str,
-                         target: ipaddress.IPv6Address | str) -> bytes:
-    """An unsolicited neighbour advertisement frame for ``target`` to ff02::1.
-
-    Override flag set, solicited flag clear, target link-layer address option
-    ``mac``, hop limit 255, source ``src`` (an address of the interface).
-    """
-    m = _mac_bytes(mac)
-    s = ipaddress.IPv6Address(src)
-    t = ipaddress.IPv6Address(target)
-    dst = ALL_NODES_V6
-    icmp = (struct.pack("!BBHI", ND_NEIGHBOR_ADVERT, 0, 0, ND_NA_FLAG_OVERRIDE) + t.packed
-            + struct.pack("!BB", ND_OPT_TARGET_LLADDR, 1) + m)
-    pseudo = s.packed + dst.packed + struct.pack("!I3xB", len(icmp), IPPROTO_ICMPV6)
-    icmp = icmp[:2] + struct.pack("!H", inet_checksum(pseudo + icmp)) + icmp[4:]
-    ip6 = struct.pack("!IHBB", 6 << 28, len(icmp), IPPROTO_ICMPV6, 255) + s.packed + dst.packed
-    eth = b"\x33\x33" + dst.packed[-4:] + m + struct.pack("!H", ETH_P_IPV6)
-    return eth + ip6 + icmp
-
-
-def parse_ipv4(packet: bytes) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address, int, bytes]:
-    """Split what an IPv4 raw socket delivers: (src, dst, ttl, payload).
-
-    Raises :class:`VrrpDecodeError` ("truncated") for a short or bad header.
-    """
-    if len(packet) < 20 or packet[0] >> 4 != 4:
-        raise VrrpDecodeError("truncated", "no IPv4 header")
-    ihl = (packet[0] & 0x0F) * 4
-    total = struct.unpack_from("!H", packet, 2)[0]
-    if ihl < 20 or len(packet) < ihl:
-        raise VrrpDecodeError("truncated", "bad IPv4 header length")
-    end = total if ihl <= total <= len(packet) else len(packet)
-    return (ipaddress.IPv4Address(packet[12:16]), ipaddress.IPv4Address(packet[16:20]),
-            packet[8], bytes(packet[ihl:end]))
-
-
-def hop_limit(ancdata: list[tuple[int, int, bytes]]) -> int | None:
-    """The IPV6_HOPLIMIT value in recvmsg ancillary data, None if absent."""
-    for level, typ, data in ancdata:
-        if level == socket.IPPROTO_IPV6 and typ == socket.IPV6_HOPLIMIT and len(data) >= 4:
-            return struct.unpack("@i", data[:4])[0]
-    return None
-
-
-def _pktinfo6_dst(ancdata: list[tuple[int, int, bytes]]) -> ipaddress.IPv6Address | None:
-    for level, typ, data in ancdata:
-        if level == socket.IPPROTO_IPV6 and typ == socket.IPV6_PKTINFO and len(data) >= 16:
-            return ipaddress.IPv6Address(data[:16])
-    return None
-
-
-# --------------------------------------------------------------------------
-# Raw VRRP socket
-# --------------------------------------------------------------------------
-
-
-class VrrpSocket:
-    """The raw protocol-112 socket of one instance (one family, one interface).
-
-    ``recv()`` returns ``(payload, src, dst, ttl)`` or None when nothing is
-    waiting; a malformed IPv4 header raises :class:`VrrpDecodeError`.
-    ``sock`` may be given (tests); otherwise :meth:`open` makes it.
-    """
-
-    def __init__(self, family: int, ifname: str, ifindex: int, src: Address,
-                 peers: tuple[Address, ...] = (), sock: Any = None) -> None:
-        self.family = family
-        self.ifname = ifname
-        self.ifindex = ifindex
-        self.src = src
-        self.peers = tuple(peers)
-        self.sock = sock
-
-    @property
-    def group(self) -> Address:
-        return VRRP_MCAST_V4 if self.family == 4 else VRRP_MCAST_V6
-
-    @property
-    def destinations(self) -> tuple[Address, ...]:
-        return self.peers or (self.group,)
-
-    def open(self) -> VrrpSocket:
-        af = socket.AF_INET if self.family == 4 else socket.AF_INET6
-        s = socket.socket(af, socket.SOCK_RAW, IPPROTO_VRRP)
-        try:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.ifname.encode())
-            if self.family == 4:
-                ip = socket.IPPROTO_IP
-                s.setsockopt(ip, socket.IP_TTL, VRRP_TTL)
-                s.setsockopt(ip, socket.IP_MULTICAST_TTL, VRRP_TTL)
-                s.setsockopt(ip, socket.IP_MULTICAST_LOOP, 0)
-                s.setsockopt(ip, socket.IP_TOS, VRRP_TOS)
-                _try_setsockopt(s, ip, IP_MULTICAST_ALL, 0)
-                s.setsockopt(ip, socket.IP_MULTICAST_IF,
-                             struct.pack("4s4si", b"\0" * 4, self.src.packed, self.ifindex))
-                if not self.peers:
-                    s.setsockopt(ip, socket.IP_ADD_MEMBERSHIP,
-                                 struct.pack("4s4si", VRRP_MCAST_V4.packed, b"\0" * 4,
-                                             self.ifindex))
-            else:
-                ip6 = socket.IPPROTO_IPV6
-                s.setsockopt(ip6, socket.IPV6_UNICAST_HOPS, VRRP_TTL)
-                s.setsockopt(ip6, socket.IPV6_MULTICAST_HOPS, VRRP_TTL)
-                s.setsockopt(ip6, socket.IPV6_MULTICAST_LOOP, 0)
-                s.setsockopt(ip6, socket.IPV6_MULTICAST_IF, self.ifindex)
-                s.setsockopt(ip6, socket.IPV6_RECVHOPLIMIT, 1)
-                s.setsockopt(ip6, socket.IPV6_RECVPKTINFO, 1)
-                s.setsockopt(ip6, socket.IPV6_TCLASS, VRRP_TOS)
-                _try_setsockopt(s, ip6, IPV6_MULTICAST_ALL, 0)
-                if not self.peers:
-                    s.setsockopt(ip6, socket.IPV6_JOIN_GROUP,
-                                 struct.pack("16sI", VRRP_MCAST_V6.packed, self.ifindex))
-            s.setblocking(False)
-        except BaseException:
-            s.close()
-            raise
-        self.sock = s
-        return self
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-
-    def send(self, payload: bytes, dst: Address) -> None:
-        """Send one advert from ``self.src`` out of the interface."""
-        if self.family == 4:
-            info = struct.pack("I4s4s", self.ifindex, self.src.packed, b"\0" * 4)
-            self.sock.sendmsg([payload], [(socket.IPPROTO_IP, IP_PKTINFO, info)], 0,
-                              (str(dst), 0))
-        else:
-            info = struct.pack("16sI", self.src.packed, self.ifindex)
-            scope = self.ifindex if dst.is_link_local or dst.is_multicast else 0
-            self.sock.sendmsg([payload], [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, info)], 0,
-                              (str(dst), 0, 0, scope))
-
-    def recv(self) -> tuple[bytes, Address, Address, int | None] | None:
-        try:
-            if self.family == 4:
-                data = self.sock.recv(65535)
-                src, dst, ttl, payload = parse_ipv4(data)
-                return payload, src, dst, ttl
-            data, anc, _flags, addr = self.sock.recvmsg(65535, 256)
-        except (BlockingIOError, InterruptedError):
-            return None
-        src6 = ipaddress.IPv6Address(addr[0].split("%", 1)[0])
-        dst6 = _pktinfo6_dst(anc) or self.group
-        return bytes(data), src6, dst6, hop_limit(anc)
-
-
-def _try_setsockopt(s: socket.socket, level: int, opt: int, value: int) -> None:
-    try:
-        s.setsockopt(level, opt, value)
-    except OSError:  # older kernels
-        pass
-
-
-class _L2Sender:
-    """Sends whole Ethernet frames out of an interface (AF_PACKET)."""
-
-    def __init__(self, ifname: str) -> None:
-        self.ifname = ifname
-
-    def send(self, frames: list[bytes]) -> int:
-        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) as s:
-            s.bind((self.ifname, 0))
-            for f in frames:
-                s.send(f)
-        return len(frames)
-
-
-# --------------------------------------------------------------------------
-# Netlink (pyroute2, current namespace)
-# --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LinkInfo:
-    index: int
-    up: bool
-    mac: str
-
-
-class _Netlink:
-    """The few rtnetlink operations the agent needs, over one AsyncIPRoute."""
-
-    def __init__(self) -> None:
-        self._ipr = None
-
-    def _get(self):
-        if self._ipr is None:
-            from pyroute2 import AsyncIPRoute  # noqa: PLC0415 - heavy import
-
-            self._ipr = AsyncIPRoute()
-        return self._ipr
-
-    async def link(self, ifname: str) -> LinkInfo | None:
-        from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415
-
-        try:
-            msgs = await self._get().link("get", ifname=ifname)
-        except NetlinkError as e:
-            if e.code in (errno.ENODEV, errno.ENOENT):
-                return None
-            raise
-        for m in msgs:
-            flags = m["flags"]
-            return LinkInfo(m["index"], bool(flags & IFF_UP and flags & IFF_RUNNING),
-                            m.get("address") or "00:00:00:00:00:00")
-        return None
-
-    async def addresses(self, index: int, family: int) -> list[tuple[Address, int, int, int]]:
-        """(address, prefixlen, flags, scope) of the interface, one family."""
-        af = socket.AF_INET if family == 4 else socket.AF_INET6
-        out = []
-        async for m in await self._get().addr("dump"):
-            if m["index"] != index or m["family"] != af:
-                continue
-            flags = m.get("IFA_FLAGS") or m["flags"]
-            out.append((ipaddress.ip_address(m.get("address")), m["prefixlen"], flags,
-                        m["scope"]))
-        return out
-
-    async def add_address(self, index: int, iface: ipaddress.IPv4Interface |
-                          ipaddress.IPv6Interface, lifetime: int) -> None:
-        kw: dict[str, Any] = {"index": index, "address": str(iface.ip),
-                              "prefixlen": iface.network.prefixlen}
-        valid = lifetime if lifetime > 0 else 0xFFFFFFFF  # 0xFFFFFFFF: forever
-        if iface.version == 6:
-            # Deprecated (preferred_lft 0): the kernel never picks the VIP as the source of
-            # our own traffic, or health checks would be answered to the reals themselves.
-            kw["flags"] = IFA_F_NODAD
-            kw["IFA_CACHEINFO"] = {"ifa_preferred": 0, "ifa_valid": valid}
-        elif lifetime > 0:
-            kw["IFA_CACHEINFO"] = {"ifa_preferred": lifetime, "ifa_valid": lifetime}
-        await self._get().addr("replace", **kw)
-
-    async def del_address(self, index: int, iface: ipaddress.IPv4Interface |
-                          ipaddress.IPv6Interface) -> bool:
-        """Delete; False if it was not there."""
-        from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415
-
-        try:
-            await self._get().addr("del", index=index, address=str(iface.ip),
-                                   prefixlen=iface.network.prefixlen)
-        except NetlinkError as e:
-            if e.code in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ENODEV, errno.ESRCH):
-                return False
-            raise
-        return True
-
-    async def close(self) -> None:
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
 
 
 # --------------------------------------------------------------------------
@@ -573,7 +273,7 @@ class VrrpAgent:
         self._cbq = asyncio.Queue()
         self._nl_lock = asyncio.Lock()
         if self._nl is None:
-            self._nl = _Netlink()
+            self._nl = netutil.AsyncNetlink()
         try:
             await self._setup()
         except BaseException:
@@ -715,7 +415,7 @@ class VrrpAgent:
             primary = cfg.unicast_src
         elif fam == 4:
             cands = [a for a, _p, f, s in addrs
-                     if a not in vips and not f & IFA_F_SECONDARY and s == 0]
+                     if a not in vips and not f & netutil.IFA_F_SECONDARY and s == 0]
             if not cands:
                 raise AgentError(f"vrrp {cfg.name}: {cfg.interface} has no IPv4 address to "
                                  "send adverts from; add one or set unicast_src")
@@ -1033,7 +733,7 @@ class VrrpAgent:
                 self._if_up[t.name], changed = tup, True
         return changed
 
-    async def _reopen(self, link: LinkInfo) -> None:
+    async def _reopen(self, link: netutil.LinkInfo) -> None:
         """The interface was re-created: new index, new socket."""
         log.warning("vrrp %s: %s has a new ifindex %d; reopening the socket", self.cfg.name,
                     self.cfg.interface, link.index)

@@ -18,18 +18,11 @@ from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
 from l4lb.config import TrackInterface, TrackScript, VrrpConfig, parse_config
+from l4lb.netutil import LinkInfo
 from l4lb.vrrp import agent as agent_mod
-from l4lb.vrrp.agent import (
-    LinkInfo,
-    VrrpAgent,
-    VrrpSocket,
-    build_garp,
-    build_unsolicited_na,
-    default_vip_lifetime,
-    hop_limit,
-    machine_config,
-    parse_ipv4,
-)
+from l4lb.vrrp import sockets as sockets_mod
+from l4lb.vrrp.agent import VrrpAgent, default_vip_lifetime, machine_config
+from l4lb.vrrp.frames import build_garp, build_unsolicited_na, parse_ipv4
 from l4lb.vrrp.packet import (
     AUTH_SIMPLE,
     VRRP_MCAST_V4,
@@ -39,6 +32,7 @@ from l4lb.vrrp.packet import (
     decode,
     encode,
 )
+from l4lb.vrrp.sockets import VrrpSocket, hop_limit
 
 A4 = ipaddress.IPv4Address
 A6 = ipaddress.IPv6Address
@@ -158,7 +152,7 @@ def test_vrrp_socket_v4_recv_and_send():
     data, anc, addr = raw.sent[0]
     assert data == b"abc" and addr == ("224.0.0.18", 0)
     (level, typ, info), = anc
-    assert (level, typ) == (socket.IPPROTO_IP, agent_mod.IP_PKTINFO)
+    assert (level, typ) == (socket.IPPROTO_IP, sockets_mod.IP_PKTINFO)
     ifindex, spec_dst, _ = struct.unpack("I4s4s", info)
     assert ifindex == 2 and A4(spec_dst) == ME4  # sent from the primary address
     # unicast: the peers are the destinations
