@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
+from l4lb.errors import L4lbError
+
 if TYPE_CHECKING:  # bgp imports this module: the name is for annotations only
     from l4lb.config.bgp import BgpConfig
 
@@ -24,7 +26,7 @@ API_SOCKET_DIR = "/run/l4lb"
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
 
 
-class ConfigError(Exception):
+class ConfigError(L4lbError):
     """The config is invalid. `errors` holds every problem, one line each."""
 
     def __init__(self, errors: list[str], source: str | None = None) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from l4lb.errors import L4lbError
+
 # Kinds of finding, from "it works differently now" to "it is gone".
 CHANGED = "changed"  # converted, but l4lb behaves differently: read the message
 UNSUPPORTED = "unsupported"  # no equivalent in l4lb: dropped
@@ -31,7 +33,7 @@ class Finding:
         return f"{where}{self.kind}: {self.directive}: {self.message}"
 
 
-class ImportFailed(Exception):
+class ImportFailed(L4lbError):
     """The input cannot be converted. `errors` are "file:line: message" lines."""
 
     def __init__(self, errors: list[str]) -> None:

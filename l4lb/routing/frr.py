@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from l4lb.config.bgp import BgpConfig
+from l4lb.errors import L4lbError
 
 ROUTE_MAP = "L4LB-VIPS"
 BFD_PROFILE = "l4lb"
@@ -21,7 +22,7 @@ INSTALL_HINT = ("install FRR with `apt-get install frr` and enable bgpd=yes, bfd
                 "/etc/frr/daemons")
 
 
-class FrrError(Exception):
+class FrrError(L4lbError):
     """FRR cannot be asked: not installed, not running, or an answer we cannot read."""
 
 
