@@ -5,7 +5,9 @@ A real `l4lb start` runs in a lab balancer node with one VIP of N reals (default
 1,000) at M = 65537. The bench calls the daemon's unix-socket API from the host
 (`real add`, `real del`, `real weight`); each call returns after the new ring is
 written to the idle slot and the VIP flipped to it, so the call's round trip is
-the figure.
+the figure. `add` and `weight` need a fresh Maglev build each time; `remove` undoes
+the `add` before it, so its ring is the one from two changes ago, which the tables
+keep (a flap back costs no rebuild).
 
     bench/control.py [--quick] [--reals N] [--repeats K] [--json PATH]
 """
@@ -67,8 +69,9 @@ def main(argv=None) -> int:
             api.request(sock, "real_del", vip=vip, address=extra)
             times["remove"].append(time.perf_counter() - t)
             t = time.perf_counter()
+            # a real change every time: another real each round, 100 <-> 50
             api.request(sock, "real_weight", vip=vip, address=real_addr(i % a.reals),
-                        weight=50 if i % 2 == 0 else 100)
+                        weight=50 if (i // a.reals) % 2 == 0 else 100)
             times["weight"].append(time.perf_counter() - t)
         st = api.request(sock, "status")
         n = len(st["vips"][0]["reals"])
@@ -92,7 +95,10 @@ def main(argv=None) -> int:
         write_json(a.json, out)
     if a.md:
         write_text(a.md, f"# Control-plane latency\n\n`{out['command']}`\n\n"
-                   + markdown_table(headers, rows, right={1, 2, 3}) + "\n")
+                   + markdown_table(headers, rows, right={1, 2, 3}) + "\n\n"
+                   f"{a.reals} reals, M = {RING}, {repeats} repeats, {out['timestamp']}. "
+                   "`add` and `weight` build a new Maglev ring each call; `remove` undoes "
+                   "the `add` before it and reuses the ring from two changes ago.\n")
     return 0
 
 

@@ -537,8 +537,8 @@ class Daemon:
         if self.tables is None or (changes and not self.ready):
             raise NotReady()
 
-    def _candidate(self, mutate) -> Config:
-        data = config_to_dict(self.cfg)  # a fresh dict: safe to mutate
+    def _candidate(self, mutate, base: Config | None = None) -> Config:
+        data = config_to_dict(base or self.cfg)  # a fresh dict: safe to mutate
         mutate(data)
         cfg = config_from_dict(data, source="api", limits=self._capacity())
         errs = check_system(cfg)
@@ -554,13 +554,14 @@ class Daemon:
         concurrent changes serialize and none is lost. Returns once it is in the maps."""
         self.require_ready(changes=True)
         # Validating a whole config takes ~0.3 s at 4,000 reals: beside the loop.
-        cand = await asyncio.to_thread(self._candidate, mutate)  # invalid: refused here
-        new = self._unknown_macs(cand) - {str(r.address) for v in self.cfg.vips
-                                          for r in v.reals}
+        base = self.cfg
+        cand = await asyncio.to_thread(self._candidate, mutate, base)  # invalid: refused here
+        new = self._unknown_macs(cand) - {str(r.address) for v in base.vips for r in v.reals}
         if new:
             await self._resolve_macs(new)
         async with self._lock:
-            cfg = await asyncio.to_thread(self._candidate, mutate)
+            # Validated once when nothing changed the config meanwhile (the usual case).
+            cfg = cand if self.cfg is base else await asyncio.to_thread(self._candidate, mutate)
             await self._apply_locked(cfg)
         return cfg
 

@@ -119,6 +119,9 @@ class ServiceTables:
         self._free_vip_ids = deque(range(opts.max_vips))
         self._free_real_ids = deque(range(1, opts.max_reals))  # 0 = "no real"
         self._last_ring: dict[str, object] = {}
+        # Per VIP, the rings of its last two distinct inputs: a change undone (a real
+        # added and removed, drained and back, a health flap) needs no Maglev rebuild.
+        self._ring_memo: dict[str, dict[tuple, object]] = {}
         self._written: set[int] = set()  # real ids whose map entry this process wrote
         self._published: set[int] = set()  # VIP ids whose ring this process wrote
         self._slot_rings: dict[int, np.ndarray] = {}  # what each ring slot holds
@@ -360,6 +363,7 @@ class ServiceTables:
         self._free_vip_ids.append(vs.vip_id)
         self._published.discard(vs.vip_id)
         self._last_ring.pop(key, None)
+        self._ring_memo.pop(key, None)
         self._sync_vip_addrs()
         self._save()
 
@@ -496,10 +500,19 @@ class ServiceTables:
 
     # ---------------------------------------------------------------- rings
     def ring_for(self, vs: VipState):
-        live = [maglev.Backend(r.real_id, r.address, r.weight)
-                for r in vs.reals.values() if not r.down]
-        ring = maglev.build_ring(live, vs.ring_size)
-        if vs.all_down == "keep" and vs.reals and not any(b.weight for b in live) \
+        inputs = tuple(sorted((r.real_id, r.address, r.weight)
+                              for r in vs.reals.values() if not r.down))
+        memo = self._ring_memo.setdefault(vs.key, {})
+        mkey = (vs.ring_size, inputs)
+        ring = memo.get(mkey)
+        if ring is None:  # build_ring depends on nothing else: the same input, the same ring
+            ring = maglev.build_ring([maglev.Backend(*i) for i in inputs], vs.ring_size)
+            if len(memo) >= 2:
+                memo.pop(next(iter(memo)))  # the oldest
+            memo[mkey] = ring
+        else:
+            memo[mkey] = memo.pop(mkey)  # now the newest
+        if vs.all_down == "keep" and vs.reals and not any(w for _, _, w in inputs) \
                 and vs.key in self._last_ring:
             # Every real down (not merely drained): keep serving from the last ring
             # rather than dropping everything, like keepalived's quorum-less default.
