@@ -46,6 +46,16 @@ def test_wheel_carries_bpf_sources_and_imports_from_the_venv(venv):
         assert name in files
 
 
+def test_wheel_carries_every_module_of_the_checkout(venv):
+    """A subpackage missing from pyproject's list would be left out of the wheel."""
+    mods = sorted(".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+                  for p in (REPO / "l4lb").rglob("*.py") if "bpf" not in p.parts)
+    code = "import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)\n"
+    r = subprocess.run([str(venv / "bin/python"), "-c", code, *mods], capture_output=True,
+                       text=True, cwd="/")
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_installed_node_checks_starts_forwards_and_stops(venv):
     l4lb = str(venv / "bin/l4lb")
     with Lab("tpkg", clients=1, balancers=1, reals=2) as lab:
