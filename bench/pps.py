@@ -356,7 +356,8 @@ def notes(report: dict) -> list[str]:
                    f"conn table {s['conn_table_size']} ({'per-CPU' if s['per_cpu_lru'] else 'common'}"
                    f" LRU), conn timeout {s['conn_timeout_s']} s, flow events off; frames "
                    f"{s['frame_bytes_v4']} B (IPv4) / {s['frame_bytes_v6']} B (IPv6); "
-                   f"{s['many_flows']} flows in _many; pinned to CPU {s['cpu']}")
+                   f"{s['many_flows']} flows in _many, {s.get('flows_1m', '-')} in _1m (floor "
+                   f"table {s.get('floor_table_size')}); pinned to CPU {s['cpu']}")
     if "machine_load" in report:
         m = report["machine_load"]
         out.append(f"rest of the machine while measuring: {m['other_cpus_busy']:.2f} CPUs busy "
@@ -391,7 +392,7 @@ def render_markdown(report: dict) -> str:
     lines += ["- targets (issue, net ns): established <= 75 (dr) / <= 110 (tun), new flow <= 650, "
               "non-VIP <= 30; Katran, same method on this machine: 186 established IPv4 IPIP, "
               "~780 new, 58 non-VIP",
-              "floors (bpf/floors.c, fixed, measured in the same rounds): x floor = net(case) / "
+              "- floors (bpf/floors.c, fixed, measured in the same rounds): x floor = net(case) / "
               "net(floor); aims (issue 16): established <= 1.15x floor_dr / floor_tun, new flow "
               "<= 1.1x floor_new, non-VIP <= 1.2x floor_parse, 1M flows <= 1.2x floor_dr_1m; "
               "IPv6 cases are set against the IPv4 floors; dr_v4_established_many (100k flows) "
