@@ -22,16 +22,16 @@ test-lab: setup
 	$(PY) -m pytest -q tests/lab $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m l4lb.demo
+	$(PY) -m l4lb.lab.demo
 
 demo-ecmp: setup
-	$(PY) -m l4lb.demo_ecmp
+	$(PY) -m l4lb.lab.demo_ecmp
 
 bench: setup
-	$(PY) bench/report.py
+	$(PY) -m bench.report
 
 bench-quick: setup
-	$(PY) bench/report.py --quick
+	$(PY) -m bench.report --quick
 
 lint: setup
 	$(VENV)/bin/ruff check l4lb tests bench

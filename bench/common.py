@@ -17,9 +17,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def command_line(argv: list[str] | None = None, executable: str | None = None) -> str:
-    """The command that ran this bench, as one could paste it from the repository root."""
+    """The command that ran this bench, as one could paste it from the repository root.
+    Benches run as modules (`python -m bench.pps`: bench/ imports l4lb and its siblings
+    without touching sys.path), so a script path under bench/ is recorded as `-m bench.NAME`."""
     argv = list(sys.argv if argv is None else argv)
     exe = Path(executable or sys.executable)
+    if argv and argv[0].endswith(".py"):
+        script = (ROOT / argv[0]).resolve()  # an absolute argv[0] stays as it is
+        if script.parent == ROOT / "bench":
+            argv[:1] = ["-m", f"bench.{script.stem}"]
     parts = []
     for p in [str(exe)] + argv:
         path = Path(p)

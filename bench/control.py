@@ -9,7 +9,7 @@ the figure. `add` and `weight` need a fresh Maglev build each time; `remove` und
 the `add` before it, so its ring is the one from two changes ago, which the tables
 keep (a flap back costs no rebuild).
 
-    bench/control.py [--quick] [--reals N] [--repeats K] [--json PATH]
+    .venv/bin/python -m bench.control [--quick] [--reals N] [--repeats K] [--json PATH]
 """
 
 from __future__ import annotations
@@ -18,13 +18,10 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import markdown_table, run_meta, text_table, write_json, write_text  # noqa: E402
-from l4lb import api  # noqa: E402
-from l4lb.lab import Lab  # noqa: E402
+from bench.common import markdown_table, run_meta, text_table, write_json, write_text
+from l4lb import api
+from l4lb.lab import Lab
 
 RING = 65537
 

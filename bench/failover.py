@@ -28,17 +28,17 @@ Settings: VRRPv3 at 0.1 s and 1 s, VRRPv2 at 1 s for both, plus l4lb VRRPv3 at 0
 Between runs the pair is restored: link up / the killed daemon restarted, and the
 next run waits until lb1 is master again (preempt) and the client follows it.
 
-The probe (`l4lb.labclient probe`, run in client1) starts a TCP connect to the VIP
+The probe (`l4lb.lab.client probe`, run in client1) starts a TCP connect to the VIP
 every 10 ms on a fixed schedule, without waiting for the previous one, and prints one
 JSON line {"t": start time, "real": who answered} per answered connect (timeout 0.5 s,
 below the 1 s SYN retransmission, so a connect lost in the outage never counts as a
 late answer). A probe that waited for each connect would only try again after its
 timeout during an outage, quantising the outage to that timeout.
 Outage = the longest silence between two answers around the failure
-(l4lb.demo.outage): from the last answer through the old master to the first
+(l4lb.lab.demo.outage): from the last answer through the old master to the first
 through the new one.
 
-    bench/failover.py [--quick] [--runs N] [--json PATH] [--md PATH] [--only SUBSTR]
+    .venv/bin/python -m bench.failover [--quick] [--runs N] [--json PATH] [--md PATH] [--only SUBSTR]
 """
 
 from __future__ import annotations
@@ -54,10 +54,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import markdown_table, run_meta, text_table, write_json, write_text  # noqa: E402
-from l4lb.lab import wait_for  # noqa: E402
+from bench.common import markdown_table, run_meta, text_table, write_json, write_text
+from l4lb.lab import wait_for
 
 PREFIX = "bfail"
 VIP = "10.99.0.100"
@@ -323,12 +321,12 @@ class L4lbPair:
 
 # ------------------------------------------------------------------------------- runs
 def one_run(lab, pair, kind: str, watch: Watch) -> dict:
-    from l4lb.demo import outage  # noqa: PLC0415
+    from l4lb.lab.demo import outage  # noqa: PLC0415
 
     # the client follows lb1 again (its gratuitous ARPs) before the next run
     lb2_mac = lab.node("lb2").mac
     wait(lambda: neigh_mac(lab) != lb2_mac, 5, "the client's neighbour entry back on lb1", 0.05)
-    prober = lab.popen("client1", [sys.executable, "-m", "l4lb.labclient", "probe",
+    prober = lab.popen("client1", [sys.executable, "-m", "l4lb.lab.client", "probe",
                                    f"{VIP}:{pair.port}", "--every", str(PROBE_EVERY),
                                    "--timeout", str(PROBE_TIMEOUT), "--seconds", "120"])
     try:
@@ -434,7 +432,7 @@ METHOD = (
     "starts a TCP connect to the VIP every 10 ms on a fixed schedule, without waiting for the "
     "previous one (timeout 0.5 s, under the 1 s SYN retransmission), and records the start "
     "time of every answered one; outage = longest silence between two answers around the "
-    "failure (l4lb.demo.outage), i.e. last answer through the old master to first through "
+    "failure (l4lb.lab.demo.outage), i.e. last answer through the old master to first through "
     "the new. linkdown: lb1's eth0 set down (netlink, from a socket opened beforehand). sigkill: kill -9 of lb1's daemon "
     "(keepalived: its process group); lb1's kernel keeps the VIP (keepalived: permanently; "
     "l4lb: until its lifetime runs out) and l4lb's XDP keeps forwarding, so the client "

@@ -21,7 +21,7 @@ non-SYNs). Both balancers' admission guard is `--guard` flows per CPU and second
 set by `[node] new_flow_rate` as an operator would size it to the legitimate
 new-connection rate.
 
-    sudo .venv/bin/python bench/flood.py [--quick] [--json PATH] [--md PATH]
+    sudo .venv/bin/python -m bench.flood [--quick] [--json PATH] [--md PATH]
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def vip_mac(lab) -> str:
 
 def start_hold(lab, tag: str, count: int, seconds: float = 150):
     ready = lab.workdir / f"{tag}-ready.json"
-    svc = lab.popen("client1", [sys.executable, "-m", "l4lb.labclient", "hold", f"{VIP}:{PORT}",
+    svc = lab.popen("client1", [sys.executable, "-m", "l4lb.lab.client", "hold", f"{VIP}:{PORT}",
                                 "--conns", str(count), "--every", "0.1", "--seconds",
                                 str(seconds), "--ready-file", str(ready)], log_name=f"{tag}.log")
     from l4lb.lab import wait_for  # noqa: PLC0415
@@ -221,12 +221,12 @@ def scenario(lab, packets: int, guard: int, flood_seconds: float = 30.0,
     master_before = conn_count(lab, "lb1")
     c0 = counters(lab, "lb1")
     client = lab.node("client1")
-    gen = lab.popen("client1", [sys.executable, str(Path(__file__).resolve()), "gen",
+    gen = lab.popen("client1", [sys.executable, "-m", "bench.flood", "gen",
                                 "--iface", "eth0", "--dst-mac", vip_mac(lab),
                                 "--src-mac", client.mac, "--vip", VIP, "--port", str(PORT),
                                 "--packets", str(packets), "--seconds", str(flood_seconds),
                                 "--pps", str(pps)],
-                    log_name="flood-gen.log")
+                    log_name="flood-gen.log", cwd=Path(__file__).resolve().parent.parent)
     wait_for(lambda: "started" in gen.output() or not gen.alive, 60,
              what="the flood generator's frames built")
     s0 = time.time()
@@ -325,7 +325,7 @@ def main(argv=None) -> None:
         gen_main(a)
         return
     if os.geteuid() != 0:
-        sys.exit("bench/flood.py needs root (namespaces, XDP)")
+        sys.exit("python -m bench.flood needs root (namespaces, XDP)")
     from l4lb.lab import Lab  # noqa: PLC0415
 
     packets = a.packets or (400_000 if a.quick else 1_000_000)
@@ -342,7 +342,7 @@ def main(argv=None) -> None:
     r["other_guards"] = runs[1:]
     r.update(kernel=os.uname().release, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
              quick=a.quick)
-    cmd = "sudo .venv/bin/python bench/flood.py " + " ".join(argv if argv is not None
+    cmd = "sudo .venv/bin/python -m bench.flood " + " ".join(argv if argv is not None
                                                               else sys.argv[1:])
     r["command"] = cmd.strip()
     if a.json:

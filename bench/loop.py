@@ -22,7 +22,7 @@ Measured per case:
   advert_interval_ms     the configured interval;
   longest_advert_gap_ms  the longest gap between two adverts of lb1 as lb2's kernel
                          received them (a raw protocol-112 socket in lb2's namespace,
-                         kernel receive timestamps: `bench/loop.py capture`);
+                         kernel receive timestamps: `python -m bench.loop capture`);
   false_failovers        VRRP transitions on either node during the load;
   loop_lag_p99_ms / loop_lag_max_ms
                          the daemon's own event loop (API, metrics, health, sync) on lb1:
@@ -35,7 +35,7 @@ Measured per case:
   ops                    API calls and scrapes done during the load.
 
 Run as root from the repository root:
-    .venv/bin/python bench/loop.py --json bench/results/loop.json --md bench/results/loop.md
+    .venv/bin/python -m bench.loop --json bench/results/loop.json --md bench/results/loop.md
 """
 
 from __future__ import annotations
@@ -53,11 +53,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench import common
 
-from bench import common  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 VIP = "10.99.0.100"
 VPORT = 5201
@@ -177,12 +175,12 @@ def capture_main(src: str, seconds: float) -> dict:
 
 
 class Capture:
-    """`bench/loop.py capture` running in a node's namespace."""
+    """`python -m bench.loop capture` running in a node's namespace."""
 
     def __init__(self, lab, node: str, src: str, seconds: float) -> None:
-        argv = lab.nsenter(node) + [sys.executable, str(Path(__file__).resolve()), "capture",
+        argv = lab.nsenter(node) + [sys.executable, "-m", "bench.loop", "capture",
                                     "--src", src, "--seconds", str(seconds)]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         if self.proc.stdout.readline().strip() != "ready":
             raise RuntimeError("advert capture did not start")
 
@@ -480,7 +478,7 @@ def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["capture"]:
-        ap = argparse.ArgumentParser(prog="bench/loop.py capture")
+        ap = argparse.ArgumentParser(prog="python -m bench.loop capture")
         ap.add_argument("--src", required=True)
         ap.add_argument("--seconds", type=float, required=True)
         a = ap.parse_args(argv[1:])
@@ -505,7 +503,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.cases = args.cases.split(",")
     if os.geteuid() != 0:
-        print("bench/loop.py needs root (network namespaces, BPF)", file=sys.stderr)
+        print("python -m bench.loop needs root (network namespaces, BPF)", file=sys.stderr)
         return 2
     r = run(args)
     print(render_rows(r["cases"]))

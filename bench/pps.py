@@ -25,7 +25,7 @@ with one call of repeat=N are printed beside; they are free of the per-call
 timer overhead.
 
 Run as root from the repository root:
-    .venv/bin/python bench/pps.py --json bench/results/pps.json --md bench/results/pps.md
+    .venv/bin/python -m bench.pps --json bench/results/pps.json --md bench/results/pps.md
 """
 
 from __future__ import annotations
@@ -43,12 +43,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench import common
+from l4lb.vrrp.packet import inet_checksum  # RFC 1071, one copy
 
-from bench import common  # noqa: E402
-from l4lb.vrrp.packet import inet_checksum  # noqa: E402 - RFC 1071, one copy
+ROOT = Path(__file__).resolve().parent.parent
 
 XDP_PASS, XDP_TX = 2, 3
 LB_MAC = bytes.fromhex("029900001415")

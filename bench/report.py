@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Run every benchmark and write bench/results/REPORT.md with tables and PNG plots.
 
-    bench/report.py                 # full runs (tens of minutes), results in bench/results/
-    bench/report.py --quick         # every bench in its quick mode
-    bench/report.py --from-results  # only rebuild REPORT.md and plots from the JSON files
-    bench/report.py --only pps throughput
+    python -m bench.report                 # full runs (tens of minutes), results in bench/results/
+    python -m bench.report --quick         # every bench in its quick mode
+    python -m bench.report --from-results  # only rebuild REPORT.md and plots from the JSON files
+    python -m bench.report --only pps throughput
 
 Each bench writes bench/results/<name>.json; the report shows one table per bench,
 each against its anchor (XDP_PASS and MAC-swap baselines, the direct path and
@@ -20,11 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+from bench.common import markdown_table
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-sys.path.insert(0, str(ROOT))
-
-from bench.common import markdown_table  # noqa: E402
 
 BENCHES = ["pps", "throughput", "failover", "sync", "control", "loop", "flood", "tables",
            "scaleout"]
@@ -32,7 +31,7 @@ BENCHES = ["pps", "throughput", "failover", "sync", "control", "loop", "flood", 
 
 def run_bench(name: str, quick: bool) -> bool:
     out = RESULTS / f"{name}.json"
-    cmd = [sys.executable, str(ROOT / "bench" / f"{name}.py"), "--json", str(out),
+    cmd = [sys.executable, "-m", f"bench.{name}", "--json", str(out),
            "--md", str(RESULTS / f"{name}.md")]
     if quick:
         cmd.append("--quick")
@@ -149,7 +148,7 @@ def _own_markdown(name: str) -> tuple[str, str | None]:
     try:
         text = (RESULTS / f"{name}.md").read_text()
     except FileNotFoundError:
-        return f"_{name}.md missing: rerun `bench/report.py --only {name}`._", None
+        return f"_{name}.md missing: rerun `python -m bench.report --only {name}`._", None
     lines = [ln for ln in text.splitlines() if not ln.startswith(("# ", "Command:"))
              and not (ln.startswith("`") and "bench/" in ln.split("`")[1])]
     while lines and not lines[0].strip():
@@ -186,14 +185,14 @@ TITLES = {"pps": "Per-packet cost of the XDP program",
 
 def write_report() -> Path:
     parts = ["# l4lb benchmark report", "",
-             "Made by `bench/report.py` (`make bench`); each section names the command that "
+             "Made by `python -m bench.report` (`make bench`); each section names the command that "
              "produced its figures. Timings on this 2-core VM are noisy: compare figures "
              "measured side by side in one run, not across runs.", ""]
     for name in BENCHES:
         d = load(name)
         parts.append(f"## {TITLES[name]}")
         if d is None:
-            parts += ["", "_No results yet: run `bench/report.py --only " + name + "`._", ""]
+            parts += ["", "_No results yet: run `python -m bench.report --only " + name + "`._", ""]
             continue
         md, png = globals()[f"section_{name}"](d)
         quick = " (quick mode)" if d.get("quick") else ""

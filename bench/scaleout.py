@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Scale-out: N active balancers behind an FRR router's ECMP (README: VRRP or ECMP; issue 14).
 
-One lab (l4lb/lab_ecmp.py): router (FRR, maximum-paths, L4 multipath hash),
+One lab (l4lb/lab/ecmp.py): router (FRR, maximum-paths, L4 multipath hash),
 client1 behind it, lb1..lb3 each running FRR (bgpd + bfdd, BFD 300 ms x 3) and
 `l4lb start` in ECMP mode with conn sync to both other nodes, 4 reals running an
 echo server (DR VIP:9000) and nginx (DR VIP:80). Generic XDP.
@@ -28,7 +28,7 @@ announcing (3, then lb3 and lb2 drained away). The lab is 2 shared CPUs: the
 client, router, nodes and reals all compete for them, so this shows that traffic
 spreads, not that capacity scales.
 
-    bench/scaleout.py [--quick] [--json PATH] [--md PATH]
+    .venv/bin/python -m bench.scaleout [--quick] [--json PATH] [--md PATH]
 """
 
 from __future__ import annotations
@@ -42,10 +42,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.common import markdown_table, run_meta, text_table, write_json, write_text
 
-from bench.common import markdown_table, run_meta, text_table, write_json, write_text  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 PREFIX = "bscale"
 ALL = ["lb1", "lb2", "lb3"]
@@ -84,10 +83,10 @@ def new_conn_outage(attempts: list[dict], t_fail: float, t_end: float) -> dict:
 
 async def _probe(host: str, port: int, every: float, seconds: float, timeout: float) -> None:
     """A connect every `every` s on a fixed schedule (not waiting for the last); one JSON
-    line per attempt, answered or not (l4lb.labclient probe prints only answers)."""
+    line per attempt, answered or not (l4lb.lab.client probe prints only answers)."""
     import asyncio  # noqa: PLC0415
 
-    from l4lb.labclient import _hello  # noqa: PLC0415
+    from l4lb.lab.client import _hello  # noqa: PLC0415
 
     async def one(t: float) -> None:
         try:
@@ -111,7 +110,7 @@ async def _probe(host: str, port: int, every: float, seconds: float, timeout: fl
 
 
 def wrk(lab, seconds: int) -> float:
-    from l4lb import lab_ecmp as E  # noqa: PLC0415
+    from l4lb.lab import ecmp as E  # noqa: PLC0415
 
     r = lab.run("client1", ["wrk", "-t2", "-c64", f"-d{seconds}s", "--timeout", "2s",
                             f"http://{E.VIP_DR}:{E.HTTP}/"], timeout=seconds + 30)
@@ -125,7 +124,7 @@ def wrk(lab, seconds: int) -> float:
 
 class Bench:
     def __init__(self, lab, conns: int, log) -> None:
-        from l4lb import lab_ecmp as E  # noqa: PLC0415
+        from l4lb.lab import ecmp as E  # noqa: PLC0415
 
         self.E, self.lab, self.conns, self.log = E, lab, conns, log
         self.cfgs = {n: E.node_config(lab, n, http=True) for n in ALL}
@@ -134,9 +133,9 @@ class Bench:
         """Hold conns + probe, run `act()` (returns the failure time), measure."""
         E, lab = self.E, self.lab
         hold = E.start_hold(lab, f"{name}-hold", E.VIP_DR, self.conns)
-        probe = lab.popen("client1", [sys.executable, str(Path(__file__).resolve()),
+        probe = lab.popen("client1", [sys.executable, "-m", "bench.scaleout",
                                       "--probe", f"{E.VIP_DR}:{E.PORT}"],
-                          log_name=f"{name}-probe.log")
+                          log_name=f"{name}-probe.log", cwd=ROOT)
         try:
             E.wait_for(lambda: len(attempts(probe)) >= 50, 20, 0.05, "probe answers")
             t_fail = act()
@@ -200,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_probe(host, int(port), PROBE_EVERY, 120.0, 0.5))
         return 0
 
-    from l4lb import lab_ecmp as E  # noqa: PLC0415
+    from l4lb.lab import ecmp as E  # noqa: PLC0415
     from l4lb.routing import frr  # noqa: PLC0415
 
     t0 = time.monotonic()

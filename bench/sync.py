@@ -22,7 +22,7 @@ translated by real address as in production.
    a peer waits for (full pace) and a periodic one (its slower pace).
 
 Run as root from the repository root:
-    .venv/bin/python bench/sync.py --json bench/results/sync.json --md bench/results/sync.md
+    .venv/bin/python -m bench.sync --json bench/results/sync.json --md bench/results/sync.md
 """
 
 from __future__ import annotations
@@ -39,11 +39,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench import common
 
-from bench import common  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 VIP = "10.200.0.100"
 VPORT = 80
@@ -686,7 +684,7 @@ def main(argv=None) -> int:
                     "entries/s (default: the agent's)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
-        print("bench/sync.py needs root (BPF)", file=sys.stderr)
+        print("python -m bench.sync needs root (BPF)", file=sys.stderr)
         return 2
     args.entries = args.entries or (100_000 if args.quick else 1_000_000)
     args.seconds = args.seconds or (2.0 if args.quick else 5.0)

@@ -11,7 +11,7 @@ Cases:
           `conns --limit 1` (as the CLI calls it), and `status` answered while a
           `conns` of the whole table runs.
 
-    .venv/bin/python bench/tables.py --json bench/results/tables.json --md bench/results/tables.md
+    .venv/bin/python -m bench.tables --json bench/results/tables.json --md bench/results/tables.md
 """
 
 from __future__ import annotations
@@ -23,11 +23,8 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench import common  # noqa: E402
+from bench import common
 
 
 def _ms(s: float) -> float:
@@ -187,7 +184,7 @@ def main(argv=None) -> int:
     ap.add_argument("--md", help="write a Markdown report here")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
-        print("bench/tables.py needs root (BPF, network namespaces)", file=sys.stderr)
+        print("python -m bench.tables needs root (BPF, network namespaces)", file=sys.stderr)
         return 2
     n = 100_000 if args.quick else args.entries
     cases = []

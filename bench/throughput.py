@@ -12,7 +12,7 @@ native XDP needs an XDP_PASS program on the peer bridge port, which turns off
 TSO there (README: The lab): native is expected to be slower than generic here,
 unlike on real NICs.
 
-    bench/throughput.py [--quick] [--seconds S] [--runs N] [--json PATH] [--md PATH]
+    .venv/bin/python -m bench.throughput [--quick] [--seconds S] [--runs N] [--json PATH] [--md PATH]
 """
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import markdown_table, run_meta, text_table, write_json, write_text  # noqa: E402
-from l4lb.lab import Lab  # noqa: E402
+from bench.common import markdown_table, run_meta, text_table, write_json, write_text
+from l4lb.lab import Lab
 
 VIP = "10.99.0.100"
 PATHS = ["direct", "l4lb_generic", "l4lb_native", "haproxy"]

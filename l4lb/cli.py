@@ -33,7 +33,8 @@ app = typer.Typer(
 )
 
 lab_app = typer.Typer(
-    help="A throw-away test network of namespaces: clients, balancers and reals on one bridge.",
+    help="A throw-away test network of namespaces: clients, balancers and reals on one bridge "
+         "(in a source checkout: the installed package does not ship the lab).",
     no_args_is_help=True,
 )
 app.add_typer(lab_app, name="lab")
@@ -452,6 +453,18 @@ def decap(iface: str = typer.Option(..., "--iface", "-i", help="The real server'
 
 
 # ------------------------------------------------------------------- lab
+def _lab():
+    """l4lb.lab lives in the source checkout only (the wheel does not ship it)."""
+    try:
+        import l4lb.lab as lab
+    except ModuleNotFoundError as e:
+        if e.name != "l4lb.lab":
+            raise
+        fail("the lab ships with the source checkout, not with the installed package: "
+             "git clone the l4lb repository, then run `make demo` (or `.venv/bin/l4lb lab up`) in it")
+    return lab
+
+
 @lab_app.command("up")
 def lab_up(
     prefix: str = typer.Option("l4lab", help="Name prefix of the lab's namespaces."),
@@ -462,7 +475,8 @@ def lab_up(
     json_out: bool = typer.Option(False, "--json", help="Print the lab as JSON."),
 ):
     """Build a lab that stays up until `l4lb lab down`."""
-    from l4lb.lab import Lab, LabError
+    lab_mod = _lab()
+    Lab, LabError = lab_mod.Lab, lab_mod.LabError
 
     try:
         lab = Lab(prefix, clients=clients, balancers=balancers, reals=reals, mtu=mtu,
@@ -478,7 +492,8 @@ def lab_up(
 @lab_app.command("down")
 def lab_down(prefix: str = typer.Option("l4lab", help="Name prefix of the lab to remove.")):
     """Remove a lab: its processes, namespaces and state."""
-    from l4lb.lab import LabError, check_environment, destroy
+    lab_mod = _lab()
+    LabError, check_environment, destroy = lab_mod.LabError, lab_mod.check_environment, lab_mod.destroy
 
     try:
         check_environment()
@@ -494,7 +509,7 @@ def lab_status(
     json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
 ):
     """List labs with their nodes, addresses and MACs."""
-    from l4lb.lab import live_labs
+    live_labs = _lab().live_labs
 
     labs = [lab for lab in live_labs() if prefix is None or lab["prefix"] == prefix]
     _print_labs(labs, json_out)

@@ -1,5 +1,5 @@
 """Helpers shared by the lab's VRRP failover tests: VRRP state through the CLI,
-held connections through l4lb.labclient, killing a master the hard way."""
+held connections through l4lb.lab.client, killing a master the hard way."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def start_hold(lab: Lab, tag: str, target: str, count: int, seconds: float = 150
     "[v6]:port"), one exchange every 0.1 s; returns once all are connected. `udp`:
     UDP flows on connected sockets instead, each reply checked for its real."""
     ready = lab.workdir / f"{tag}-ready.json"
-    svc = lab.popen("client1", [sys.executable, "-m", "l4lb.labclient", "hold", target,
+    svc = lab.popen("client1", [sys.executable, "-m", "l4lb.lab.client", "hold", target,
                                 "--conns", str(count), "--every", "0.1", "--seconds",
                                 str(seconds), "--ready-file", str(ready)] +
                     (["--udp"] if udp else []), log_name=f"{tag}.log")

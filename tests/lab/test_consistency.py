@@ -417,7 +417,7 @@ def test_kill9_during_changes(lab):
     """kill -9 at random points of a burst of changes, restart: status, tables.json and
     the maps agree after each restart, and 30 held connections see no reset."""
     ready = lab.workdir / "kill-hold.json"
-    holder = lab.popen("client1", [sys.executable, "-m", "l4lb.labclient", "hold",
+    holder = lab.popen("client1", [sys.executable, "-m", "l4lb.lab.client", "hold",
                                    f"10.99.0.100:{PORT}", "--conns", "30", "--every", "0.1",
                                    "--seconds", "150", "--ready-file", str(ready)])
     wait_for(ready.exists, 15, what="held connections")

@@ -61,7 +61,7 @@ def test_health_check_takes_a_dead_real_out_and_back(lab):
 
 def test_runtime_changes_move_new_flows_and_never_break_open_ones(lab):
     ready = lab.workdir / "ctl-hold.json"
-    holder = lab.popen("client1", [sys.executable, "-m", "l4lb.labclient", "hold",
+    holder = lab.popen("client1", [sys.executable, "-m", "l4lb.lab.client", "hold",
                                    f"10.99.0.100:{PORT}", "--conns", "30", "--every", "0.05",
                                    "--seconds", "60", "--ready-file", str(ready)])
     wait_for(ready.exists, 15, what="held connections")

@@ -63,7 +63,7 @@ def test_udp_flows_answered_from_the_vip_each_by_one_real(lab, vip, port):
 def test_long_lived_connection_survives_add_drain_and_restart(lab):
     vip = "10.99.0.100:9000/tcp"
     ready = lab.workdir / "hold-ready.json"
-    holder = lab.popen("client1", [__import__("sys").executable, "-m", "l4lb.labclient", "hold",
+    holder = lab.popen("client1", [__import__("sys").executable, "-m", "l4lb.lab.client", "hold",
                                    f"10.99.0.100:{PORT_DR}", "--conns", "20", "--every", "0.05",
                                    "--seconds", "60", "--ready-file", str(ready)])
     wait_for(ready.exists, 15, what="long-lived connections")

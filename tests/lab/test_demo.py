@@ -9,7 +9,7 @@ from l4lb.lab import lab_namespaces
 
 def test_demo_fast(tmp_path):
     out = tmp_path / "demo.json"
-    r = subprocess.run([sys.executable, "-m", "l4lb.demo", "--fast", "--json", str(out)],
+    r = subprocess.run([sys.executable, "-m", "l4lb.lab.demo", "--fast", "--json", str(out)],
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     s = json.loads(out.read_text())

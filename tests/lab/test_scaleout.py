@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from l4lb import lab_ecmp as E
+from l4lb.lab import ecmp as E
 
 pytestmark = pytest.mark.timeout(300)
 

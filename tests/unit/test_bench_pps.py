@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench import common, pps  # pyproject's pytest pythonpath puts the repository root on the path
 
-from bench import common, pps  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_summarize_min_median_max():
@@ -172,7 +169,7 @@ def _report():
 def test_report_json_shape():
     doc = json.loads(json.dumps(_report()))
     assert {"cases", "method", "kernel", "command", "quick", "timestamp"} <= doc.keys()
-    assert doc["quick"] is True and "bench/pps.py --quick" in doc["command"]
+    assert doc["quick"] is True and "-m bench.pps --quick" in doc["command"]
     for v in doc["cases"].values():
         assert set(v) == {"min_ns", "median_ns", "max_ns", "net_ns"}
         assert all(isinstance(x, float) for x in v.values())
@@ -197,11 +194,14 @@ def test_common_helpers():
     t = common.text_table(["case", "ns"], [["a", "1.0"], ["long name", "10.5"]])
     lines = t.splitlines()
     assert lines[0].startswith("case") and lines[2].endswith(" 1.0") and len(lines) == 4
+    # benches run as modules from the repository root: argv[0] is the script's path
     assert common.command_line(["bench/pps.py", "--json", "a b"], executable="/usr/bin/python3") \
-        == "/usr/bin/python3 bench/pps.py --json 'a b'"
+        == "/usr/bin/python3 -m bench.pps --json 'a b'"
     assert common.command_line([str(ROOT / "bench" / "pps.py")],
                                executable=str(ROOT / ".venv/bin/python")) \
-        == ".venv/bin/python bench/pps.py"
+        == ".venv/bin/python -m bench.pps"
+    assert common.command_line(["/elsewhere/x.py", "--quick"], executable="/usr/bin/python3") \
+        == "/usr/bin/python3 /elsewhere/x.py --quick"
     s = common.cpu_snapshot("cpu  100 0 50 800 10 5 5 20 0 0\ncpu0 1 2 3\n")
     assert s["busy_s"] == pytest.approx(160 / common.os.sysconf("SC_CLK_TCK"))
     load = common.other_load({"busy_s": 10.0, "steal_s": 0.0, "idle_s": 0, "own_s": 1.0,

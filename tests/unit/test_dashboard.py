@@ -7,13 +7,10 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_metrics_render import family_names  # noqa: E402
+from test_metrics_render import family_names  # a sibling: pytest puts tests/unit on the path
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DASHBOARD = CONFIGS / "grafana-dashboard.json"

@@ -8,16 +8,15 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
+from test_metrics_render import (  # a sibling: pytest puts tests/unit on the path
+    _listen,
+    fake_daemon,
+)
 
 from l4lb import maglev, metrics, statuspage
 from l4lb.statuspage import BadRequest, RateMeter, ShareCache
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_metrics_render import _listen, fake_daemon  # noqa: E402
 
 VIP = "10.99.0.100:80/tcp"
 

@@ -1,6 +1,7 @@
 """The network-namespace lab: a bridge and named nodes with real traffic.
 
-Used by tests, benches and `make demo`, and from the shell as `l4lb lab`.
+Used by tests, benches and `make demo`, and from the shell as `l4lb lab`. It lives in
+the source checkout only: the wheel does not ship l4lb.lab (pyproject's package list).
 
 Topology: one namespace "<prefix>-br" holds bridge br0; every node (client,
 balancer, real) is a namespace "<prefix>-<node>" whose eth0 is one end of a
@@ -436,13 +437,14 @@ class Lab:
         self.run(name, ["sysctl", "-q", "-w", *args])
 
     def popen(self, name: str, argv: list[str], log_name: str | None = None,
-              env: dict | None = None) -> Service:
-        """Start a program in a node; it is stopped when the lab goes down."""
+              env: dict | None = None, cwd: str | Path | None = None) -> Service:
+        """Start a program in a node; it is stopped when the lab goes down. `cwd`: where
+        `python -m bench.NAME` finds bench/ (the repository root)."""
         log = self.workdir / (log_name or f"{name}-{Path(argv[0]).name}-{len(self.services)}.log")
         fh = open(log, "wb")
         proc = subprocess.Popen(self.nsenter(name) + list(argv), stdout=fh,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=env)
+                                start_new_session=True, env=env, cwd=cwd)
         fh.close()
         svc = Service(node=name, argv=list(argv), proc=proc, log=log)
         self.services.append(svc)
@@ -461,8 +463,8 @@ class Lab:
         raise LabError(f"{svc.node}: nothing listens on {proto}/{port} after {timeout}s")
 
     def start_echo(self, name: str, port: int = 9000) -> Service:
-        """The identify/echo server (l4lb.echoserver) on TCP and UDP `port`."""
-        svc = self.popen(name, [sys.executable, "-m", "l4lb.echoserver", "--name", name,
+        """The identify/echo server (l4lb.lab.echoserver) on TCP and UDP `port`."""
+        svc = self.popen(name, [sys.executable, "-m", "l4lb.lab.echoserver", "--name", name,
                                 "--port", str(port)])
         self.wait_listening(svc, port)
         return svc
@@ -635,8 +637,8 @@ http {{
             raise LabError(f"{nsname}: {' '.join(argv)} failed: {res.stderr.strip()[-500:]}")
 
     def client(self, name: str, args: list[str], timeout: float = 120) -> dict:
-        """Run l4lb.labclient in a node and return its JSON report."""
-        r = self.run(name, [sys.executable, "-m", "l4lb.labclient", *args], timeout=timeout)
+        """Run l4lb.lab.client in a node and return its JSON report."""
+        r = self.run(name, [sys.executable, "-m", "l4lb.lab.client", *args], timeout=timeout)
         return json.loads(r.stdout)
 
 

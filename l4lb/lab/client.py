@@ -1,7 +1,7 @@
-"""Traffic for the lab, run inside a client namespace (`python -m l4lb.labclient ...`).
+"""Traffic for the lab, run inside a client namespace (`python -m l4lb.lab.client ...`).
 
 spread: open N TCP connections to a VIP, one after another, and count which real
-        (named by l4lb.echoserver) answered each; JSON on stdout.
+        (named by l4lb.lab.echoserver) answered each; JSON on stdout.
 hold:   keep C long-lived connections open, each exchanging a line every
         --every seconds for --seconds; report per connection: the reals it saw,
         exchanges, errors (resets). JSON on stdout. SIGTERM/SIGINT ends early.

@@ -6,7 +6,7 @@ The demo shows the router's multipath route to the VIP, 300 long-lived
 connections spread over the three nodes, then a node lost (link down, kill -9):
 BFD takes its path away and every connection carries on through the others.
 
-    python -m l4lb.demo_ecmp
+    python -m l4lb.lab.demo_ecmp
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from __future__ import annotations
 import sys
 import time
 
-from l4lb import lab_ecmp as E
 from l4lb.lab import LabError
+from l4lb.lab import ecmp as E
 
 PREFIX = "demoecmp"
 NODES = ["lb1", "lb2", "lb3"]

@@ -6,7 +6,7 @@ health checks take it out, kills the master while long-lived connections keep
 going, scrapes the metrics, prints a summary and removes everything (also on
 Ctrl-C).
 
-    python -m l4lb.demo [--fast] [--json PATH]
+    python -m l4lb.lab.demo [--fast] [--json PATH]
 """
 
 from __future__ import annotations
@@ -133,11 +133,11 @@ def run(fast: bool) -> dict:
         step(5, "The master dies; the backup takes over, connections carry on")
         conns = 20 if fast else 50
         ready = lab.workdir / "demo-hold.json"
-        holder = lab.popen("client1", [sys.executable, "-m", "l4lb.labclient", "hold",
+        holder = lab.popen("client1", [sys.executable, "-m", "l4lb.lab.client", "hold",
                                        f"{VIP}:{ECHO}", "--conns", str(conns), "--every", "0.1",
                                        "--seconds", "120", "--ready-file", str(ready)])
         wait_for(ready.exists, 15, what="long-lived connections")
-        prober = lab.popen("client1", [sys.executable, "-m", "l4lb.labclient", "probe",
+        prober = lab.popen("client1", [sys.executable, "-m", "l4lb.lab.client", "probe",
                                        f"{VIP}:{ECHO}", "--every", "0.01", "--seconds", "60",
                                        "--timeout", "0.5"])
         time.sleep(1.0 if fast else 2.0)  # sync streams the open connections to lb2

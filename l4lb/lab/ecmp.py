@@ -1,5 +1,5 @@
 """An ECMP lab (README: VRRP or ECMP), shared by tests/lab/test_scaleout.py, bench/scaleout.py
-and `make demo-ecmp` (l4lb.demo_ecmp):
+and `make demo-ecmp` (l4lb.lab.demo_ecmp):
 a router running FRR with multipath, clients behind it, N balancers each running FRR
 and l4lb in ECMP mode ([bgp], sync to every other node), reals with an echo server.
 
@@ -143,7 +143,7 @@ def packets(lab: Lab, name: str) -> dict[str, int]:
 
 def start_hold(lab: Lab, tag: str, vip: str, count: int, seconds: float = 150):
     ready = lab.workdir / f"{tag}-ready.json"
-    svc = lab.popen("client1", [sys.executable, "-m", "l4lb.labclient", "hold",
+    svc = lab.popen("client1", [sys.executable, "-m", "l4lb.lab.client", "hold",
                                 f"{vip}:{PORT}", "--conns", str(count), "--every", "0.1",
                                 "--seconds", str(seconds), "--ready-file", str(ready)],
                     log_name=f"{tag}.log")
