@@ -1,7 +1,9 @@
 """Service tables: VIPs, reals and Maglev rings as the XDP program sees them.
 
-Owns the id spaces (VIP ids, ring slots, real ids) and writes the maps through
-the loaded Program. Real ids are per (VIP, real address) and stable for the life
+The id spaces (VIP ids, ring slots, real ids) and every decision about them are
+the planner's (plan.py: pure, no maps, unit-tested without root); ServiceTables is
+the thin writer that carries its plans out on the maps of the loaded Program, and
+reads the maps back (restart, counters, the conn table). Real ids are per (VIP, real address) and stable for the life
 of that real, because the conn table records them. The id assignment is kept in
 a JSON file beside the pinned maps, so a restarted control plane reattaches
 with the same ids and existing flows keep their reals.
@@ -28,8 +30,6 @@ import socket
 import struct
 import time
 from array import array
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from l4lb import maglev
 from l4lb.dataplane import bpfsys
 from l4lb.dataplane import maps as M
 from l4lb.dataplane.loader import BuildOptions, Program
-from l4lb.errors import L4lbError
+from l4lb.dataplane.plan import Plan, Planner, RealState, TablesError, TableState, VipState, canon
 
 log = logging.getLogger("l4lb.tables")
 
@@ -51,61 +51,13 @@ _BPF_HASH, _BPF_ARRAY, _BPF_PERCPU_HASH, _BPF_PERCPU_ARRAY = 1, 2, 5, 6
 _BPF_LRU_HASH, _BPF_LRU_PERCPU_HASH = 9, 10
 
 
-class TablesError(L4lbError):
-    """The maps cannot hold or take a change; the message says why."""
-
-
-@dataclass
-class RealState:
-    address: str
-    real_id: int
-    mac: str
-    weight: int
-    down: bool = False
-
-
-@dataclass
-class VipState:
-    address: str
-    port: int
-    proto: str
-    vip_id: int
-    mode: str = "dr"          # dr | tun
-    hash: str = "5tuple"      # 5tuple | source
-    ring_size: int = maglev.DEFAULT_RING_SIZE
-    all_down: str = "keep"    # keep | drop
-    slot: int = 0             # 0/1: which of the VIP's two ring slots is live
-    reals: dict[str, RealState] = field(default_factory=dict)
-    # Reals deleted while flows may still use them: out of the ring, but their id
-    # stays programmed so open connections carry on (like IPVS's trash list)
-    # until collect_retired() finds no conn entry naming them.
-    retired: dict[str, RealState] = field(default_factory=dict)
-
-    @property
-    def key(self) -> str:
-        a = ipaddress.ip_address(self.address)
-        host = f"[{a}]" if a.version == 6 else str(a)
-        return f"{host}:{self.port}/{self.proto}"
-
-    @property
-    def flags(self) -> int:
-        return (M.VIP_F_TUN if self.mode == "tun" else 0) | \
-            (M.VIP_F_HASH_SRC if self.hash == "source" else 0)
-
-
-@functools.lru_cache(maxsize=65536)
-def canon(addr) -> str:
-    return str(ipaddress.ip_address(addr))
-
-
 class ServiceTables:
-    """Desired VIP/real state in, map updates out."""
+    """Desired VIP/real state in, map updates out (planned by self.planner)."""
 
     def __init__(self, prog: Program, opts: BuildOptions, state_file: str | None = None):
         self.prog = prog
         self.opts = opts
         self.state_file = Path(state_file) if state_file else None
-        self.vips: dict[str, VipState] = {}
         self._vips_map = prog.map("vips")
         self._vip_by_id = prog.map("vip_by_id")
         self._addrs_map = prog.map("vip_addrs")
@@ -116,17 +68,11 @@ class ServiceTables:
         self._stats_real = prog.map("stats_real")
         self._stats_global = prog.map("stats_global")
         self.conns = prog.map("conns")
-        self._free_vip_ids = deque(range(opts.max_vips))
-        self._free_real_ids = deque(range(1, opts.max_reals))  # 0 = "no real"
-        self._last_ring: dict[str, object] = {}
-        # Per VIP, the rings of its last two distinct inputs: a change undone (a real
-        # added and removed, drained and back, a health flap) needs no Maglev rebuild.
-        self._ring_memo: dict[str, dict[tuple, object]] = {}
-        self._written: set[int] = set()  # real ids whose map entry this process wrote
-        self._published: set[int] = set()  # VIP ids whose ring this process wrote
+        # ids, slots, retired reals, the ring memo: the planner's (no maps in it)
+        self.state = TableState.empty(opts.max_vips, opts.max_reals, opts.ring_max)
+        self.planner = Planner(self.state)
+        self.vips: dict[str, VipState] = self.state.vips
         self._slot_rings: dict[int, np.ndarray] = {}  # what each ring slot holds
-        self._filter_slots: set[int] = set()  # vip_filter slots set to 1
-        self._retired_at: dict[int, float] = {}  # real id -> monotonic time it was retired
         self._global_base: dict[str, int] = {}  # real-derived reasons at the last reset
         # Why this start reset the maps (None: restored, or a first start).
         self.clean_start_reason: str | None = None
@@ -216,18 +162,22 @@ class ServiceTables:
         return None
 
     def _adopt(self, vips: list[VipState]) -> None:
-        used_real_ids = set()
+        self.state.adopt(vips)
         for vs in vips:
-            self.vips[vs.key] = vs
-            used_real_ids.update(r.real_id for r in [*vs.reals.values(), *vs.retired.values()])
             if self._live_slot_from_maps(vs):
                 # what "all_down = keep" serves from, as the previous run did
-                self._last_ring[vs.key] = array("I", self.live_ring(vs.key))
-        used_vip_ids = {vs.vip_id for vs in vips}
-        self._free_vip_ids = deque(i for i in range(self.opts.max_vips) if i not in used_vip_ids)
-        self._free_real_ids = deque(i for i in range(1, self.opts.max_reals)
-                                    if i not in used_real_ids)
-        self._sync_vip_addrs()
+                self.state.last_ring[vs.key] = array("I", self.live_ring(vs.key))
+        self.state.addrs = {str(M.addr_from16(k.addr, k.family))
+                            for k, _ in list(self._addrs_map.items())}
+        self._apply(self.planner.sync_addrs())
+
+    @property
+    def _last_ring(self) -> dict:
+        return self.state.last_ring
+
+    @_last_ring.setter
+    def _last_ring(self, rings: dict) -> None:
+        self.state.last_ring = rings
 
     def _live_slot_from_maps(self, vs: VipState) -> bool:
         """The live ring slot is the one the maps name, whatever the file says (a crash
@@ -327,97 +277,22 @@ class ServiceTables:
             table[ct.c_uint32(idx)] = v
 
     # ----------------------------------------------------------------- VIPs
+    # The planner (plan.py) decides every id, slot and write; these carry its plans out.
     def upsert_vip(self, address, port: int, proto: str = "tcp", mode: str = "dr",
                    hash: str = "5tuple", ring_size: int = maglev.DEFAULT_RING_SIZE,
                    all_down: str = "keep") -> VipState:
-        if ring_size > self.opts.ring_max:
-            raise TablesError(f"ring_size {ring_size} exceeds the compiled maximum "
-                              f"{self.opts.ring_max}")
-        probe = VipState(canon(address), port, proto, -1)
-        vs = self.vips.get(probe.key)
-        if vs is None:
-            if not self._free_vip_ids:
-                raise TablesError(f"no free VIP slot (max {self.opts.max_vips})")
-            vs = probe
-            vs.vip_id = self._free_vip_ids.popleft()
-            self._zero_counters(self._stats_vip, vs.vip_id)
-            self.vips[vs.key] = vs
-            self._sync_vip_addrs()
-        params = (mode, hash, all_down, ring_size)
-        if vs.vip_id in self._published and (vs.mode, vs.hash, vs.all_down,
-                                               vs.ring_size) == params:
-            return vs  # nothing but reals can have changed: set_reals publishes
-        vs.mode, vs.hash, vs.all_down, vs.ring_size = params
-        self._publish_ring(vs)  # saves
-        return vs
+        return self._apply(self.planner.upsert_vip(address, port, proto, mode=mode, hash=hash,
+                                                   ring_size=ring_size, all_down=all_down))
 
     def delete_vip(self, key: str) -> None:
-        vs = self.vips.pop(key, None)
-        if vs is None:
-            raise TablesError(f"no VIP {key}")
-        del self._vips_map[M.vip_key(vs.address, vs.port, vs.proto)]
-        self._vip_by_id[ct.c_uint32(vs.vip_id)] = M.VipEntry()  # family 0: unused
-        for r in [*vs.reals.values(), *vs.retired.values()]:
-            self._free_real(r, vs.vip_id)
-        # Freed in the maps first, then in the file: the file names every id in use.
-        self._free_vip_ids.append(vs.vip_id)
-        self._published.discard(vs.vip_id)
-        self._last_ring.pop(key, None)
-        self._ring_memo.pop(key, None)
-        self._sync_vip_addrs()
-        self._save()
-
-    def _sync_vip_addrs(self) -> None:
-        want = {canon(v.address) for v in self.vips.values()}
-        # The pre-filter first, so that a new address is never filtered out.
-        filt = self.prog.map("vip_filter")
-        slots = {M.vip_filter_index(a) for a in want}
-        for i in slots:
-            filt[ct.c_uint32(i)] = ct.c_uint32(1)
-        have = set()
-        for k, _ in list(self._addrs_map.items()):
-            have.add(str(M.addr_from16(k.addr, k.family)))
-        for a in want - have:
-            self._addrs_map[M.vip_addr_key(a)] = ct.c_uint32(1)
-        for a in have - want:
-            del self._addrs_map[M.vip_addr_key(a)]
-        for i in self._filter_slots - slots:
-            filt[ct.c_uint32(i)] = ct.c_uint32(0)
-        self._filter_slots = slots
+        self._apply(self.planner.delete_vip(key))
 
     # ---------------------------------------------------------------- reals
     def set_reals(self, key: str, reals: list[tuple[str, str, int]]) -> VipState:
         """Make the VIP's reals exactly `reals` = [(address, mac, weight)]; health state of
         reals that stay is kept. New rings are published atomically. Too few free real
         ids: refused before anything changes."""
-        vs = self._vip(key)
-        want = {canon(a): (mac, w) for a, mac, w in reals}
-        need = sum(1 for a in want if a not in vs.reals and a not in vs.retired)
-        if need > len(self._free_real_ids):
-            raise TablesError(f"VIP {key}: {need} new reals need ids but only "
-                              f"{len(self._free_real_ids)} are free "
-                              f"(max_reals {self.opts.max_reals - 1} in all)")
-        now = time.monotonic()
-        for addr in list(vs.reals):
-            if addr not in want:
-                r = vs.retired[addr] = vs.reals.pop(addr)
-                self._retired_at[r.real_id] = now
-        to_write = []
-        for addr, (mac, w) in want.items():
-            r = vs.reals.get(addr)
-            if r is None and addr in vs.retired:
-                r = vs.retired.pop(addr)
-                self._retired_at.pop(r.real_id, None)
-            if r is None:
-                r = RealState(addr, self._free_real_ids.popleft(), mac, w)
-                self._zero_counters(self._stats_real, r.real_id)
-            vs.reals[addr] = r
-            if r.mac != mac or r.real_id not in self._written:
-                r.mac = mac
-                to_write.append(r)
-            r.weight = w
-        self._publish_ring(vs, to_write)  # saves the new ids before writing them
-        return vs
+        return self._apply(self.planner.set_reals(key, reals, time.monotonic()))
 
     def referenced_real_ids(self, batch: int = WALK_BATCH) -> RealIds:
         """The real ids the conn table names. Blocking, a walk of the whole table: run it
@@ -443,100 +318,84 @@ class ServiceTables:
             return 0
         if referenced is None:
             referenced = self.referenced_real_ids()
-        started = getattr(referenced, "started", None)
-        freed = 0
-        for vs in self.vips.values():
-            for addr, r in list(vs.retired.items()):
-                if r.real_id in referenced:
-                    continue
-                if started is not None and self._retired_at.get(r.real_id, 0.0) >= started:
-                    continue
-                self._free_real(vs.retired.pop(addr), vs.vip_id)
-                freed += 1
-        if freed:
-            self._save()
-        return freed
+        return self._apply(self.planner.collect_retired(
+            referenced, getattr(referenced, "started", None)))
 
     def set_weight(self, key: str, address, weight: int) -> None:
-        r = self._real(key, address)
-        r.weight = weight
-        self._publish_ring(self.vips[key])
+        self._apply(self.planner.set_weight(key, address, weight))
 
     def set_down(self, key: str, address, down: bool) -> bool:
         """Health state of one real; True when it changed. A down real leaves the ring and
         the data plane moves its flows (REAL_F_DOWN)."""
-        r = self._real(key, address)
-        if r.down == down:
-            return False
-        r.down = down
-        self._write_real(r)
-        self._publish_ring(self.vips[key])
-        return True
+        return self._apply(self.planner.set_down(key, address, down))
 
     def _vip(self, key: str) -> VipState:
-        try:
-            return self.vips[key]
-        except KeyError:
-            raise TablesError(f"no VIP {key} (VIPs: {', '.join(self.vips) or 'none'})") from None
+        return self.planner.vip(key)
 
     def _real(self, key: str, address) -> RealState:
-        vs = self._vip(key)
+        return self.planner.real(key, address)
+
+    def ring_for(self, vs: VipState):
+        return self.planner.ring_for(vs)
+
+    # ------------------------------------------------------------ the writer
+    def _apply(self, plan: Plan):
+        """Carry out a plan's writes in order; its result when all succeeded."""
         try:
-            return vs.reals[canon(address)]
+            for w in plan.writes:
+                getattr(self, "_w_" + w.op)(*w.args)
+        except BaseException:
+            for f in plan.abort:
+                f()
+            raise
+        for f in plan.commit:
+            f()
+        return plan.result
+
+    def _w_filter(self, index: int, value: int) -> None:
+        self.prog.map("vip_filter")[ct.c_uint32(index)] = ct.c_uint32(value)
+
+    def _w_addr_add(self, addr: str) -> None:
+        self._addrs_map[M.vip_addr_key(addr)] = ct.c_uint32(1)
+
+    def _w_addr_del(self, addr: str) -> None:
+        try:
+            del self._addrs_map[M.vip_addr_key(addr)]
         except KeyError:
-            raise TablesError(f"VIP {key} has no real {address}") from None
+            pass  # already gone: what the plan wants
+
+    def _w_zero_vip_stats(self, vip_id: int) -> None:
+        self._zero_counters(self._stats_vip, vip_id)
+
+    def _w_zero_real_stats(self, real_id: int) -> None:
+        self._zero_counters(self._stats_real, real_id)
+
+    def _w_ring(self, slot_index: int, ring) -> None:
+        self._write_slot(slot_index, ring)
+
+    def _w_save(self) -> None:
+        self._save()
+
+    def _w_real(self, r: RealState) -> None:
+        self._write_real(r)
+
+    def _w_flip(self, vs: VipState, ring_size: int) -> None:
+        self._flip(vs, ring_size)
+
+    def _w_vip_del(self, vs: VipState) -> None:
+        del self._vips_map[M.vip_key(vs.address, vs.port, vs.proto)]
+        self._vip_by_id[ct.c_uint32(vs.vip_id)] = M.VipEntry()  # family 0: unused
+
+    def _w_free_real(self, real_id: int, vip_id: int) -> None:
+        # family 0 marks the id unused: flows still naming it are rescheduled.
+        self._reals_map[ct.c_uint32(real_id)] = M.RealDef()
+        self._fold_real_counters(real_id, vip_id)
 
     def _write_real(self, r: RealState) -> None:
         self._reals_map[ct.c_uint32(r.real_id)] = M.real_def(r.address, r.mac, r.down)
-        self._written.add(r.real_id)
-
-    def _free_real(self, r: RealState, vip_id: int) -> None:
-        # family 0 marks the id unused: flows still naming it are rescheduled.
-        self._reals_map[ct.c_uint32(r.real_id)] = M.RealDef()
-        self._fold_real_counters(r.real_id, vip_id)
-        self._written.discard(r.real_id)
-        self._retired_at.pop(r.real_id, None)
-        self._free_real_ids.append(r.real_id)  # FIFO: an id is reused as late as possible
+        self.state.written.add(r.real_id)
 
     # ---------------------------------------------------------------- rings
-    def ring_for(self, vs: VipState):
-        inputs = tuple(sorted((r.real_id, r.address, r.weight)
-                              for r in vs.reals.values() if not r.down))
-        memo = self._ring_memo.setdefault(vs.key, {})
-        mkey = (vs.ring_size, inputs)
-        ring = memo.get(mkey)
-        if ring is None:  # build_ring depends on nothing else: the same input, the same ring
-            ring = maglev.build_ring([maglev.Backend(*i) for i in inputs], vs.ring_size)
-            if len(memo) >= 2:
-                memo.pop(next(iter(memo)))  # the oldest
-            memo[mkey] = ring
-        else:
-            memo[mkey] = memo.pop(mkey)  # now the newest
-        if vs.all_down == "keep" and vs.reals and not any(w for _, _, w in inputs) \
-                and vs.key in self._last_ring:
-            # Every real down (not merely drained): keep serving from the last ring
-            # rather than dropping everything, like keepalived's quorum-less default.
-            if any(r.down for r in vs.reals.values()):
-                return self._last_ring[vs.key]
-        return ring
-
-    def _publish_ring(self, vs: VipState, write_reals=()) -> None:
-        """Write the new ring to the VIP's idle slot, save, write ``write_reals``, flip.
-        Saving before the flip keeps tables.json a superset of what the maps use."""
-        ring = self.ring_for(vs)
-        new_slot = vs.slot ^ 1 if self._vip_present(vs) else vs.slot
-        self._write_slot(2 * vs.vip_id + new_slot, ring)
-        old_slot, vs.slot = vs.slot, new_slot
-        self._save()
-        try:
-            for r in write_reals:
-                self._write_real(r)
-            self._flip(vs, len(ring))
-        except BaseException:
-            vs.slot = old_slot  # the maps still name the old slot (a restart reads them)
-            raise
-        self._last_ring[vs.key] = ring
-        self._published.add(vs.vip_id)
 
     def _write_slot(self, slot_index: int, ring) -> None:
         """Fill one ring slot; only ever called for a slot no lookup reads."""
@@ -567,13 +426,6 @@ class ServiceTables:
         key = M.vip_key(vs.address, vs.port, vs.proto)
         self._vip_by_id[ct.c_uint32(vs.vip_id)] = M.VipEntry(key=key, meta=meta)
         self._vips_map[key] = meta
-
-    def _vip_present(self, vs: VipState) -> bool:
-        try:
-            self._vips_map[M.vip_key(vs.address, vs.port, vs.proto)]
-            return True
-        except KeyError:
-            return False
 
     def live_ring(self, key: str) -> list[int]:
         """The ring the data plane uses for the VIP, read from the maps (one syscall)."""
