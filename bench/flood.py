@@ -30,7 +30,6 @@ import argparse
 import glob
 import json
 import os
-import signal
 import socket
 import struct
 import sys
@@ -183,12 +182,6 @@ def start_hold(lab, tag: str, count: int, seconds: float = 150):
     return svc
 
 
-def end_hold(svc) -> dict:
-    svc.proc.send_signal(signal.SIGTERM)
-    svc.proc.wait(30)
-    return json.loads(svc.output().strip().splitlines()[-1])
-
-
 def start_pair(lab, guard: int) -> None:
     from l4lb.lab import wait_for  # noqa: PLC0415
 
@@ -208,7 +201,7 @@ def start_pair(lab, guard: int) -> None:
 def scenario(lab, packets: int, guard: int, flood_seconds: float = 30.0,
              new_conns: int = 300, pps: int = 100_000) -> dict:
     """On a lab with 1 client, 2 balancers, 4 reals: the whole measurement."""
-    from l4lb.lab import wait_for  # noqa: PLC0415
+    from l4lb.lab import end_hold, wait_for  # noqa: PLC0415
 
     start_pair(lab, guard)
     for n in ("lb1", "lb2"):  # the daemon programmed [node] new_flow_rate

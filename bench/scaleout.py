@@ -40,11 +40,8 @@ import re
 import signal
 import sys
 import time
-from pathlib import Path
 
 from bench.common import markdown_table, run_meta, text_table, write_json, write_text
-
-ROOT = Path(__file__).resolve().parent.parent
 
 PREFIX = "bscale"
 ALL = ["lb1", "lb2", "lb3"]
@@ -81,34 +78,6 @@ def new_conn_outage(attempts: list[dict], t_fail: float, t_end: float) -> dict:
             "max_gap_ms": None if gap is None else round(gap * 1000, 1)}
 
 
-async def _probe(host: str, port: int, every: float, seconds: float, timeout: float) -> None:
-    """A connect every `every` s on a fixed schedule (not waiting for the last); one JSON
-    line per attempt, answered or not (l4lb.lab.client probe prints only answers)."""
-    import asyncio  # noqa: PLC0415
-
-    from l4lb.lab.client import _hello  # noqa: PLC0415
-
-    async def one(t: float) -> None:
-        try:
-            _r, w, name = await _hello(host, port, timeout)
-            w.close()
-            print(json.dumps({"t": t, "ok": True, "real": name}), flush=True)
-        except (OSError, TimeoutError):
-            print(json.dumps({"t": t, "ok": False}), flush=True)
-
-    tasks: set = set()
-    start = time.monotonic()
-    n = 0
-    while time.monotonic() - start < seconds:
-        task = asyncio.create_task(one(time.time()))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        n += 1
-        await asyncio.sleep(max(0.0, start + n * every - time.monotonic()))
-    if tasks:
-        await asyncio.wait(tasks)
-
-
 def wrk(lab, seconds: int) -> float:
     from l4lb.lab import ecmp as E  # noqa: PLC0415
 
@@ -133,9 +102,10 @@ class Bench:
         """Hold conns + probe, run `act()` (returns the failure time), measure."""
         E, lab = self.E, self.lab
         hold = E.start_hold(lab, f"{name}-hold", E.VIP_DR, self.conns)
-        probe = lab.popen("client1", [sys.executable, "-m", "bench.scaleout",
-                                      "--probe", f"{E.VIP_DR}:{E.PORT}"],
-                          log_name=f"{name}-probe.log", cwd=ROOT)
+        probe = lab.popen("client1", [sys.executable, "-m", "l4lb.lab.client", "probe",
+                                      f"{E.VIP_DR}:{E.PORT}", "--every", str(PROBE_EVERY),
+                                      "--seconds", "120", "--timeout", "0.5", "--failures"],
+                          log_name=f"{name}-probe.log")
         try:
             E.wait_for(lambda: len(attempts(probe)) >= 50, 20, 0.05, "probe answers")
             t_fail = act()
@@ -144,7 +114,7 @@ class Bench:
         finally:
             probe.stop()
         rep = E.end_hold(hold)
-        out = {"total": rep["conns"], "lost": len(E.lost(rep)),
+        out = {"total": rep["conns"], "lost": len(E.broken(rep)),
                **new_conn_outage(attempts(probe), t_fail, t_end - 1.0)}  # 0.5 s timeout
         self.log(f"{name}: {out}")
         return out
@@ -190,14 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="100 connections, 3 s wrk runs")
     ap.add_argument("--json", help="write results as JSON here")
     ap.add_argument("--md", help="write a Markdown report here")
-    ap.add_argument("--probe", metavar="HOST:PORT", help=argparse.SUPPRESS)  # in client1
     a = ap.parse_args(argv)
-    if a.probe:
-        import asyncio  # noqa: PLC0415
-
-        host, port = a.probe.rsplit(":", 1)
-        asyncio.run(_probe(host, int(port), PROBE_EVERY, 120.0, 0.5))
-        return 0
 
     from l4lb.lab import ecmp as E  # noqa: PLC0415
     from l4lb.routing import frr  # noqa: PLC0415

@@ -672,6 +672,19 @@ def live_labs() -> list[dict]:
     return out
 
 
+def end_hold(svc: Service) -> dict:
+    """Stop a `client hold` run (SIGTERM) and return its JSON report."""
+    svc.proc.send_signal(signal.SIGTERM)
+    svc.proc.wait(30)
+    return json.loads(svc.output().strip().splitlines()[-1])
+
+
+def broken(report: dict) -> list:
+    """(id, reals seen, error) of the held connections that failed or changed real."""
+    return [(d["id"], d["reals"], d["error"]) for d in report["detail"]
+            if d["error"] or len(d["reals"]) > 1]
+
+
 def wait_for(pred, timeout: float, interval: float = 0.05, what: str = "condition"):
     """Poll `pred` until it returns a truthy value or `timeout` passes."""
     deadline = time.monotonic() + timeout

@@ -172,18 +172,21 @@ async def hold(host: str, port: int, conns: int, every: float, seconds: float,
             "detail": results}
 
 
-async def probe(host: str, port: int, every: float, seconds: float, timeout: float) -> None:
+async def probe(host: str, port: int, every: float, seconds: float, timeout: float,
+                failures: bool = False) -> None:
     """Start a connect every `every` seconds on a fixed schedule, without waiting for
     the previous one, so an outage is seen to the schedule's resolution rather than
-    to the connect timeout's."""
+    to the connect timeout's. A JSON line per answer; with `failures`, one per
+    unanswered attempt too ({"t": ..., "ok": false})."""
 
     async def one(t: float) -> None:
         try:
             r, w, name = await _hello(host, port, timeout)
             w.close()
-            print(json.dumps({"t": t, "real": name}), flush=True)
+            print(json.dumps({"t": t, "ok": True, "real": name}), flush=True)
         except (OSError, asyncio.TimeoutError):
-            pass
+            if failures:
+                print(json.dumps({"t": t, "ok": False}), flush=True)
 
     tasks = set()
     start = time.monotonic()
@@ -221,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     pr.add_argument("--every", type=float, default=0.01)
     pr.add_argument("--seconds", type=float, default=10.0)
     pr.add_argument("--timeout", type=float, default=0.2)
+    pr.add_argument("--failures", action="store_true", help="a line per unanswered attempt too")
     a = p.parse_args(argv)
     host, port = _target(a.target)
     socket.setdefaulttimeout(a.timeout)
@@ -230,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         out = asyncio.run(hold(host, port, a.conns, a.every, a.seconds, a.timeout,
                                a.ready_file, a.udp, a.max_lost))
     else:
-        asyncio.run(probe(host, port, a.every, a.seconds, a.timeout))
+        asyncio.run(probe(host, port, a.every, a.seconds, a.timeout, a.failures))
         return
     json.dump(out, sys.stdout)
     sys.stdout.write("\n")

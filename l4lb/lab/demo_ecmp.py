@@ -62,7 +62,7 @@ def run() -> dict:
         say(lab.run("router", ["ip", "route", "show", f"{E.VIP_DR}/32"]).stdout.rstrip())
         time.sleep(2.0)
         rep = E.end_hold(hold)
-        lost = E.lost(rep)
+        lost = E.broken(rep)
         say(f"connections: {rep['conns'] - len(lost)}/{rep['conns']} carried on (lb2's moved "
             "to lb1 and lb3, which knew them by sync)")
     finally:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from l4lb.lab import ROUTER4, ROUTER6, Lab, wait_for
+from l4lb.lab import ROUTER4, ROUTER6, Lab, broken, end_hold, wait_for  # noqa: F401 - E.broken, E.end_hold
 from l4lb.routing import frr
 
 VIP_DR, VIP_TUN = "10.99.200.100", "10.99.200.101"
@@ -150,18 +150,6 @@ def start_hold(lab: Lab, tag: str, vip: str, count: int, seconds: float = 150):
     wait_for(ready.exists, 40, what=f"{tag}: {count} connections")
     assert json.loads(ready.read_text())["connected"] == count, svc.output()[-2000:]
     return svc
-
-
-def end_hold(svc) -> dict:
-    svc.proc.send_signal(signal.SIGTERM)
-    svc.proc.wait(30)
-    return json.loads(svc.output().strip().splitlines()[-1])
-
-
-def lost(report: dict) -> list:
-    """(id, reals seen, error) of the connections that failed or changed real."""
-    return [(d["id"], d["reals"], d["error"]) for d in report["detail"]
-            if d["error"] or len(d["reals"]) > 1]
 
 
 def drain(lab: Lab, name: str, timeout: float = 60.0) -> None:

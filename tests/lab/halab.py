@@ -7,7 +7,7 @@ import json
 import signal
 import sys
 
-from l4lb.lab import Lab, wait_for
+from l4lb.lab import Lab, broken, end_hold, wait_for  # noqa: F401 - tests import them from here
 
 
 def vrrp_state(lab: Lab, node: str, instance: str | None = None) -> str | None:
@@ -51,18 +51,6 @@ def start_hold(lab: Lab, tag: str, target: str, count: int, seconds: float = 150
     wait_for(ready.exists, 20, what=f"{tag}: {count} connections")
     assert json.loads(ready.read_text())["connected"] == count, svc.output()[-2000:]
     return svc
-
-
-def end_hold(svc) -> dict:
-    svc.proc.send_signal(signal.SIGTERM)
-    svc.proc.wait(30)
-    return json.loads(svc.output().strip().splitlines()[-1])
-
-
-def broken(report: dict) -> list:
-    """(id, reals seen, error) of the connections that failed or changed real."""
-    return [(d["id"], d["reals"], d["error"]) for d in report["detail"]
-            if d["error"] or len(d["reals"]) > 1]
 
 
 def kill_and_unplug(lab: Lab, node: str) -> None:

@@ -459,8 +459,8 @@ def test_kill9_during_changes(lab):
     t0 = time.monotonic()
     try:
         # Each restart compiles the XDP program (10-20 s on this 2-core box): as many
-        # kill points as fit in ~40 s, and at least 3 however loaded the box is.
-        while kills < 20 and (time.monotonic() - t0 < 40 or
+        # kill points as fit in ~25 s, and at least 3 however loaded the box is.
+        while kills < 20 and (time.monotonic() - t0 < 25 or
                               (kills < 3 and time.monotonic() - t0 < 150)):
             time.sleep(rnd.uniform(0.05, 1.0))
             lab.daemon.proc.kill()  # SIGKILL, wherever the change burst is

@@ -35,7 +35,7 @@ def holds(lab, tag: str) -> dict:
 def check(lab, svcs: dict, what: str) -> None:
     for vip, svc in svcs.items():
         rep = E.end_hold(svc)
-        bad = E.lost(rep)
+        bad = E.broken(rep)
         assert rep["conns"] == CONNS and not bad, (
             f"{what}, {vip}: {len(bad)}/{CONNS} lost: {bad[:5]}\n"
             + "\n".join(f"{n}: {s.output()[-1500:]}" for n, s in lab.daemons.items()))
@@ -115,7 +115,7 @@ def test_ecmp_without_sync():
         E.kill(lab, "lb2")
         E.wait_paths(lab, ["lb1"], timeout=40)
         time.sleep(2.0)
-        lost = {vip: len(E.lost(E.end_hold(s))) for vip, s in svcs.items()}
+        lost = {vip: len(E.broken(E.end_hold(s))) for vip, s in svcs.items()}
         assert all(n > 0 for n in lost.values()), f"no sync, yet nothing lost: {lost}"
     finally:
         lab.down()
