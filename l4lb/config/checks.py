@@ -57,13 +57,29 @@ def config_warnings(cfg: Config) -> list[str]:
         walk, timeout = cfg.sync.full_sync_interval_s, cfg.node.conn_timeout_s
         # A synced entry is refreshed on the standby only by the next walk: a UDP flow
         # whose standby copy aged past conn_timeout_s is rescheduled at takeover. The
-        # copy is up to one walk plus the data plane's 1 s last-seen grain old.
-        if walk == 0 or walk + 1 >= timeout:
-            what = "0 (walks only when a peer starts)" if walk == 0 else \
-                f"{walk:g} s, not below node.conn_timeout_s ({timeout} s) - 1 s"
+        # copy is up to one walk plus the data plane's 1 s last-seen grain old, and
+        # it ages on through the takeover (Master_Down_Interval) until the flow's
+        # next packet reaches the new master.
+        takeover = _takeover_s(cfg)
+        if walk == 0 or walk + 1 + takeover >= timeout:
+            what = "0 (walks only when a peer starts)" if walk == 0 else (
+                f"{walk:g} s: a standby copy can be {walk:g} s + 1 s + {takeover:.1f} s "
+                f"(takeover) old, not below node.conn_timeout_s ({timeout} s)")
             warns.append(
                 f"sync.full_sync_interval_s is {what}, with UDP VIPs ({', '.join(udp[:3])}"
                 f"{', ...' if len(udp) > 3 else ''}): the standby's copies of long-lived UDP "
                 "flows go idle between walks, and a failover moves them to the new master's "
-                f"ring; set full_sync_interval_s below {max(timeout - 1, 1)} s")
+                f"ring; set full_sync_interval_s below "
+                f"{max(timeout - 1 - takeover, 1):.1f} s or raise node.conn_timeout_s")
     return warns
+
+
+def _takeover_s(cfg: Config) -> float:
+    """Master_Down_Interval (RFC 5798) of the VRRP instance sync follows: how long a
+    standby waits before it takes over (0 without VRRP)."""
+    inst = [v for v in cfg.vrrp if v.name == cfg.sync.vrrp_instance] or list(cfg.vrrp[:1])
+    if not inst:
+        return 0.0
+    v = inst[0]
+    skew = (256 - v.priority) / 256 * (v.advert_interval_s if v.version == 3 else 1.0)
+    return 3 * v.advert_interval_s + skew

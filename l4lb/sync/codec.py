@@ -36,7 +36,7 @@ the record layout itself enforces address lengths and port ranges::
 
     src (4|16) | sport (u16) | dst (4|16) | dport (u16) | proto (u8) | real (4|16) | age (u16)
 
-``age`` is whole seconds (rounded; at most MAX_AGE_S) since the sender's data
+``age`` is whole seconds (rounded down; at most MAX_AGE_S) since the sender's data
 plane last saw a packet of the flow, as of when the record was built: an age, not
 a time, so that the clocks of the two nodes need not agree. The receiver sets its
 last-seen to its own now minus the age, so a UDP flow's idle timeout on the new

@@ -75,8 +75,11 @@ _NS = 1_000_000_000
 
 
 def age_s(now_ns: int, seen_ns: int) -> int:
-    """A conn-table last-seen as the wire's age: whole seconds, rounded, 0..MAX_AGE_S."""
-    return min(max((now_ns - seen_ns + _NS // 2) // _NS, 0), MAX_AGE_S)
+    """A conn-table last-seen as the wire's age: whole seconds, 0..MAX_AGE_S.
+
+    Rounded down: a copy may be up to 1 s younger than the flow, never older, so
+    an active flow's copy does not expire on the standby before the flow does."""
+    return min(max((now_ns - seen_ns) // _NS, 0), MAX_AGE_S)
 
 
 def seen_ns(now_ns: int, age: int) -> int:
@@ -254,7 +257,7 @@ class Translator:
             keep &= ~unknown
         # age_s() in bulk (int64: a last-seen ahead of now_ns, another CPU's, is age 0)
         idle = now_ns - V["last_seen_ns"].astype(np.int64)
-        ages = np.clip((idle + _NS // 2) // _NS, 0, MAX_AGE_S)
+        ages = np.clip(idle // _NS, 0, MAX_AGE_S)
         out: dict[tuple[int, int, int], np.ndarray] = {}
         for f, alen in ((M.FAMILY_V4, 4), (M.FAMILY_V6, 16)):
             for rl in (4, 16):

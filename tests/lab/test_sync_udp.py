@@ -1,7 +1,7 @@
 """UDP flows through a VRRP failover with conn-table sync (issue 17).
 
 lb1 and lb2 balance a TCP and a UDP VIP on the same address over four reals with
-different Maglev rings (real4: weight 0 on lb1, 900 on lb2), `conn_timeout_s = 4`.
+different Maglev rings (real4: weight 0 on lb1, 900 on lb2), `conn_timeout_s = 6`.
 100 UDP flows (connected sockets, a datagram every 100 ms, each reply checked for
 its real) and 100 TCP connections run through lb1 for longer than the UDP timeout,
 so lb2's copies of the UDP flows are older than the timeout unless sync keeps
@@ -28,7 +28,7 @@ PORT = 9000
 KEY = "lab-sync-key-0123456789abcdef"
 SYNC_PORT = 9542
 FLOWS = 100
-TIMEOUT_S = 4
+TIMEOUT_S = 6  # a copy is at most 2 s walk + 1 s grain + 0.4 s takeover old: 2.6 s margin
 WALK_S = 2
 
 

@@ -1091,9 +1091,10 @@ def _udp_sync(walk: float, timeout: int = 4, proto: str = "udp") -> Config:
 
 @pytest.mark.parametrize("walk,timeout,proto,warned", [
     (0, 4, "udp", "is 0 (walks only when a peer starts)"),
-    (30, 4, "udp", "is 30 s, not below node.conn_timeout_s (4 s) - 1 s"),
-    (3, 4, "udp", "is 3 s, not below"),  # a copy up to 3 s + the 1 s grain old
-    (2, 4, "udp", None),
+    (30, 4, "udp", "is 30 s: a standby copy can be 30 s + 1 s + 3.6 s (takeover) old"),
+    (5, 9, "udp", "is 5 s: a standby copy"),  # 5 s + the 1 s grain + 3.6 s takeover
+    (4, 9, "udp", None),
+    (2, 4, "udp", "below 1.0 s"),  # takeover at 1 s adverts alone nearly fills 4 s
     (30, 4, "tcp", None),  # TCP entries do not time out
     (60, 300, "udp", None),
 ])

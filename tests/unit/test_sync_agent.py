@@ -676,7 +676,7 @@ def test_age_helpers_round_and_clamp():
     s = 10**9
     assert translate.age_s(100 * s, 100 * s) == 0
     assert translate.age_s(100 * s, 100 * s + 5) == 0  # another CPU's newer last-seen
-    assert translate.age_s(100 * s, 98 * s - s // 2) == 3  # 2.5 s rounds up
+    assert translate.age_s(100 * s, 98 * s - s // 2) == 2  # 2.5 s rounds down: never older
     assert translate.age_s(10**6 * s, 0) == 0xFFFF  # saturates at MAX_AGE_S
     assert translate.seen_ns(100 * s, 3) == 97 * s
     assert translate.seen_ns(2 * s, 3) == 0
