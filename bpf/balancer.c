@@ -3,15 +3,17 @@
  * parse -> VIP? -> conn table hit? -> else Maglev ring -> forward (DR or TUN).
  * Everything not for a VIP leaves with XDP_PASS, untouched.
  */
+/* uapi headers only: the kernel's internal linux/ headers cost clang ~4 s per compile,
+ * and every daemon start and reload compiles (README: Architecture). */
 #include <uapi/linux/bpf.h>
-#include <linux/if_ether.h>
-#include <linux/ip.h>
-#include <linux/ipv6.h>
-#include <linux/icmp.h>
-#include <linux/icmpv6.h>
-#include <linux/in.h>
-#include <linux/tcp.h>
-#include <linux/udp.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/icmp.h>
+#include <uapi/linux/icmpv6.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
 
 #include "maps.h"
 #include "parse.h"

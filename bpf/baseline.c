@@ -1,7 +1,7 @@
 /* baseline.c: the benchmark baselines (README: Benchmarks), and the XDP_PASS program a
  * veth peer needs so that native XDP_TX frames reach it. */
 #include <uapi/linux/bpf.h>
-#include <linux/if_ether.h>
+#include <uapi/linux/if_ether.h>
 
 int xdp_pass(struct xdp_md *ctx)
 {

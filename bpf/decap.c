@@ -5,10 +5,10 @@
  * which delivers it to the VIP held on lo. Everything else passes untouched.
  */
 #include <uapi/linux/bpf.h>
-#include <linux/if_ether.h>
-#include <linux/ip.h>
-#include <linux/ipv6.h>
-#include <linux/in.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/in.h>
 
 #define ETH_P_IP_BE   0x0008
 #define ETH_P_IPV6_BE 0xDD86

@@ -11,10 +11,10 @@
  * with a smaller key can go below 1.0. Self-contained: no l4lb header included.
  */
 #include <uapi/linux/bpf.h>
-#include <linux/if_ether.h>
-#include <linux/ip.h>
-#include <linux/in.h>
-#include <linux/tcp.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/tcp.h>
 
 #ifndef FLOOR_TABLE_SIZE
 #define FLOOR_TABLE_SIZE 1048576
