@@ -82,6 +82,7 @@ from .codec import (
     check_entry,
     decode,
     encode,
+    encode_full,
     entry_capacity,
     pack_entries,
 )
@@ -468,9 +469,13 @@ class Sender:
             return False
         walk.starved = False
         batch, last = item
-        msg = FullChunk(self.node_id, self.session, self._next_seq(), now, walk.full_id,
-                        walk.chunk, bool(last), batch)
-        self._account(encode(msg, self._key), out)
+        if type(batch) is PackedEntries:  # the usual case: no message object
+            data = encode_full(self.node_id, self.session, self._next_seq(), now, walk.full_id,
+                               walk.chunk, last, batch, self._key)
+        else:
+            data = encode(FullChunk(self.node_id, self.session, self._next_seq(), now,
+                                    walk.full_id, walk.chunk, bool(last), batch), self._key)
+        self._account(data, out)
         n = len(batch)
         walk.chunk += 1
         walk.entries += n

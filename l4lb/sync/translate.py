@@ -117,6 +117,8 @@ class Translator:
         self.refreshed_at = float("-inf")
         self.refreshes = 0
         self._rtab = None  # (real_addr it was built from, lengths, addresses)
+        self._tcache: _TargetCache | None = None  # groups_to_records' known targets
+        self._rrows: dict[int, tuple] = {}  # _real_rows' cache
         self.refresh()
 
     def refresh(self) -> None:
@@ -223,6 +225,15 @@ class Translator:
         self._rtab = (ra, lens, addrs)
         return lens, addrs
 
+    def _real_rows(self, rl: int) -> np.ndarray:
+        """Real addresses of length ``rl`` by real id, as the wire's ``real`` field."""
+        _lens, addrs = self._real_table()
+        cached = self._rrows.get(rl)
+        if cached is None or cached[0] is not addrs:
+            rows = np.ascontiguousarray(addrs[:, :rl]).view(_ADDR_DT[rl]).ravel()
+            cached = self._rrows[rl] = (addrs, rows)
+        return cached[1]
+
     def records_to_rows(self, keys: bytes, vals: bytes, now_ns: int = 0, timeout_ns: int = 0
                         ) -> tuple[dict[tuple[int, int, int], np.ndarray], Counter]:
         """Conn-table records -> wire records (codec layout), as uint8 arrays by
@@ -237,50 +248,59 @@ class Translator:
         V = np.frombuffer(vals, _VAL_DT, n)
         fam, proto = K[:, _FAM_OFF], K[:, _K_PROTO]
         keep = ((fam == M.FAMILY_V4) | (fam == M.FAMILY_V6)) & ((proto == 6) | (proto == 17))
-        if not keep.all():
-            skipped["bad"] = int(n - keep.sum())
+        nkeep = int(np.count_nonzero(keep))
+        if nkeep < n:
+            skipped["bad"] = n - nkeep
+        seen = V["last_seen_ns"].astype(np.int64)  # (a last-seen ahead of now_ns: age 0)
         if timeout_ns:
-            fresh = V["last_seen_ns"] >= now_ns - timeout_ns
-            skipped["idle"] = int((keep & ~fresh).sum())
-            keep &= fresh
-        rid = V["real_id"].astype(np.int64)
+            fresh = seen >= now_ns - timeout_ns
+            idle = int(np.count_nonzero(keep & ~fresh))
+            if idle:
+                skipped["idle"] = idle
+                keep &= fresh
+        rid = V["real_id"].astype(np.intp)
         lens, addrs = self._real_table()
-        if (rid[keep] >= len(lens)).any() or not lens[rid[keep & (rid < len(lens))]].all():
+        inrange = rid < len(lens)
+        if not inrange.all() or not lens[rid[inrange]].all():
             if self.maybe_refresh(missed=True):
                 lens, addrs = self._real_table()
-        inrange = rid < len(lens)
+            inrange = rid < len(lens)
         rlen = np.zeros(n, np.uint8)
         rlen[inrange] = lens[rid[inrange]]
         unknown = keep & (rlen == 0)
         if unknown.any():
-            skipped["unknown_real"] = int(unknown.sum())
+            skipped["unknown_real"] = int(np.count_nonzero(unknown))
             keep &= ~unknown
-        # age_s() in bulk (int64: a last-seen ahead of now_ns, another CPU's, is age 0)
-        idle = now_ns - V["last_seen_ns"].astype(np.int64)
-        ages = np.clip(idle // _NS, 0, MAX_AGE_S)
+        ages = np.clip((now_ns - seen) // _NS, 0, MAX_AGE_S)  # age_s() in bulk
         out: dict[tuple[int, int, int], np.ndarray] = {}
+        v4 = fam == M.FAMILY_V4
         for f, alen in ((M.FAMILY_V4, 4), (M.FAMILY_V6, 16)):
             for rl in (4, 16):
-                m = keep & (fam == f) & (rlen == rl)
-                if not m.any():
+                m = keep & (v4 if f == M.FAMILY_V4 else ~v4) & (rlen == rl)
+                cnt = int(np.count_nonzero(m))
+                if not cnt:
                     continue
-                sel = K[m]
-                rows = np.empty((len(sel), 2 * alen + 7 + rl), np.uint8)
-                rows[:, 0:alen] = sel[:, _K_SRC:_K_SRC + alen]
-                rows[:, alen:alen + 2] = sel[:, _K_SPORT:_K_SPORT + 2]  # network order both
-                rows[:, alen + 2:2 * alen + 2] = sel[:, _K_DST:_K_DST + alen]
-                rows[:, 2 * alen + 2:2 * alen + 4] = sel[:, _K_DPORT:_K_DPORT + 2]
-                rows[:, 2 * alen + 4] = sel[:, _K_PROTO]
-                rows[:, 2 * alen + 5:2 * alen + 5 + rl] = addrs[rid[m], :rl]
-                rows[:, -2:] = ages[m].astype(">u2").view(np.uint8).reshape(-1, 2)
-                out[(alen, alen, rl)] = rows
+                # field by field (whole addresses, ports as they are: network order)
+                Kf = np.frombuffer(keys, _KEY_DT[alen], n)
+                rows = np.empty(cnt, _ROW_DT[(alen, rl)])
+                if cnt == n:
+                    sel, r, a = Kf, rid, ages
+                else:
+                    idx = np.flatnonzero(m)
+                    sel, r, a = Kf[idx], rid[idx], ages[idx]
+                for name in _FLOW_FIELDS:
+                    rows[name] = sel[name]
+                rows["real"] = self._real_rows(rl)[r]
+                rows["age"] = a
+                out[(alen, alen, rl)] = rows.view(np.uint8).reshape(cnt, rows.itemsize)
         return out, skipped
 
     def groups_to_records(self, groups: Iterable[tuple[int, bytes]], now_ns: int
                           ) -> tuple[bytes, bytes, Counter]:
         """Wire records (codec groups: (shape code, blob)) -> packed FlowKey/ConnVal
         records with local ids, like entries_to_records but without a Python
-        object per entry: each distinct (VIP, port, protocol, real) is looked up once."""
+        object per entry: each distinct (VIP, port, protocol, real) is looked up
+        once (and remembered, see _TargetCache)."""
         by_code: dict[int, list[bytes]] = {}
         for code, blob in groups:
             by_code.setdefault(code, []).append(blob)
@@ -293,38 +313,50 @@ class Translator:
             if not m:
                 continue
             R = np.frombuffer(blob, np.uint8, m * size).reshape(m, size)
-            uniq, inv = _distinct(R[:, alen + 2:size - 2])  # dst|dport|proto|real
-            ids = self._ids_of(uniq, alen)
-            if any(type(t) is str for t in ids) and self.maybe_refresh(missed=True):
-                ids = self._ids_of(uniq, alen)
-            ok_u = np.array([type(t) is not str for t in ids], bool)
-            if not ok_u.all():
-                counts = np.bincount(inv, minlength=len(uniq))
-                for t, c in zip(ids, counts.tolist(), strict=True):
-                    if type(t) is str:
-                        skipped[t] += c
-            rid_u = np.array([0 if type(t) is str else t[0] for t in ids], np.uint32)
-            vid_u = np.array([0 if type(t) is str else t[1] for t in ids], np.uint32)
-            if ok_u.all():  # the usual case: no copies to drop the skipped rows
-                sel, inv_ok = R, inv
-            else:
-                ok = ok_u[inv]
-                sel, inv_ok = R[ok], inv[ok]
-            k = np.zeros((len(sel), _KS), np.uint8)
-            k[:, _K_SRC:_K_SRC + alen] = sel[:, 0:alen]
-            k[:, _K_SPORT:_K_SPORT + 2] = sel[:, alen:alen + 2]
-            k[:, _K_DST:_K_DST + alen] = sel[:, alen + 2:2 * alen + 2]
-            k[:, _K_DPORT:_K_DPORT + 2] = sel[:, 2 * alen + 2:2 * alen + 4]
-            k[:, _K_PROTO] = sel[:, 2 * alen + 4]
-            k[:, _FAM_OFF] = M.FAMILY_V4 if alen == 4 else M.FAMILY_V6
-            v = np.zeros(len(sel), _VAL_DT)
-            v["real_id"] = rid_u[inv_ok]
-            v["vip_id"] = vid_u[inv_ok]
-            age = sel[:, size - 2:].copy().view(">u2").ravel().astype(np.int64)
-            v["last_seen_ns"] = np.maximum(now_ns - age * _NS, 0)
+            Rf = np.frombuffer(blob, _ROW_DT[(alen, rl)], m)
+            rid, vid, ok = self._targets_of(code, R[:, alen + 2:size - 2], alen, skipped)
+            if ok is not None:  # some skipped: drop their rows
+                Rf, rid, vid = Rf[ok], rid[ok], vid[ok]
+                m = len(Rf)
+                if not m:
+                    continue
+            k = np.zeros(m, _KEY_DT[alen])  # (zeros: the address and struct padding)
+            for name in _FLOW_FIELDS:
+                k[name] = Rf[name]
+            k["family"] = M.FAMILY_V4 if alen == 4 else M.FAMILY_V6
+            v = np.empty(m, _VAL_DT)  # (its three fields fill all 16 bytes)
+            v["real_id"] = rid
+            v["vip_id"] = vid
+            v["last_seen_ns"] = np.maximum(now_ns - Rf["age"].astype(np.int64) * _NS, 0)
             keys_out.append(k.tobytes())
             vals_out.append(v.tobytes())
         return b"".join(keys_out), b"".join(vals_out), skipped
+
+    def _targets_of(self, code: int, cols: np.ndarray, alen: int, skipped: Counter):
+        """(real ids, VIP ids, rows to keep or None for all) for wire records'
+        dst|dport|proto|real columns; skips counted in ``skipped``."""
+        tc = self._tcache
+        if tc is None or tc.vips is not self.vips:
+            tc = self._tcache = _TargetCache(self.vips)
+        got = tc.lookup(code, cols)
+        if got is not None:
+            return got[0], got[1], None
+        uniq, inv = _distinct(cols)
+        ids = self._ids_of(uniq, alen)
+        if any(type(t) is str for t in ids) and self.maybe_refresh(missed=True):
+            ids = self._ids_of(uniq, alen)
+            tc = self._tcache = _TargetCache(self.vips)
+        ok_u = np.array([type(t) is not str for t in ids], bool)
+        if not ok_u.all():
+            counts = np.bincount(inv, minlength=len(uniq))
+            for t, c in zip(ids, counts.tolist(), strict=True):
+                if type(t) is str:
+                    skipped[t] += c
+        rid_u = np.array([0 if type(t) is str else t[0] for t in ids], np.uint32)
+        vid_u = np.array([0 if type(t) is str else t[1] for t in ids], np.uint32)
+        tc.learn(code, [u for u, o in zip(uniq, ok_u.tolist(), strict=True) if o],
+                 rid_u[ok_u], vid_u[ok_u])
+        return rid_u[inv], vid_u[inv], (None if ok_u.all() else ok_u[inv])
 
     def _ids_of(self, uniq: list[bytes], alen: int) -> list:
         """(real id, VIP id) or the skip reason, for each distinct dst|dport|proto|real."""
@@ -383,13 +415,25 @@ class Translator:
 
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)
+_ADDR_DT = {4: np.dtype("<u4"), 16: np.dtype("V16")}  # whole addresses, copied as bytes
+_FLOW_FIELDS = ("src", "sport", "dst", "dport", "proto")
+# A flow_key of one family, field by field (the family too; the rest is padding).
+_KEY_DT = {a: np.dtype({"names": [*_FLOW_FIELDS, "family"],
+                        "formats": [_ADDR_DT[a], "<u2", _ADDR_DT[a], "<u2", "u1", "u1"],
+                        "offsets": [_K_SRC, _K_SPORT, _K_DST, _K_DPORT, _K_PROTO, _FAM_OFF],
+                        "itemsize": _KS}) for a in (4, 16)}
+# A wire record (codec.py): src | sport | dst | dport | proto | real | age (big-endian)
+_ROW_DT = {(a, rl): np.dtype({"names": [*_FLOW_FIELDS, "real", "age"],
+                              "formats": [_ADDR_DT[a], "<u2", _ADDR_DT[a], "<u2", "u1",
+                                          _ADDR_DT[rl], ">u2"],
+                              "offsets": [0, a, a + 2, 2 * a + 2, 2 * a + 4, 2 * a + 5,
+                                          2 * a + 5 + rl],
+                              "itemsize": 2 * a + 7 + rl}) for a in (4, 16) for rl in (4, 16)}
+assert all(SHAPE_LENS[(a, a, rl)][1] == dt.itemsize for (a, rl), dt in _ROW_DT.items())
 
 
-def _distinct(cols: np.ndarray) -> tuple[list[bytes], np.ndarray]:
-    """The distinct rows of a uint8 matrix (as bytes) and, per row, the index of its
-    own. Sorts one 64-bit hash per row rather than the rows themselves (several
-    times faster than np.unique on a void view); a hash collision, checked for,
-    falls back to that."""
+def _row_hashes(cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One 64-bit hash per row of a uint8 matrix, and the rows as 64-bit words."""
     m, w = cols.shape
     words = -(-w // 8)
     padded = np.zeros((m, words * 8), np.uint8)
@@ -399,6 +443,60 @@ def _distinct(cols: np.ndarray) -> tuple[list[bytes], np.ndarray]:
     with np.errstate(over="ignore"):
         for j in range(1, words):
             h = h * _MIX + W[:, j]
+    return h, W
+
+
+class _TargetCache:
+    """groups_to_records' memory of (dst|dport|proto|real) -> (real id, VIP id), for
+    one translation table (``vips``): a full walk names a few targets a million
+    times, so each record is found by its hash (searchsorted) instead of sorting
+    every slice for its distinct targets. A hit is checked against the whole
+    record, never trusted on the hash alone."""
+
+    MAX = 4096  # targets remembered per shape (more: start over)
+
+    def __init__(self, vips) -> None:
+        self.vips = vips
+        self._by_code: dict[int, tuple] = {}  # code -> (sorted hashes, words, rids, vids)
+
+    def lookup(self, code: int, cols: np.ndarray):
+        t = self._by_code.get(code)
+        if t is None:
+            return None
+        hs, words, rids, vids = t
+        h, W = _row_hashes(cols)
+        pos = np.searchsorted(hs, h)
+        pos[pos == len(hs)] = 0
+        if not (hs[pos] == h).all() or not (words[pos] == W).all():
+            return None  # a target not seen yet (or a collision): the slow way
+        return rids[pos], vids[pos]
+
+    def learn(self, code: int, uniq: list[bytes], rids: np.ndarray, vids: np.ndarray) -> None:
+        if not uniq:
+            return
+        w = len(uniq[0])
+        rows = np.frombuffer(b"".join(uniq), np.uint8).reshape(len(uniq), w)
+        h, W = _row_hashes(rows)
+        old = self._by_code.get(code)
+        if old is not None and len(old[0]) + len(h) <= self.MAX:
+            keep = ~np.isin(h, old[0])
+            h = np.concatenate((old[0], h[keep]))
+            W = np.concatenate((old[1], W[keep]))
+            rids = np.concatenate((old[2], rids[keep]))
+            vids = np.concatenate((old[3], vids[keep]))
+        if len(np.unique(h)) < len(h):
+            return  # two targets share a hash: keep looking these up the slow way
+        order = np.argsort(h)
+        self._by_code[code] = (h[order], W[order], rids[order], vids[order])
+
+
+def _distinct(cols: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+    """The distinct rows of a uint8 matrix (as bytes) and, per row, the index of its
+    own. Sorts one 64-bit hash per row rather than the rows themselves (several
+    times faster than np.unique on a void view); a hash collision, checked for,
+    falls back to that."""
+    w = cols.shape[1]
+    h, W = _row_hashes(cols)
     _u, first, inv = np.unique(h, return_index=True, return_inverse=True)
     inv = inv.ravel()
     if not (W == W[first][inv]).all():  # a collision: two rows share a hash
