@@ -49,6 +49,7 @@ import array
 import functools
 import hashlib
 import operator
+import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -199,18 +200,19 @@ def _validate(backends: Sequence[Backend], size: int) -> list[tuple[str, int, in
 
 
 @functools.lru_cache(maxsize=1 << 16)  # rebuilds mostly see the same reals again
-def _permutation(key: str, size: int) -> tuple[int, int]:
-    """(offset, skip) of a real's permutation, from its key alone.
+def _permutation(key: str, size: int) -> tuple[int, int, int]:
+    """(offset, skip, skip**-1 mod size) of a real's permutation, from its key alone.
 
     One 16-byte BLAKE2b digest gives two independent 64-bit numbers.  skip is in
     1..size-1, hence coprime with the prime size: the walk visits every slot.
+    The inverse maps a slot back to its position in the walk (numpy path).
     """
     raw = hashlib.blake2b(
         key.encode("utf-8", "surrogatepass"), digest_size=16, person=_HASH_PERSON
     ).digest()
     offset = int.from_bytes(raw[:8], "big") % size
     skip = int.from_bytes(raw[8:], "big") % (size - 1) + 1 if size > 2 else 1
-    return offset, skip
+    return offset, skip, pow(skip, -1, size) if size > 2 else 1
 
 
 # Turn order (step 2).  The time of real i's k-th turn, (2k+1) / (2 w_i), is
@@ -266,7 +268,7 @@ def _turn_order_numpy(weights: Sequence[int], size: int):
 # ---------------------------------------------------- pure-Python reference
 
 
-def _fill_python(perms: Sequence[tuple[int, int]], weights: Sequence[int], size: int) -> list[int]:
+def _fill_python(perms: Sequence[tuple[int, int, int]], weights: Sequence[int], size: int) -> list[int]:
     """Reference implementation of the fill (step 3 of the module docstring).
 
     Returns, per slot, the rank of the real owning it.
@@ -282,7 +284,7 @@ def _fill_python(perms: Sequence[tuple[int, int]], weights: Sequence[int], size:
     while pending:
         best: dict[int, tuple[int, int]] = {}  # slot -> (turn, real) of the best proposal
         for i in pending:
-            offset, skip = perms[i]
+            offset, skip, _ = perms[i]
             pos = nxt[i]
             slot = (offset + pos * skip) % size
             turns, base = turn_no[i], served[i]
@@ -311,15 +313,13 @@ def _fill_python(perms: Sequence[tuple[int, int]], weights: Sequence[int], size:
 # --------------------------------------------------------------- numpy path
 
 
-def _fill_numpy(perms: Sequence[tuple[int, int]], weights: Sequence[int], size: int):
+def _fill_numpy(perms: Sequence[tuple[int, int, int]], weights: Sequence[int], size: int):
     """Same result as _fill_python, one array pass per round of proposals."""
     m = size
     n = len(perms)
     offset = np.asarray([p[0] for p in perms], dtype=np.int64)
     skip = np.asarray([p[1] for p in perms], dtype=np.int64)
-    # skip**-1 mod m maps a slot back to its position in a real's permutation
-    # (used once few slots are free).
-    inverse = np.asarray([pow(p[1], -1, m) if m > 2 else 1 for p in perms], dtype=np.int64)
+    inverse = np.asarray([p[2] for p in perms], dtype=np.int64)
     turns, prio, first = _turn_order_numpy(weights, size)
 
     owner = np.full(m, -1, dtype=np.int64)
@@ -333,7 +333,9 @@ def _fill_numpy(perms: Sequence[tuple[int, int]], weights: Sequence[int], size: 
     while pending.size:
         need = turns[pending] - served[pending]
         # Walking costs ~need * m / nfree positions per real, inverting ~nfree.
-        if nfree * nfree <= int(need.mean() * m) + 16 * nfree:
+        if nfree == m:  # the first round: nothing is taken, no walk needed
+            real, slot, j, new_nxt = _propose_first(pending, need, offset, skip, m)
+        elif nfree * nfree <= int(need.mean() * m) + 16 * nfree:
             real, slot, j, new_nxt = _propose_by_inverse(pending, need, offset, inverse, taken, m)
         else:
             real, slot, j, new_nxt = _propose_by_walk(
@@ -352,6 +354,26 @@ def _fill_numpy(perms: Sequence[tuple[int, int]], weights: Sequence[int], size: 
     return owner
 
 
+def _mod(x, m: int, q=None):
+    """x % m in place for unsigned arrays (``q``: scratch of x's shape): numpy
+    divides by a scalar several times faster than it takes the remainder."""
+    q = np.floor_divide(x, x.dtype.type(m), out=q)
+    q *= x.dtype.type(m)
+    x -= q
+    return x
+
+
+def _propose_first(pending, need, offset, skip, m):
+    """The first round: nothing is taken yet, so each real proposes the first
+    ``need`` positions of its permutation (as _propose_by_walk would, without the
+    walk)."""
+    real = np.repeat(pending, need)
+    j = np.arange(real.size, dtype=np.int64) - np.repeat(np.cumsum(need) - need, need)
+    dt = np.uint32 if m * m < 1 << 32 else np.uint64  # offset + j * skip < m * m
+    slot = _mod(offset[real].astype(dt) + j.astype(dt) * skip[real].astype(dt), m)
+    return real, slot.astype(np.int64), j, need.copy()
+
+
 def _propose_by_walk(pending, need, nxt, offset, skip, taken, m, nfree):
     """Each pending real's ``need`` most preferred free slots, found by walking
     its permutation from ``nxt``.
@@ -366,23 +388,22 @@ def _propose_by_walk(pending, need, nxt, offset, skip, taken, m, nfree):
     start = nxt[pending]
     need = need.copy()
     got = np.zeros(pending.size, dtype=np.int64)
+    # `need` free slots are expected within need * m / nfree positions.  The first
+    # pass adds a margin (~2.5 standard deviations); the few rows still short go
+    # again with a wide one, so that a round rarely takes three passes.
+    margin = (5, 4)
     while rows.size:
-        # Expect need * m / nfree positions to hold `need` free slots; add a
-        # margin so that few rows need a second go.  Rows are walked in groups
-        # of similar width (a power of two) so that one heavy real needing
-        # thousands of slots does not widen everybody's block.
-        width = np.minimum(need * m * 5 // (4 * nfree) + 16, m)
-        width = np.minimum(np.left_shift(1, np.ceil(np.log2(width)).astype(np.int64)), m)
+        width = np.minimum((need * margin[0] + margin[1]) * m // (4 * nfree) + 1, m)
+        margin = (6, 12)
         next_rows, next_start, next_need, next_got = [], [], [], []
-        for w in np.unique(width).tolist():
-            sel = np.flatnonzero(width == w)
+        for sel, w in _groups(width):
             b = pending[rows[sel]]
             row, slot, nth, count, end = _walk_block(
                 b, start[sel], need[sel], w, offset, skip, taken, m
             )
             reals.append(b[row])
             slots.append(slot)
-            js.append(got[sel][row] + nth - 1)
+            js.append(got[sel][row] + nth)
             new_nxt[rows[sel]] = end
             short = count < need[sel]
             next_rows.append(rows[sel][short])
@@ -396,28 +417,81 @@ def _propose_by_walk(pending, need, nxt, offset, skip, taken, m, nfree):
     return np.concatenate(reals), np.concatenate(slots), np.concatenate(js), new_nxt
 
 
+# A walk block has a fixed cost of about as many positions as this (numpy calls).
+_BLOCK_COST = 16384
+
+
+def _groups(width):
+    """Rows in blocks walked with one width each: [(rows, width)].  Rows are
+    bucketed by power of two, so that one heavy real needing thousands of slots
+    does not widen everybody's block; a bucket joins the block before it when
+    widening that block costs less than a block of its own."""
+    shift = np.ceil(np.log2(width)).astype(np.int64)
+    u = np.unique(shift)
+    if u.size == 1:
+        return [(np.arange(width.size), int(width.max()))]
+    order = np.argsort(shift, kind="stable")
+    bounds = np.searchsorted(shift[order], u, side="right").tolist()
+    tops = np.maximum.reduceat(width[order], [0, *bounds[:-1]]).tolist()
+    groups, lo, prev, rows, top = [], 0, 0, 0, 0
+    for hi, w in zip(bounds, tops, strict=True):
+        if rows and rows * (w - top) > _BLOCK_COST:
+            groups.append((order[lo:prev], top))
+            lo, rows = prev, 0
+        rows += hi - prev
+        top = max(top, w)
+        prev = hi
+    groups.append((order[lo:], top))
+    return groups
+
+
 def _walk_block(reals, start, need, width, offset, skip, taken, m):
     """Look at ``width`` positions from ``start`` of each real's permutation.
 
     Returns per hit (free slot within the real's first ``need``) its row, slot
-    and n-th (1-based); per row the hits and the position to continue from.
+    and index among the row's hits (0-based); per row the hits and the position
+    to continue from.
     """
     base = (offset[reals] + start * skip[reals]) % m
     # uint32 is several times faster than int64 here; fall back if it could wrap.
     dt = np.uint32 if m * (width + 1) < 1 << 32 else np.uint64
-    cand = (
-        base.astype(dt)[:, None] + np.arange(width, dtype=dt) * skip[reals].astype(dt)[:, None]
-    ) % dt(m)
-    free = ~np.take(taken, cand)
-    cum = free.cumsum(axis=1, dtype=np.int32)  # int32: 10x faster than int64 here
-    hit = np.flatnonzero(free & (cum <= need[:, None]))
-    row, col = np.divmod(hit, width)
-    count = np.minimum(cum[:, -1], need)
+    shape = (reals.size, width)
+    cand = _scratch(0, shape, dt)
+    np.multiply(np.arange(width, dtype=dt), skip[reals].astype(dt)[:, None], out=cand)
+    cand += base.astype(dt)[:, None]
+    _mod(cand, m, _scratch(1, shape, dt))
+    free = np.take(taken, cand, out=_scratch(2, shape, bool))
+    np.logical_not(free, out=free)
+    nfree = free.view(np.uint8).sum(axis=1, dtype=np.int64)
+    idx = np.flatnonzero(free)  # row-major: row by row, by position within a row
+    # Each row's first `need` free positions: the first count of its run in idx.
+    count = np.minimum(nfree, need)
+    lead = np.cumsum(count) - count
+    nth = np.arange(int(count.sum()), dtype=np.int64) - np.repeat(lead, count)
+    row = np.repeat(np.arange(reals.size), count)
+    idx = idx[nth + np.repeat(np.cumsum(nfree) - nfree, count)]
     done = count == need
     end = start + width
-    # A done row continues after its last hit: col of its count-th hit.
-    end[done] = start[done] + col[(np.cumsum(count) - 1)[done]] + 1
-    return row, cand.ravel()[hit].astype(np.int64), cum.ravel()[hit], count, end
+    # A done row continues after its last hit: the column of its count-th hit.
+    end[done] = start[done] + idx[(lead + count - 1)[done]] - np.flatnonzero(done) * width + 1
+    return row, cand.ravel()[idx].astype(np.int64), nth, count, end
+
+
+# Scratch arrays of the walk, kept between builds in each thread: a fresh array of
+# a few hundred KiB costs a page fault per 4 KiB, more than the arithmetic on it.
+_SCRATCH_KEEP = 1 << 23  # bytes per array kept at most
+_tls = threading.local()
+
+
+def _scratch(i: int, shape: tuple[int, int], dtype):
+    nbytes = shape[0] * shape[1] * np.dtype(dtype).itemsize
+    bufs = _tls.__dict__.setdefault("bufs", {})
+    buf = bufs.get(i)
+    if buf is None or buf.size < nbytes:
+        buf = np.empty(max(nbytes, 1 << 16), dtype=np.uint8)
+        if nbytes <= _SCRATCH_KEEP:
+            bufs[i] = buf
+    return buf[:nbytes].view(dtype).reshape(shape)
 
 
 def _propose_by_inverse(pending, need, offset, inverse, taken, m):
