@@ -468,7 +468,7 @@ def _pads(key: bytes) -> tuple:
 
 def mac(key: bytes, *parts) -> bytes:
     """HMAC-SHA256(key, concatenation of ``parts``), equal to hmac.digest's."""
-    inner, outer = _pads(bytes(key))
+    inner, outer = _pads(key if type(key) is bytes else bytes(key))
     h = inner.copy()
     for p in parts:
         h.update(p)
@@ -596,19 +596,21 @@ def decode(data: bytes, key: bytes, max_size: int = DEFAULT_MAX_PAYLOAD) -> Mess
     if type(obj) is not list or len(obj) < 6:
         raise SyncDecodeError("malformed", "body")
     kind, sender, session, seq, ts = obj[:5]
-    if type(sender) is not str or not 0 < len(sender.encode()) <= MAX_SENDER_LEN:
+    if type(sender) is not str or not _sender_ok(sender):
         raise SyncDecodeError("malformed", "sender")
-    if not (_u(session, _U64) and _u(seq, _U64)):
+    if not (type(session) is int and 0 <= session < _U64 and type(seq) is int
+            and 0 <= seq < _U64):
         raise SyncDecodeError("malformed", "session/seq")
     if type(ts) is not float or not math.isfinite(ts):
         raise SyncDecodeError("malformed", "ts")
-    if kind == _K_ENTRIES and type(kind) is int and len(obj) == 6:
-        return Entries(sender, session, seq, ts, _unpack_groups(obj[5]))
-    if kind == _K_FULL and type(kind) is int and len(obj) == 9:
+    if kind == _K_FULL and type(kind) is int and len(obj) == 9:  # (the bulk: first)
         full_id, chunk, last, groups = obj[5:]
-        if not (_u(full_id, _U64) and _u(chunk, _U32) and type(last) is bool):
+        if not (type(full_id) is int and 0 <= full_id < _U64 and type(chunk) is int
+                and 0 <= chunk < _U32 and type(last) is bool):
             raise SyncDecodeError("malformed", "full header")
         return FullChunk(sender, session, seq, ts, full_id, chunk, last, _unpack_groups(groups))
+    if kind == _K_ENTRIES and type(kind) is int and len(obj) == 6:
+        return Entries(sender, session, seq, ts, _unpack_groups(obj[5]))
     if kind in (_K_HELLO, _K_HEARTBEAT) and type(kind) is int and len(obj) == 6:
         role = obj[5]
         if type(role) is not str or role not in ROLES:

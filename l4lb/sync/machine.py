@@ -663,7 +663,7 @@ class _Peer:
         self.session: int | None = None
         self.max_session = max_session  # highest session ever accepted (None: none known)
         self.top = 0  # highest seq seen in this session
-        self.window = 0  # bit i set: seq top - i seen
+        self.window = bytearray()  # seqs seen (Receiver._seq_ok; sized on adoption)
         self.role: str | None = None
         self.alive = False
         self.addr: object = None
@@ -745,7 +745,6 @@ class Receiver:
         self.max_peers = max_peers
         self.max_size = max_size
         self.replay_window = replay_window
-        self._mask = (1 << replay_window) - 1
         self.peer_timeout_s = peer_timeout_s
         self.challenge_interval_s = challenge_interval_s
         self._nonce = nonce or (lambda: secrets.token_bytes(NONCE_LEN))
@@ -792,21 +791,31 @@ class Receiver:
         return {n: p.max_session for n, p in self._peers.items() if p.max_session is not None}
 
     def _seq_ok(self, peer: _Peer, seq: int) -> bool:
-        """Sliding-window check of ``seq`` in the peer's current session; records it."""
-        top = peer.top
+        """Sliding-window check of ``seq`` in the peer's current session; records it.
+
+        The window is a ring of one byte per seq (slot seq % replay_window holds
+        the mark of the one seq in (top - replay_window, top] it stands for): a
+        message costs O(1), however wide the window (a big int shifted per
+        message costs O(window): 16 kB of copying at the agent's 2**17)."""
+        top, w, marks = peer.top, self.replay_window, peer.window
         if seq > top:
             shift = seq - top
             peer.lost += shift - 1
-            if shift >= self.replay_window:  # (no giant shifts on a seq jump)
-                peer.window = 1
-            else:
-                peer.window = ((peer.window << shift) | 1) & self._mask
+            if shift >= w:  # (no giant clears on a seq jump: a fresh ring)
+                marks = peer.window = bytearray(w)
+            elif shift > 1:  # the seqs skipped leave their slots unmarked
+                a, n = (top + 1) % w, shift - 1
+                if a + n <= w:
+                    marks[a:a + n] = bytes(n)
+                else:
+                    marks[a:] = bytes(w - a)
+                    marks[:n - (w - a)] = bytes(n - (w - a))
+            marks[seq % w] = 1
             peer.top = seq
             return True
-        back = top - seq
-        if back >= self.replay_window or (peer.window >> back) & 1:
+        if top - seq >= w or marks[seq % w]:
             return False
-        peer.window |= 1 << back
+        marks[seq % w] = 1
         if peer.lost:
             peer.lost -= 1  # a reordered message, not a lost one
         return True
@@ -822,7 +831,9 @@ class Receiver:
 
     def _adopt(self, peer: _Peer, msg, addr: object) -> PeerUp:
         restarted = peer.session is not None
-        peer.session, peer.top, peer.window = msg.session, msg.seq, 1
+        peer.session, peer.top = msg.session, msg.seq
+        peer.window = bytearray(self.replay_window)
+        peer.window[msg.seq % self.replay_window] = 1
         if peer.max_session is None or msg.session > peer.max_session:
             peer.max_session = msg.session
         peer.full_id = None

@@ -7,7 +7,7 @@ import struct
 
 import msgpack
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from l4lb.sync import machine
@@ -578,6 +578,32 @@ def test_fuzz_shuffled_duplicated_stream(data) -> None:
     assert set(sb.installed) == {e[:5] for e in ents(0, n)}
     assert sb.rx.stats["messages"] == len(dgs)
     assert sb.rx.counters["replay"] == len(stream) - len(dgs)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 9), st.lists(st.integers(1, 40), min_size=1, max_size=60))
+@example(4, [1, 2, 3, 4, 6, 5])  # 6 skips 5: slot 1 must forget seq 1
+@example(4, [1, 2, 3, 4, 5, 6, 9, 8])  # 9 skips 7 and 8: slots 3, 0 (the ring wraps)
+def test_replay_ring_matches_a_reference_window(w, seqs) -> None:
+    """The seq window (a ring of marks) accepts exactly what the definition does:
+    a seq above the highest, or within ``w`` below it and not seen yet; lost counts
+    the gaps, less the late arrivals that fill them."""
+    rx = Receiver(KEY, None, replay_window=w)
+    peer = machine._Peer("lb1")
+    peer.top, peer.window = seqs[0], bytearray(w)
+    peer.window[seqs[0] % w] = 1
+    seen, top, lost = {seqs[0]}, seqs[0], 0
+    for q in seqs[1:]:
+        want = q > top or (top - q < w and q not in seen)
+        assert rx._seq_ok(peer, q) is want, (q, top, sorted(seen))
+        if want:
+            if q > top:
+                lost += q - top - 1
+                top = q
+            elif lost:
+                lost -= 1
+            seen.add(q)
+        assert peer.top == top and peer.lost == lost
 
 
 def test_messages_are_hello_first_then_typed() -> None:
