@@ -112,7 +112,7 @@ __all__ = ["SyncAgent", "Translator", "decode_events", "RING_MODES", "SKIP_REASO
 #: Reasons an entry received from the peer is not installed.
 SKIP_REASONS = ("unknown_vip", "unknown_real", "local_entry")
 
-WALK_BATCH = 4096  # conn-table entries per BPF_MAP_LOOKUP_BATCH call (walk thread)
+WALK_BATCH = 16384  # conn-table entries per BPF_MAP_LOOKUP_BATCH call (walk thread; fewer numpy calls)
 RECV_BURST = 256  # datagrams read per wake-up before installing
 RECV_TURN_BYTES = 256 << 10  # ... and at most this many bytes (MAC work per loop turn)
 FULL_TURN_BYTES = 128 << 10  # set-aside full-walk datagrams authenticated per loop turn

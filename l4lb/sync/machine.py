@@ -903,10 +903,11 @@ class Receiver:
             if msg.entries:
                 actions.append(InstallEntries(name, msg.entries))
         elif kind == "full":
+            n = len(msg.entries)
             st["full_messages"] += 1
-            st["full_entries"] += len(msg.entries)
-            st["entries"] += len(msg.entries)
-            peer.entries += len(msg.entries)
+            st["full_entries"] += n
+            st["entries"] += n
+            peer.entries += n
             self._track_full(peer, msg, now)
             actions.append(InstallEntries(name, msg.entries, msg.full_id, msg.chunk, msg.last))
         else:  # hello / heartbeat / response
