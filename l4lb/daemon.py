@@ -21,21 +21,21 @@ import socket
 import time
 from pathlib import Path
 
-from l4lb import netutil, scripts
+from l4lb import maglev, netutil, scripts
 from l4lb.config import (
     Capacity,
     Config,
     ConfigError,
     check_capacity,
     check_system,
-    config_from_dict,
-    config_to_dict,
     config_warnings,
     hc_via,
     load_config,
 )
+from l4lb.config.incremental import Changes
 from l4lb.dataplane import loader
 from l4lb.dataplane import maps as M
+from l4lb.dataplane.plan import check_fits
 from l4lb.dataplane.tables import ServiceTables, TablesError
 from l4lb.errors import L4lbError
 from l4lb.health import HealthChecker
@@ -118,6 +118,8 @@ class Daemon:
         # not rewritten.
         self._applied: dict[str, tuple] = {}  # key -> (VipConfig, MAC version, signature)
         self._mac_version = 0  # bumped whenever a MAC is learnt
+        self._sig_memo: dict[str, tuple] = {}  # key -> (VipConfig, MAC version, signature)
+        self._changes = Changes()  # validates API changes by what they touch
         self.ready = False  # set once the maps are programmed and XDP is attached
         self.stop_event = asyncio.Event()
         self.full_stop = False  # `l4lb stop`: detach and remove pins too
@@ -341,8 +343,15 @@ class Daemon:
         return Capacity(max_vips=o.max_vips, max_real_ids=o.max_reals - 1, ring_max=o.ring_max)
 
     def _signature(self, v) -> tuple:
-        return (v.mode, v.hash, v.ring_size, v.all_down,
-                tuple((str(r.address), self._mac_for(r), r.weight) for r in v.reals))
+        """What the maps hold of VIP `v`; its last element is set_reals' argument. The
+        last one made per VIP is kept: _plan and the write after it need the same."""
+        memo = self._sig_memo.get(v.key)
+        if memo is not None and memo[0] is v and memo[1] == self._mac_version:
+            return memo[2]
+        sig = (v.mode, v.hash, v.ring_size, v.all_down,
+               tuple((str(r.address), self._mac_for(r), r.weight) for r in v.reals))
+        self._sig_memo[v.key] = (v, self._mac_version, sig)
+        return sig
 
     def _unchanged(self, v) -> bool:
         """Is VIP `v` in the maps as written last? Cheap when neither its config nor any
@@ -364,15 +373,11 @@ class Daemon:
         deletes = [k for k in t.vips if k not in want]
         writes = [v for v in cfg.vips if initial or v.key not in t.vips
                   or not self._unchanged(v)]
-        # Real ids: deleted reals keep theirs while connections may use them (retired).
-        held = sum(len(vs.reals) + len(vs.retired) for vs in t.vips.values())
-        freed = sum(len(t.vips[k].reals) + len(t.vips[k].retired) for k in deletes)
-        need = 0
-        for v in writes:
-            vs = t.vips.get(v.key)
-            known = set(vs.reals) | set(vs.retired) if vs else set()
-            need += sum(1 for r in v.reals if str(r.address) not in known)
-        free = t.opts.max_reals - 1 - held + freed
+        # Real ids: the planner's rule (deleted reals keep theirs while connections may
+        # use them), checked for the whole change before anything is written.
+        need, free = check_fits(t.vips, t.opts.max_reals,
+                                [(v.key, (a for a, _, _ in self._signature(v)[4]))
+                                 for v in writes], deletes)
         if need > free:
             errs.append(f"real ids: this change needs {need} new real ids but {free} of "
                         f"{t.opts.max_reals - 1} (MAX_REALS - 1) are free; ids of deleted reals "
@@ -390,7 +395,15 @@ class Daemon:
         """Under self._lock: write `cfg` to the maps, then publish it as self.cfg.
         All or nothing: a change that does not fit raises ConfigError before any write."""
         t = self.tables
+        version = self._mac_version  # the MACs the signatures below were made with
         deletes, writes = self._plan(cfg, initial)
+        reals = {v.key: list(self._signature(v)[4]) for v in writes}
+        sigs = {v.key: self._signature(v) for v in writes}
+        # Reals whose down state the refresh below must set: new, back from retirement,
+        # or with another MAC (all of them at start). The rings of this change are
+        # filled in a thread first; publishing them here then finds them made.
+        fresh = {v.key: self._fresh(v, reals[v.key], initial) for v in writes}
+        await self._prepare_rings(writes, reals, fresh, initial)
         try:
             for key in deletes:
                 t.delete_vip(key)
@@ -400,8 +413,8 @@ class Daemon:
                 self._applied.pop(v.key, None)  # rewritten in full next time if this fails
                 t.upsert_vip(v.address, v.port, v.protocol, mode=v.mode, hash=v.hash,
                              ring_size=v.ring_size, all_down=v.all_down)
-                t.set_reals(v.key, [(r.address, self._mac_for(r), r.weight) for r in v.reals])
-                self._applied[v.key] = (v, self._mac_version, self._signature(v))
+                t.set_reals(v.key, reals[v.key])
+                self._applied[v.key] = (v, version, sigs[v.key])
         except (TablesError, OSError) as e:
             # Cannot happen for a change that passed _plan, short of a failing bpf(2):
             # put the previous config back so that status and the maps agree again.
@@ -419,12 +432,13 @@ class Daemon:
         self.health.sync({(key, str(r.address)): r.healthcheck
                           for v in cfg.vips for key in (v.key,) for r in v.reals},
                          start_down=self._saved_down if initial else frozenset())
-        self._refresh_down(writes)  # other VIPs' reals: _on_health keeps them current
+        self._refresh_down(fresh)  # other reals: _on_health keeps them current
         if not self.vrrp and not initial and cfg.bgp is None:
             now = {str(v.address) for v in cfg.vips}
             for a in old_vips - now:
                 await self._hold_vip(a, False)
-            await self._hold_vips(True)
+            for a in sorted(now - self.held_vips):  # the others are held already
+                await self._hold_vip(a, True)
 
     async def _program_hc_tunnels(self, cfg: Config) -> None:
         """Tunnel health checks (bpf/hc_tunnel.c): the tc programs on the node's
@@ -472,13 +486,56 @@ class Daemon:
         rs = vs.reals.get(str(r.address)) if vs else None
         return M.hc_mark(rs.real_id) if rs is not None and self.hc_tunnel else 0
 
-    def _refresh_down(self, vips) -> None:
-        for v in vips:
-            key = v.key
-            for r in v.reals:
-                down = not self.health.is_up(key, str(r.address)) or \
-                    self._mac_for(r) == NO_MAC
-                self.tables.set_down(key, r.address, down)
+    def _should_be_down(self, key: str, r) -> bool:
+        return not self.health.is_up(key, str(r.address)) or self._mac_for(r) == NO_MAC
+
+    def _refresh_down(self, fresh: dict[str, list]) -> None:
+        for key, rs in fresh.items():
+            for r in rs:
+                self.tables.set_down(key, r.address, self._should_be_down(key, r))
+
+    def _fresh(self, v, reals: list, initial: bool) -> list:
+        """The reals of `v` (RealConfig) whose down state may not be what the tables
+        hold: new ones, ones back from retirement, ones with another MAC; all at start."""
+        if initial:
+            return list(v.reals)
+        vs = self.tables.vips.get(v.key)
+        if vs is None:
+            return list(v.reals)
+        have = vs.reals
+        return [r for r, (a, mac, _) in zip(v.reals, reals, strict=True)
+                if (x := have.get(a)) is None or x.mac != mac]
+
+    async def _prepare_rings(self, writes, reals, fresh, initial: bool) -> None:
+        """Fill, in a thread, the Maglev rings the writes of this change will publish:
+        upsert_vip's (new ring size), set_reals' and each the down refresh after it makes
+        (maglev.prepare; the tables' build_ring calls then find them made). The same
+        down rules as the tables' and _refresh_down's."""
+        jobs = []
+        for v in writes:
+            vs = self.tables.vips.get(v.key)
+            down = {}  # address -> down, where the tables hold the real
+            if vs is not None:
+                down = {a: r.down for a, r in vs.retired.items()}
+                down.update((a, r.down) for a, r in vs.reals.items())
+                if initial or (vs.mode, vs.hash, vs.all_down, vs.ring_size) != \
+                        (v.mode, v.hash, v.all_down, v.ring_size):  # upsert_vip publishes
+                    jobs.append((v.ring_size, [(a, r.weight) for a, r in vs.reals.items()
+                                               if not r.down]))
+            weight = {a: w for a, _, w in reals[v.key]}
+            state = {a: down.get(a, False) for a in weight}
+            jobs.append((v.ring_size, [(a, w) for a, w in weight.items() if not state[a]]))
+            for r in fresh[v.key]:
+                a = str(r.address)
+                d = self._should_be_down(v.key, r) or \
+                    (initial and (v.key, a) in self._saved_down)
+                if d != state[a]:
+                    state[a] = d
+                    if weight[a]:
+                        jobs.append((v.ring_size, [(x, w) for x, w in weight.items()
+                                                   if not state[x]]))
+        if jobs:
+            await asyncio.to_thread(_prepare_rings, jobs)
 
     async def _on_health(self, vip: str, real: str, up: bool, detail: str) -> None:
         async with self._lock:
@@ -486,7 +543,14 @@ class Daemon:
                 r = self.cfg.vip_by_key(vip).real_by_address(real)
             except KeyError:
                 return
-            self.tables.set_down(vip, real, (not up) or self._mac_for(r) == NO_MAC)
+            down = (not up) or self._mac_for(r) == NO_MAC
+            vs = self.tables.vips.get(vip)
+            rs = vs.reals.get(real) if vs else None
+            if rs is not None and rs.down != down:  # a new ring: made in a thread
+                await asyncio.to_thread(_prepare_rings, [(vs.ring_size, [
+                    (a, x.weight) for a, x in vs.reals.items()
+                    if not (down if a == real else x.down)])])
+            self.tables.set_down(vip, real, down)
 
     async def _resolver_loop(self) -> None:
         n = 0
@@ -538,9 +602,8 @@ class Daemon:
             raise NotReady()
 
     def _candidate(self, mutate, base: Config | None = None) -> Config:
-        data = config_to_dict(base or self.cfg)  # a fresh dict: safe to mutate
-        mutate(data)
-        cfg = config_from_dict(data, source="api", limits=self._capacity())
+        # config_from_dict(mutate(config_to_dict(base))), parsing only what changed
+        cfg = self._changes.candidate(base or self.cfg, mutate, self._capacity())
         errs = check_system(cfg)
         if errs:
             raise ConfigError(errs)
@@ -669,6 +732,15 @@ class Daemon:
                     for src, sport, dst, dport, proto, rid in t.conn_entries(limit, want)]
 
         return await asyncio.to_thread(rows)
+
+
+def _prepare_rings(jobs) -> None:
+    """maglev.prepare for each (ring size, [(real address, weight)]); for a thread."""
+    for size, pairs in jobs:
+        try:
+            maglev.prepare(pairs, size)
+        except ValueError as e:  # the tables' build_ring will say it again, with context
+            log.debug("preparing a ring failed: %s", e)
 
 
 def _compile_hc() -> loader.HcTunnel | None:

@@ -53,6 +53,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 try:
     import numpy as np
@@ -67,6 +68,7 @@ __all__ = [
     "NO_REAL",
     "Backend",
     "build_ring",
+    "prepare",
     "ring_changes",
     "ring_shares",
 ]
@@ -108,19 +110,86 @@ def build_ring(backends: Sequence[Backend], size: int = DEFAULT_RING_SIZE) -> ar
     Reals with weight 0 get no entries; if no real has a positive weight every
     entry is NO_REAL.  Raises ValueError on a non-prime size, a weight outside
     0..65535, an id outside 1..2**32-1, a duplicate key or id, or more live
-    reals than slots.
+    reals than slots.  A fill made ahead by ``prepare`` for the same keys,
+    weights and size is used instead of filling again.
     """
     live = _validate(backends, size)
     if not live:
         return array.array("I", bytes(4 * size))
+    ids = [rid for _, rid, _ in live]
+    fkey = _fill_key(size, [(key, w) for key, _, w in live])
+    owner = _PREPARED.get(fkey)
+    if owner is None:
+        owner = _fill(live, size)
+    if np is not None:
+        return array.array("I", np.asarray(ids, dtype=np.uint32)[owner].tobytes())
+    return array.array("I", [ids[i] for i in owner])
+
+
+def prepare(reals: Iterable[tuple[str, int]], size: int = DEFAULT_RING_SIZE) -> None:
+    """Fill the table of ``reals`` = [(key, weight)] now, for a later build_ring
+    of the same keys, weights and size (whatever the ids) to use.
+
+    For a worker thread: the daemon fills here, then publishes the ring on its
+    event loop without the ~10 ms fill.  Raises ValueError as build_ring does.
+    """
+    live = _validate([Backend(i + 1, k, w) for i, (k, w) in enumerate(reals)], size)
+    if live:
+        fkey = _fill_key(size, [(key, w) for key, _, w in live])
+        if _PREPARED.get(fkey) is None:
+            _PREPARED.put(fkey, _fill(live, size))
+
+
+def _fill(live: list[tuple[str, int, int]], size: int):
+    """Per slot, the rank (index in ``live``) of the real owning it."""
     perms = [_permutation(key, size) for key, _, _ in live]
     weights = [w for _, _, w in live]
-    ids = [rid for _, rid, _ in live]
     if np is not None:
         owner = _fill_numpy(perms, weights, size)
-        return array.array("I", np.asarray(ids, dtype=np.uint32)[owner].tobytes())
-    owner = _fill_python(perms, weights, size)
-    return array.array("I", [ids[i] for i in owner])
+        return owner.astype(np.uint16 if len(live) <= 1 << 16 else np.uint32)
+    return array.array("I", _fill_python(perms, weights, size))
+
+
+def _fill_key(size: int, pairs: list[tuple[str, int]]) -> tuple:
+    # Which implementation filled is part of the key: tests compare the two.
+    return size, np is None, tuple(pairs)
+
+
+class _Prepared:
+    """Fills made by prepare(), newest last, at most ``limit`` slots in all
+    (64 MiB of uint16 by default: ~500 rings of 65537).  Thread-safe."""
+
+    def __init__(self, limit: int = 1 << 25):
+        self.limit = limit
+        self._fills: dict[tuple, Any] = {}
+        self._slots = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple):
+        with self._lock:
+            owner = self._fills.pop(key, None)
+            if owner is not None:
+                self._fills[key] = owner  # now the newest
+            return owner
+
+    def put(self, key: tuple, owner) -> None:
+        with self._lock:
+            old = self._fills.pop(key, None)
+            self._slots += len(owner) - (len(old) if old is not None else 0)
+            self._fills[key] = owner
+            while self._slots > self.limit and len(self._fills) > 1:
+                self._slots -= len(self._fills.pop(next(iter(self._fills))))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._fills.clear()
+            self._slots = 0
+
+    def __len__(self) -> int:
+        return len(self._fills)
+
+
+_PREPARED = _Prepared()
 
 
 def ring_changes(old: Sequence[int], new: Sequence[int]) -> int:
@@ -169,31 +238,44 @@ def _validate(backends: Sequence[Backend], size: int) -> list[tuple[str, int, in
     size = _as_int(size, "ring size")
     if not 2 <= size <= MAX_RING_SIZE or not is_prime(size):
         raise ValueError(f"ring size {size} is not a prime number in 2..{MAX_RING_SIZE}")
-    keys: set[str] = set()
-    ids: set[int] = set()
     live = []
     for b in backends:
-        key = b.key
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"real key must be a non-empty string, not {key!r}")
-        rid = _as_int(b.id, f"id of real {key!r}")
-        weight = _as_int(b.weight, f"weight of real {key!r}")
-        if not 1 <= rid <= MAX_REAL_ID:
-            raise ValueError(f"real {key!r}: id {rid} out of range 1..{MAX_REAL_ID}")
-        if not 0 <= weight <= MAX_WEIGHT:
-            raise ValueError(f"real {key!r}: weight {weight} out of range 0..{MAX_WEIGHT}")
-        if key in keys:
-            raise ValueError(f"duplicate real key {key!r}")
-        if rid in ids:
-            raise ValueError(f"duplicate real id {rid} (real {key!r})")
-        keys.add(key)
-        ids.add(rid)
+        key, rid, weight = b.key, b.id, b.weight
+        # the common case in one test; anything else is looked at closely
+        if not (type(key) is str and key and type(rid) is int and type(weight) is int
+                and 1 <= rid <= MAX_REAL_ID and 0 <= weight <= MAX_WEIGHT):
+            rid, weight = _check_real(key, rid, weight)
         if weight:
             live.append((key, rid, weight))
+    keys = {b.key for b in backends}
+    if len(keys) != len(backends):
+        seen: set[str] = set()
+        for b in backends:
+            if b.key in seen:
+                raise ValueError(f"duplicate real key {b.key!r}")
+            seen.add(b.key)
+    if len({b.id for b in backends}) != len(backends):
+        seen_ids: set[int] = set()
+        for b in backends:
+            if b.id in seen_ids:
+                raise ValueError(f"duplicate real id {b.id} (real {b.key!r})")
+            seen_ids.add(b.id)
     if len(live) > size:
         raise ValueError(f"{len(live)} reals with weight > 0 do not fit a ring of size {size}")
     live.sort()  # keys are unique, so this is by key alone
     return live
+
+
+def _check_real(key: object, rid: object, weight: object) -> tuple[int, int]:
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"real key must be a non-empty string, not {key!r}")
+    rid = _as_int(rid, f"id of real {key!r}")
+    weight = _as_int(weight, f"weight of real {key!r}")
+    if not 1 <= rid <= MAX_REAL_ID:
+        raise ValueError(f"real {key!r}: id {rid} out of range 1..{MAX_REAL_ID}")
+    if not 0 <= weight <= MAX_WEIGHT:
+        raise ValueError(f"real {key!r}: weight {weight} out of range 0..{MAX_WEIGHT}")
+    return rid, weight
 
 
 # ---------------------------------------------------- permutations and turns

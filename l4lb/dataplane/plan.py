@@ -77,6 +77,28 @@ def canon(addr) -> str:
     return str(ipaddress.ip_address(addr))
 
 
+def check_fits(vips, max_reals: int, want, gone=()) -> tuple[int, int]:
+    """The real-id capacity rule, for the planner and the daemon alike: (ids needed,
+    ids free) for giving each VIP of ``want`` = [(VIP key, canonical real addresses)]
+    exactly those reals, after deleting the VIPs ``gone``. ``vips``: key -> VipState.
+
+    A real keeps its id while it is in the VIP, live or retired (deleted while flows
+    may still use it: IPVS's trash list), so only addresses the VIP holds neither way
+    need one; a deleted VIP frees the ids of all its reals; id 0 means "no real".
+    The change fits when needed <= free; callers word the refusal."""
+    held = sum(len(vs.reals) + len(vs.retired) for vs in vips.values())
+    freed = sum(len(vips[k].reals) + len(vips[k].retired) for k in gone if k in vips)
+    need = 0
+    for key, addrs in want:
+        vs = vips.get(key)
+        if vs is None:
+            need += sum(1 for _ in addrs)
+        else:
+            have, gone_ = vs.reals, vs.retired
+            need += sum(1 for a in addrs if a not in have and a not in gone_)
+    return need, max_reals - 1 - held + freed
+
+
 class Write(NamedTuple):
     """One map write. op and its arguments:
     filter (index, 0|1)            vip_filter[index]
@@ -218,10 +240,9 @@ class Planner:
         s, plan = self.state, Plan()
         vs = self.vip(key)
         want = {canon(a): (mac, w) for a, mac, w in reals}
-        need = sum(1 for a in want if a not in vs.reals and a not in vs.retired)
-        if need > len(s.free_real_ids):
-            raise TablesError(f"VIP {key}: {need} new reals need ids but only "
-                              f"{len(s.free_real_ids)} are free "
+        need, free = self.check_fits([(key, want)])
+        if need > free:
+            raise TablesError(f"VIP {key}: {need} new reals need ids but only {free} are free "
                               f"(max_reals {s.max_reals - 1} in all)")
         for addr in list(vs.reals):
             if addr not in want:
@@ -320,15 +341,12 @@ class Planner:
         if new_vips > len(s.free_vip_ids) + len(gone):
             raise TablesError(f"{new_vips} new VIPs but only {len(s.free_vip_ids) + len(gone)} "
                               f"VIP slots free (max {s.max_vips})")
-        freed = sum(len(s.vips[k].reals) + len(s.vips[k].retired) for k in gone)
-        need = 0
-        for k, v in zip(keys, vips, strict=True):
-            old = s.vips.get(k)
-            have = set(old.reals) | set(old.retired) if old else set()
-            need += sum(1 for a, _, _ in v.get("reals", ()) if canon(a) not in have)
-        if need > len(s.free_real_ids) + freed:
-            raise TablesError(f"{need} new reals need ids but only "
-                              f"{len(s.free_real_ids) + freed} are free "
+        need, free = self.check_fits(
+            [(k, [canon(a) for a, _, _ in v.get("reals", ())]) for k, v in zip(keys, vips,
+                                                                             strict=True)],
+            gone)
+        if need > free:
+            raise TablesError(f"{need} new reals need ids but only {free} are free "
                               f"(max_reals {s.max_reals - 1} in all)")
         plans = [self.delete_vip(k) for k in gone]
         for v in vips:
@@ -336,6 +354,10 @@ class Planner:
             vs = self._run(plans, self.upsert_vip(**args))
             self._run(plans, self.set_reals(vs.key, list(v.get("reals", ())), now))
         return plans
+
+    def check_fits(self, want, gone=()) -> tuple[int, int]:
+        """(real ids needed, real ids free) for a change: see check_fits()."""
+        return check_fits(self.state.vips, self.state.max_reals, want, gone)
 
     @staticmethod
     def _run(plans: list[Plan], plan: Plan):
@@ -393,5 +415,5 @@ class Planner:
         plan.commit.append(commit)
 
 
-__all__ = ["Planner", "Plan", "TableState", "TablesError", "VipState", "RealState", "Write",
+__all__ = ["Planner", "Plan", "check_fits", "TableState", "TablesError", "VipState", "RealState", "Write",
            "canon"]
