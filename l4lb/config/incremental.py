@@ -38,7 +38,9 @@ class Changes:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._known: tuple[Config, dict] | None = None  # a config and its dict form
+        # The last two configs made or asked about, with their dict forms (a change
+        # refused, or raced by another, leaves the running config's form here).
+        self._known: list[tuple[Config, dict]] = []
         self.fast = self.whole = 0  # how candidates were made (tests, debugging)
 
     def candidate(self, base: Config, mutate: Callable[[dict], Any], limits: Capacity,
@@ -54,19 +56,21 @@ class Changes:
             self.whole += 1
             return config_from_dict(data, source=source, limits=limits)
         self.fast += 1
-        with self._lock:
-            self._known = (cfg, new_form)
+        self._remember(cfg, new_form)
         return cfg
 
     def _form(self, base: Config) -> dict:
         with self._lock:
-            known = self._known
-        if known is not None and known[0] is base:
-            return known[1]
+            for cfg, form in self._known:
+                if cfg is base:
+                    return form
         form = config_to_dict(base)
-        with self._lock:
-            self._known = (base, form)
+        self._remember(base, form)
         return form
+
+    def _remember(self, cfg: Config, form: dict) -> None:
+        with self._lock:
+            self._known = [(c, f) for c, f in self._known if c is not cfg][-1:] + [(cfg, form)]
 
 
 def _copy(form: dict) -> tuple[dict, dict]:
@@ -154,7 +158,12 @@ def _reparse(base: Config, form: dict, data: Any, keep: dict, limits: Capacity,
             continue
         parsed = iter(pv.reals)
         reals = tuple(bv.reals[j] if j is not None else next(parsed) for j in step[2])
-        if len({r.address for r in reals}) != len(reals) or len(reals) > pv.ring_size:
+        # Duplicates by the canonical spelling (the kept form's, str() of the new ones):
+        # hashing strings is far cheaper than hashing addresses.
+        pr = form["vip"][step[1]]["real"]
+        spelled = {pr[j]["address"] if j is not None else str(r.address)
+                   for j, r in zip(step[2], reals, strict=True)}
+        if len(spelled) != len(reals) or len(reals) > pv.ring_size:
             raise _Whole  # a duplicate real or too small a ring: the whole parse says so
         out.append(dataclasses.replace(pv, reals=reals))
     cfg = dataclasses.replace(part, vips=tuple(out))

@@ -107,7 +107,8 @@ def test_real_changes_reuse_the_other_reals_and_parse_only_theirs():
     assert ch.fast == 1 and ch.whole == 0
     assert cfg.vips[0].reals[3].weight == 0
     # untouched reals and VIPs are the very objects of the base: nothing parsed again
-    assert all(a is b for k, (a, b) in enumerate(zip(cfg.vips[0].reals, base.vips[0].reals))
+    assert all(a is b for k, (a, b) in enumerate(zip(cfg.vips[0].reals, base.vips[0].reals,
+                                                      strict=True))
                if k != 3)
     assert cfg.vips[1] is base.vips[1] and cfg.vips[2] is base.vips[2]
     # a refusal goes through the whole parse, so its words are config_from_dict's
@@ -135,8 +136,8 @@ def test_a_chain_of_random_changes_stays_equal_to_whole_parses():
             j, mac = rng.randrange(n), f"02:00:00:00:01:{rng.randint(0, 255):02x}"
             mutate = lambda d, j=j, mac=mac: vip(d, 0)["real"][j].__setitem__(  # noqa: E731
                 "mac", mac)
-        got = outcome(lambda m=mutate: ch.candidate(base, m, LIMITS))
-        assert got == outcome(lambda m=mutate: whole(base, m)), step
+        got = outcome(lambda m=mutate, b=base: ch.candidate(b, m, LIMITS))
+        assert got == outcome(lambda m=mutate, b=base: whole(b, m)), step
         if not isinstance(got, tuple):
             base = got
     assert ch.fast > 30

@@ -278,3 +278,23 @@ def test_random_changes_keep_ids_unique_and_the_live_ring_right(changes):
                 assert f.live_ring(v.vip_id) == built(v)
             assert set(f.reals) >= set(r.real_id for r in [*v.reals.values(),
                                                            *v.retired.values()])
+
+
+def test_check_fits_is_the_one_real_id_rule():
+    # The planner refuses by it; the daemon's _plan asks it for a whole config change.
+    from l4lb.dataplane.plan import check_fits
+    f = Fake(max_vips=3, max_reals=6)  # real ids 1..5
+    a, b = vip(f, "10.9.0.1"), vip(f, "10.9.0.2")
+    f.run(f.p.set_reals(a.key, reals(1, 2), now=1.0))
+    f.run(f.p.set_reals(b.key, reals(3), now=1.0))
+    f.run(f.p.set_reals(a.key, reals(1), now=2.0))  # 10.0.0.2 retired: keeps its id
+    vips, cap = f.state.vips, f.state.max_reals
+    assert check_fits(vips, cap, []) == (0, 2)
+    # a retired real coming back needs no new id; a new one does
+    assert check_fits(vips, cap, [(a.key, ["10.0.0.1", "10.0.0.2", "10.0.0.7"])]) == (1, 2)
+    # a deleted VIP frees its reals' ids for the same change; a new VIP needs all its own
+    assert check_fits(vips, cap, [("10.9.0.3:80/tcp", ["10.0.0.8", "10.0.0.9"])],
+                      gone=[b.key]) == (2, 3)
+    assert f.p.check_fits([(a.key, ["10.0.0.5", "10.0.0.6", "10.0.0.7"])]) == (3, 2)
+    with pytest.raises(TablesError, match="3 new reals need ids but only 2 are free"):
+        f.p.set_reals(a.key, reals(1, 5, 6, 7), now=3.0)
