@@ -66,6 +66,9 @@ def setup_node(conn_table_size: int, reverse_ids: bool):
     prog = loader.compile_balancer(opts)
     t = tables.ServiceTables(prog, opts)
     t.set_config(tun_src4="10.200.0.21", flow_events=True, conn_timeout_s=300)
+    # no admission guard: its default (10,000 new flows/s per CPU) is the lag runs'
+    # own rate, and a generator catching up after a stall would lose flows to it
+    loader.set_flow_guard(prog.map("flow_guard_cfg"), 0xFFFFFFFF)
     t.upsert_vip(VIP, VPORT, "tcp")
     if reverse_ids:  # the standby: other ids for the same reals
         t.upsert_vip("10.200.0.99", VPORT, "tcp")
@@ -274,8 +277,9 @@ class Worker:
         if cmd == "full":  # arg: urgent (a peer waits for it) or periodic
             ag.request_full(urgent=arg)
             return time.time()
-        if cmd == "lost_events":
-            return self.tables.global_counters().get("flow_event_lost", 0)
+        if cmd == "lost_events":  # (new flows the data plane did not hand to sync)
+            c = self.tables.global_counters()
+            return c.get("flow_event_lost", 0), c.get("conn_guard_limited", 0)
         raise ValueError(cmd)
 
 
@@ -575,7 +579,7 @@ def run(args) -> dict:
                       f"{r['ring_p99_ms']} ms ({r['synced']}/{n}), master CPU "
                       f"{r['master_cpu']}", flush=True)
         modes = {m: pooled(rs) for m, rs in runs.items()}
-        lost_events = master("lost_events")
+        lost_events, guard_limited = master("lost_events")
         s_status = standby("status")
         ours = sum(n("cpu")[0] for n in (master, standby, gen_node)) - ours0
         wall = time.monotonic() - wall0
@@ -608,6 +612,7 @@ def run(args) -> dict:
         "lag_during_periodic": strip(during["periodic"]),
         "ring_modes": modes,
         "flow_events_lost": lost_events,
+        "flows_guard_limited": guard_limited,
         "standby_rejected": s_status.get("rejected"),
         "cpus": os.cpu_count(),
         # CPUs' worth kept busy by everything else on the machine during the run

@@ -122,6 +122,12 @@ REPLAY_WINDOW = 1 << 17  # messages: covers the full-walk chunks set aside
 # The first body bytes of a full-walk chunk: msgpack fixarray(9), kind 2 (codec.py)
 _FULL_HEAD = bytes((0x99, 2))
 SOCK_BUF = 8 << 20  # socket buffers: a full walk's burst and a slow loop tick
+# Full walks a peer waits for, entries/s: above what this VM's standby installs
+# (~1M/s), so the CPU sets the pace; what the standby has not taken yet waits in its
+# socket buffer (SOCK_BUF) and backlog (DEFER_MAX_BYTES): ~1.3M entries of 1400-byte
+# datagrams between them, beyond which a walk loses entries (counted: backlog_full)
+# that the next one repairs.
+FULL_PACE = 1_500_000.0
 WALK_LOOP_ENTRIES = 4000  # full-walk entries framed and sent per loop tick (bounds the stall)
 STATE_FILE = "sync.json"  # in the node's state dir: our last session, peers' highest
 DEFAULT_STATE_ROOT = "/run/l4lb"  # daemon.STATE_ROOT: /run/l4lb/<node>/
@@ -200,7 +206,7 @@ class SyncAgent:
     """
 
     def __init__(self, cfg, node_name: str, tables, prog, *, role: str = "backup",
-                 ring_mode: str = "epoll", full_entries_per_s: float = 1_000_000.0,
+                 ring_mode: str = "epoll", full_entries_per_s: float = FULL_PACE,
                  periodic_entries_per_s: float = 50_000.0,
                  clock: Callable[[], float] = time.time,
                  install_hook: Callable[[bytes, bytes, float], None] | None = None,
