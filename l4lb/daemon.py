@@ -350,10 +350,15 @@ class Daemon:
         """What the maps hold of VIP `v`; its last element is set_reals' argument. The
         last one made per VIP is kept: _plan and the write after it need the same."""
         memo = self._sig_memo.get(v.key)
-        if memo is not None and memo[0] is v and memo[1] == self._mac_version:
-            return memo[2]
+        made = {}
+        if memo is not None and memo[1] == self._mac_version:
+            if memo[0] is v:
+                return memo[2]
+            # the reals that are the very objects they were (an API change reuses them)
+            made = {id(r): t for r, t in zip(memo[0].reals, memo[2][4], strict=True)}
         sig = (v.mode, v.hash, v.ring_size, v.all_down,
-               tuple((str(r.address), self._mac_for(r), r.weight) for r in v.reals))
+               tuple(made.get(id(r)) or (str(r.address), self._mac_for(r), r.weight)
+                     for r in v.reals))
         self._sig_memo[v.key] = (v, self._mac_version, sig)
         return sig
 

@@ -148,7 +148,7 @@ def test_changes_and_health_verdicts_fill_rings_in_threads(fills, monkeypatch):
     assert t.vips[VIP].ring_size == 4093 and len(t.live[VIP]) == 4093
 
 
-def test_the_health_wanted_list_follows_changes_by_what_changed():
+def test_the_health_wanted_list_and_signatures_follow_changes_by_what_changed():
     rng = random.Random(13)
     d = Daemon(cfg(30))
     d.tables, d.health, d.ready = PlanTables(), Health(), True
@@ -182,6 +182,10 @@ def test_the_health_wanted_list_follows_changes_by_what_changed():
             except Exception as e:  # a duplicate address: refused whole, nothing changes
                 assert "duplicates" in str(e), e
             assert d.health.synced == full(d.cfg), step
+            # the signature, kept by what changed too, is the one made from scratch
+            v = d.cfg.vips[0]
+            assert d._signature(v)[4] == tuple((str(r.address), d._mac_for(r), r.weight)
+                                               for r in v.reals), step
         # a reload: every object new, the same list
         await d.apply(config_from_dict({"node": {"name": "lbt", "interfaces": ["lo"]},
                                         "vip": [{"address": "10.99.0.102", "port": 80,
