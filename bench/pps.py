@@ -372,8 +372,15 @@ def render_text(report: dict) -> str:
     if cross_rows(report):
         parts.append("cross-check, one call of repeat=N (only where re-running the output is "
                      "the same case):\n" + common.text_table(CROSS_HEADERS, cross_rows(report)))
+    if "parallel" in report:
+        from bench import pps_parallel as pp  # noqa: PLC0415
+        parts.insert(1, "new flows on both CPUs at once (--parallel):\n" + common.text_table(
+            pp.HEADERS, pp.table_rows(report["parallel"]), right={2, 3, 4, 5}))
     parts += notes(report)
-    return "\n\n".join(parts[:2]) + "\n\n" + "\n".join(parts[2:])
+    if "parallel" in report:
+        parts += pp.notes(report["parallel"])
+    head = 3 if "parallel" in report else 2
+    return "\n\n".join(parts[:head]) + "\n\n" + "\n".join(parts[head:])
 
 
 def render_markdown(report: dict) -> str:
@@ -386,7 +393,15 @@ def render_markdown(report: dict) -> str:
         lines += ["Cross-check: one call of repeat=N, only where re-running the output is the "
                   "same case (free of the per-call timer overhead):", "",
                   common.markdown_table(CROSS_HEADERS, cross_rows(report)), ""]
+    if "parallel" in report:
+        from bench import pps_parallel as pp  # noqa: PLC0415
+        lines += ["New flows on both CPUs at once (`--parallel`, bench/pps_parallel.py): "
+                  "kernel ns per packet, median (min-max) over rounds:", "",
+                  common.markdown_table(pp.HEADERS, pp.table_rows(report["parallel"]),
+                                        right={2, 3, 4, 5}), ""]
     lines += ["- " + n for n in notes(report)]
+    if "parallel" in report:
+        lines += ["- " + n for n in pp.notes(report["parallel"])]
     lines += ["- targets (issue, net ns): established <= 75 (dr) / <= 110 (tun), new flow <= 650, "
               "non-VIP <= 30; Katran, same method on this machine: 186 established IPv4 IPIP, "
               "~780 new, 58 non-VIP",
@@ -535,6 +550,15 @@ def parse_args(argv=None):
     ap.add_argument("--cpu", type=int, help="CPU to pin to (default: the last one)")
     ap.add_argument("--per-cpu-lru", action="store_true",
                     help="build the conn table with BPF_F_NO_COMMON_LRU")
+    ap.add_argument("--parallel", action="store_true",
+                    help="also run new flows on both CPUs at once, common vs per-CPU LRU "
+                         "lists (bench/pps_parallel.py; with --cases xdp_pass: that alone)")
+    ap.add_argument("--parallel-flows", type=int, dest="parallel_flows",
+                    help="fresh flows per worker and phase of --parallel "
+                         "(default 5000, --quick 2000)")
+    ap.add_argument("--parallel-table", type=int, dest="parallel_table",
+                    help="conn table entries of --parallel's balancers (default: the "
+                         "daemon's default)")
     ap.add_argument("--bpf-dir", metavar="DIR",
                     help="compile the balancer from another copy of bpf/ (A/B against an "
                          "older version, e.g. `git archive HEAD bpf | tar -x -C /tmp/old`)")
@@ -544,8 +568,17 @@ def parse_args(argv=None):
                          "(A/B; its counters are not checked, its verdicts are)")
     a = ap.parse_args(argv)
     a.calls = a.calls or (QUICK_CALLS if a.quick else DEFAULT_CALLS)
-    if min(a.rounds, a.calls, a.flows, a.chunk, a.flows_1m) < 1:
-        ap.error("--rounds, --calls, --chunk, --flows and --flows-1m must be positive")
+    a.parallel_flows = a.parallel_flows or (2000 if a.quick else 5000)
+    if a.parallel_table is None:
+        from l4lb.dataplane import maps as M  # noqa: PLC0415
+        a.parallel_table = M.DEFAULT_CONN_TABLE_SIZE
+    if min(a.rounds, a.calls, a.flows, a.chunk, a.flows_1m, a.parallel_flows) < 1:
+        ap.error("--rounds, --calls, --chunk, --flows, --flows-1m and --parallel-flows "
+                 "must be positive")
+    if a.parallel and not 1024 <= a.parallel_table <= 1 << 26:
+        ap.error("--parallel-table must be in 1024..67108864")
+    if a.parallel and a.rounds * 12 > 240:
+        ap.error("--parallel runs at most 20 rounds (flow series of distinct sources)")
     names = [c.name for c in CASES]
     if a.cases:
         want = {s.strip() for s in a.cases.split(",") if s.strip()} | {"xdp_pass"}
@@ -783,6 +816,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         report = run(args)
+        if args.parallel:
+            from bench import pps_parallel  # noqa: PLC0415
+            print("measuring new flows on both CPUs at once ...", file=sys.stderr)
+            report["parallel"] = pps_parallel.run(args, sys.modules[__name__])
     except BenchError as e:
         print(f"pps: {e}", file=sys.stderr)
         return 1

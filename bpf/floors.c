@@ -152,3 +152,38 @@ int floor_new(struct xdp_md *ctx)
         return XDP_DROP;
     return XDP_TX;
 }
+
+/* xdp_relay (bench/throughput.py): the floor of "an XDP hop in this lab", used
+ * in place of the balancer on a lab node. IPv4 frames to RELAY_VIP addressed to
+ * RELAY_OWN_MAC leave again by XDP_TX with RELAY_REAL_MAC as destination and our
+ * MAC as source; everything else (ARP, the node's own traffic) passes. No table,
+ * no counters: what remains of l4lb's gap over this is in our program. */
+#ifndef RELAY_VIP
+#define RELAY_VIP 0 /* IPv4 address, host order */
+#endif
+#ifndef RELAY_OWN_MAC
+#define RELAY_OWN_MAC 0, 0, 0, 0, 0, 0
+#endif
+#ifndef RELAY_REAL_MAC
+#define RELAY_REAL_MAC 0, 0, 0, 0, 0, 0
+#endif
+
+int xdp_relay(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+        return XDP_PASS;
+    struct iphdr *ip = (void *)(eth + 1);
+    if ((void *)(ip + 1) > data_end || ip->daddr != bpf_htonl(RELAY_VIP))
+        return XDP_PASS;
+    const __u8 own[ETH_ALEN] = {RELAY_OWN_MAC}, real[ETH_ALEN] = {RELAY_REAL_MAC};
+#pragma unroll
+    for (int i = 0; i < ETH_ALEN; i++)
+        if (eth->h_dest[i] != own[i])
+            return XDP_PASS;
+    __builtin_memcpy(eth->h_source, own, ETH_ALEN);
+    __builtin_memcpy(eth->h_dest, real, ETH_ALEN);
+    return XDP_TX;
+}
