@@ -156,12 +156,15 @@ def _fill_key(size: int, pairs: list[tuple[str, int]]) -> tuple:
 
 
 class _Prepared:
-    """Fills made by prepare(), newest last, at most ``limit`` slots in all
-    (64 MiB of uint16 by default: ~500 rings of 65537).  Thread-safe."""
+    """Fills made by prepare(), oldest first. Fills a build_ring has used are kept
+    up to ``limit`` slots in all (16 MiB of uint16: 128 rings of 65537), so that a
+    change undone finds its ring again; fills not used yet are kept whatever their
+    number (a reload preparing hundreds of VIPs), up to ``hard`` slots. Thread-safe."""
 
-    def __init__(self, limit: int = 1 << 25):
-        self.limit = limit
+    def __init__(self, limit: int = 1 << 23, hard: int = 1 << 27):
+        self.limit, self.hard = limit, hard
         self._fills: dict[tuple, Any] = {}
+        self._unused: set[tuple] = set()
         self._slots = 0
         self._lock = threading.Lock()
 
@@ -170,6 +173,7 @@ class _Prepared:
             owner = self._fills.pop(key, None)
             if owner is not None:
                 self._fills[key] = owner  # now the newest
+                self._unused.discard(key)
             return owner
 
     def put(self, key: tuple, owner) -> None:
@@ -177,12 +181,21 @@ class _Prepared:
             old = self._fills.pop(key, None)
             self._slots += len(owner) - (len(old) if old is not None else 0)
             self._fills[key] = owner
-            while self._slots > self.limit and len(self._fills) > 1:
-                self._slots -= len(self._fills.pop(next(iter(self._fills))))
+            self._unused.add(key)
+            for k in list(self._fills):  # the oldest used ones go first
+                if self._slots <= self.limit:
+                    break
+                if k not in self._unused:
+                    self._slots -= len(self._fills.pop(k))
+            while self._slots > self.hard and len(self._fills) > 1:
+                k = next(iter(self._fills))
+                self._unused.discard(k)
+                self._slots -= len(self._fills.pop(k))
 
     def clear(self) -> None:
         with self._lock:
             self._fills.clear()
+            self._unused.clear()
             self._slots = 0
 
     def __len__(self) -> int:

@@ -99,15 +99,22 @@ def test_numpy_and_python_fills_are_kept_apart(fills, monkeypatch):
 
 
 def test_prepared_fills_are_bounded(fills, monkeypatch):
-    monkeypatch.setattr(maglev, "_PREPARED", maglev._Prepared(limit=3 * M))
-    sets = [reals(5, net=f"10.{i}") for i in range(5)]
-    for bs in sets:
+    monkeypatch.setattr(maglev, "_PREPARED", maglev._Prepared(limit=3 * M, hard=6 * M))
+    sets = [reals(5, net=f"10.{i}") for i in range(8)]
+    for bs in sets[:5]:
         prepare(pairs(bs), M)
-    assert len(maglev._PREPARED) == 3  # the oldest two went
+    assert len(maglev._PREPARED) == 5  # none used yet: all kept (a reload's worth)
+    for bs in sets[:5]:
+        build_ring(bs, M)  # used now
+    prepare(pairs(sets[5]), M)
+    assert len(maglev._PREPARED) == 3  # used ones beyond the limit went, oldest first
     before = len(fills)
     build_ring(sets[0], M)
     build_ring(sets[4], M)
     assert len(fills) == before + 1  # the evicted one filled again, the newest not
+    for bs in sets:  # unused ones past the hard limit go too, oldest first
+        prepare(pairs(bs), M)
+    assert maglev._PREPARED._slots <= 6 * M
 
 
 def test_bad_input_is_refused_as_build_ring_refuses_it():
