@@ -387,6 +387,12 @@ def _pack_groups(entries: Sequence) -> list:
 
 
 def _unpack_groups(groups: object) -> PackedEntries:
+    if type(groups) is list and len(groups) == 2:  # the usual case: one shape, checked inline
+        code, blob = groups
+        shape = _SHAPES.get(code) if type(code) is int else None
+        if (shape is not None and type(blob) is bytes and blob and not len(blob) % shape.size
+                and not blob[shape.proto_off::shape.size].translate(None, _PROTO_BYTES)):
+            return PackedEntries(((code, blob),), len(blob) // shape.size)
     if type(groups) is not list or len(groups) % 2:
         raise SyncDecodeError("malformed", "entry groups")
     try:
@@ -585,7 +591,7 @@ def decode(data: bytes, key: bytes, max_size: int = DEFAULT_MAX_PAYLOAD) -> Mess
     if n > total:
         raise SyncDecodeError("malformed", "trailing bytes")
     view = memoryview(data)  # (no copies of the body)
-    if not hmac.compare_digest(mac(key, view[:-TAG_LEN]), view[-TAG_LEN:]):
+    if not hmac.compare_digest(mac(key, view[:-TAG_LEN]), data[-TAG_LEN:]):
         raise SyncDecodeError("bad_mac")
     # Authenticated from here on; still validate everything (peer bugs, skew).
     try:
