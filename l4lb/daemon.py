@@ -519,10 +519,32 @@ class Daemon:
                 if (x := have.get(a)) is None or x.mac != mac]
 
     async def _prepare_rings(self, writes, reals, fresh, initial: bool) -> None:
-        """Fill, in a thread, the Maglev rings the writes of this change will publish:
-        upsert_vip's (new ring size), set_reals' and each the down refresh after it makes
-        (maglev.prepare; the tables' build_ring calls then find them made). The same
-        down rules as the tables' and _refresh_down's."""
+        """Fill, in a thread, the Maglev rings the writes of this change will publish
+        (maglev.prepare; the tables' build_ring calls then find them made), unless an
+        API change's validation filled them already (_speculate)."""
+        jobs = [j for j in self._ring_jobs(writes, reals, fresh, initial)
+                if not maglev.prepared(j[1], j[0])]
+        if jobs:
+            await asyncio.to_thread(_prepare_rings, jobs)
+
+    def _speculate(self, cfg: Config) -> None:
+        """In the validating thread, before the lock: fill the rings `cfg` is expected to
+        need (the VIPs whose config objects changed), as _apply_locked will ask. It reads
+        the tables without the lock: a guess; a wrong one costs _prepare_rings a fill."""
+        try:
+            old = {v.key: v for v in self.cfg.vips}
+            writes = [v for v in cfg.vips if old.get(v.key) is not v]
+            reals = {v.key: list(self._signature(v)[4]) for v in writes}
+            fresh = {v.key: self._fresh(v, reals[v.key], False) for v in writes}
+            jobs = self._ring_jobs(writes, reals, fresh, False)
+        except RuntimeError:  # the tables changed under us
+            return
+        _prepare_rings(jobs)
+
+    def _ring_jobs(self, writes, reals, fresh, initial: bool) -> list:
+        """(ring size, [(real, weight)]) of each ring the writes will publish: upsert_vip's
+        (new ring size), set_reals' and each one the down refresh after it makes. The
+        same down rules as the tables' and _refresh_down's."""
         jobs = []
         for v in writes:
             vs = self.tables.vips.get(v.key)
@@ -546,8 +568,7 @@ class Daemon:
                     if weight[a]:
                         jobs.append((v.ring_size, [(x, w) for x, w in weight.items()
                                                    if not state[x]]))
-        if jobs:
-            await asyncio.to_thread(_prepare_rings, jobs)
+        return jobs
 
     async def _on_health(self, vip: str, real: str, up: bool, detail: str) -> None:
         async with self._lock:
@@ -619,6 +640,8 @@ class Daemon:
         errs = check_system(cfg)
         if errs:
             raise ConfigError(errs)
+        if self.tables is not None and self.ready:
+            self._speculate(cfg)  # this thread fills the rings: no second one under the lock
         return cfg
 
     async def change(self, mutate) -> Config:

@@ -69,6 +69,7 @@ __all__ = [
     "Backend",
     "build_ring",
     "prepare",
+    "prepared",
     "ring_changes",
     "ring_shares",
 ]
@@ -140,6 +141,12 @@ def prepare(reals: Iterable[tuple[str, int]], size: int = DEFAULT_RING_SIZE) -> 
             _PREPARED.put(fkey, _fill(live, size))
 
 
+def prepared(reals: Iterable[tuple[str, int]], size: int = DEFAULT_RING_SIZE) -> bool:
+    """Whether prepare() has the fill of ``reals`` = [(key, weight)] (cheap: no fill,
+    no validation)."""
+    return _fill_key(size, sorted((k, w) for k, w in reals if w)) in _PREPARED
+
+
 def _fill(live: list[tuple[str, int, int]], size: int):
     """Per slot, the rank (index in ``live``) of the real owning it."""
     perms = [_permutation(key, size) for key, _, _ in live]
@@ -191,6 +198,10 @@ class _Prepared:
                 k = next(iter(self._fills))
                 self._unused.discard(k)
                 self._slots -= len(self._fills.pop(k))
+
+    def __contains__(self, key: tuple) -> bool:
+        with self._lock:
+            return key in self._fills
 
     def clear(self) -> None:
         with self._lock:

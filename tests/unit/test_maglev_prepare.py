@@ -122,3 +122,14 @@ def test_bad_input_is_refused_as_build_ring_refuses_it():
         prepare([("10.1.0.1", 1), ("10.1.0.1", 2)], M)
     with pytest.raises(ValueError, match="ring size 4098 is not a prime"):
         prepare([("10.1.0.1", 1)], 4098)
+
+
+def test_prepared_tells_without_filling(fills):
+    bs = reals(8)
+    assert not maglev.prepared(pairs(bs), M)
+    prepare(pairs(bs), M)
+    before = len(fills)
+    assert maglev.prepared(list(reversed(pairs(bs))) + [("10.1.9.9", 0)], M)  # order, drained
+    assert not maglev.prepared(pairs(bs)[1:], M)
+    assert not maglev.prepared(pairs(bs), 4093)
+    assert len(fills) == before
