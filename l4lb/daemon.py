@@ -536,10 +536,9 @@ class Daemon:
             writes = [v for v in cfg.vips if old.get(v.key) is not v]
             reals = {v.key: list(self._signature(v)[4]) for v in writes}
             fresh = {v.key: self._fresh(v, reals[v.key], False) for v in writes}
-            jobs = self._ring_jobs(writes, reals, fresh, False)
-        except RuntimeError:  # the tables changed under us
-            return
-        _prepare_rings(jobs)
+            _prepare_rings(self._ring_jobs(writes, reals, fresh, False))
+        except Exception as e:  # noqa: BLE001 - e.g. the tables changed under us: only a guess
+            log.debug("filling rings ahead failed: %s", e)
 
     def _ring_jobs(self, writes, reals, fresh, initial: bool) -> list:
         """(ring size, [(real, weight)]) of each ring the writes will publish: upsert_vip's
