@@ -5,9 +5,11 @@ A real `l4lb start` runs in a lab balancer node with one VIP of N reals (default
 1,000) at M = 65537. The bench calls the daemon's unix-socket API from the host
 (`real add`, `real del`, `real weight`); each call returns after the new ring is
 written to the idle slot and the VIP flipped to it, so the call's round trip is
-the figure. `add` and `weight` need a fresh Maglev build each time; `remove` undoes
-the `add` before it, so its ring is the one from two changes ago, which the tables
-keep (a flap back costs no rebuild).
+the figure. `add` and `weight` need a fresh Maglev fill each time (made in a thread,
+then published on the event loop); `remove` undoes the `add` before it, so its ring
+is the one from two changes ago, which the tables keep (a flap back costs no fill).
+The machine's load average before and after is recorded: on a shared 2-CPU VM the
+figures scale with it.
 
     .venv/bin/python -m bench.control [--quick] [--reals N] [--repeats K] [--json PATH]
 """
@@ -15,6 +17,7 @@ keep (a flap back costs no rebuild).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -45,6 +48,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     repeats = a.repeats or (5 if a.quick else 20)
 
+    load_before = os.getloadavg()[0]
     with Lab("bctl", clients=0, balancers=1, reals=0) as lab:
         reals = [{"address": real_addr(i), "mac": real_mac(i)} for i in range(a.reals)]
         cfg = lab.balancer_config("lb1", [{"address": "10.99.0.100", "port": 80,
@@ -74,8 +78,10 @@ def main(argv=None) -> int:
         n = len(st["vips"][0]["reals"])
         assert n == a.reals, n
 
+    load_after = os.getloadavg()[0]
     rows = []
-    out = {"reals": a.reals, "ring_size": RING, "repeats": repeats, "ops": {}}
+    out = {"reals": a.reals, "ring_size": RING, "repeats": repeats, "ops": {},
+           "loadavg_1m": [round(load_before, 2), round(load_after, 2)]}
     for op, ts in times.items():
         ms = sorted(x * 1000 for x in ts)
         med = statistics.median(ms)
@@ -86,16 +92,18 @@ def main(argv=None) -> int:
     out.update(run_meta(a.quick, argv))
     headers = ["operation", "min ms", "median ms", "max ms", "aim"]
     print(f"\nAPI call -> new ring live in the maps, {a.reals} reals, M = {RING}, "
-          f"{repeats} repeats")
+          f"{repeats} repeats, load average {load_before:.2f} -> {load_after:.2f}")
     print(text_table(headers, rows, right={1, 2, 3}))
     if a.json:
         write_json(a.json, out)
     if a.md:
         write_text(a.md, f"# Control-plane latency\n\n`{out['command']}`\n\n"
                    + markdown_table(headers, rows, right={1, 2, 3}) + "\n\n"
-                   f"{a.reals} reals, M = {RING}, {repeats} repeats, {out['timestamp']}. "
-                   "`add` and `weight` build a new Maglev ring each call; `remove` undoes "
-                   "the `add` before it and reuses the ring from two changes ago.\n")
+                   f"{a.reals} reals, M = {RING}, {repeats} repeats, {out['timestamp']}, "
+                   f"1-minute load average {load_before:.2f} before and {load_after:.2f} "
+                   "after (2 CPUs). `add` and `weight` fill a new Maglev ring each call (in "
+                   "a thread); `remove` undoes the `add` before it and reuses the ring from "
+                   "two changes ago.\n")
     return 0
 
 
