@@ -458,7 +458,7 @@ def test_kill9_during_changes(lab):
     kills = 0
     t0 = time.monotonic()
     try:
-        # Each restart compiles the XDP program (10-20 s on this 2-core box): as many
+        # Each restart compiles the XDP program (~2 s, 10 s on a loaded 2-core box): as many
         # kill points as fit in ~25 s, and at least 3 however loaded the box is.
         while kills < 20 and (time.monotonic() - t0 < 25 or
                               (kills < 3 and time.monotonic() - t0 < 150)):
