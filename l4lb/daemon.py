@@ -653,7 +653,9 @@ class Daemon:
         # Validating a whole config takes ~0.3 s at 4,000 reals: beside the loop.
         base = self.cfg
         cand = await asyncio.to_thread(self._candidate, mutate, base)  # invalid: refused here
-        new = self._unknown_macs(cand) - {str(r.address) for v in base.vips for r in v.reals}
+        new = self._unknown_macs(cand)  # usually none: then no string per real
+        if new:
+            new -= {str(r.address) for v in base.vips for r in v.reals}
         if new:
             await self._resolve_macs(new)
         async with self._lock:
