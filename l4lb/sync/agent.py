@@ -122,12 +122,14 @@ REPLAY_WINDOW = 1 << 17  # messages: covers the full-walk chunks set aside
 # The first body bytes of a full-walk chunk: msgpack fixarray(9), kind 2 (codec.py)
 _FULL_HEAD = bytes((0x99, 2))
 SOCK_BUF = 8 << 20  # socket buffers: a full walk's burst and a slow loop tick
-# Full walks a peer waits for, entries/s: above what this VM's standby installs
-# (~1M/s), so the CPU sets the pace; what the standby has not taken yet waits in its
-# socket buffer (SOCK_BUF) and backlog (DEFER_MAX_BYTES): ~1.3M entries of 1400-byte
-# datagrams between them, beyond which a walk loses entries (counted: backlog_full)
-# that the next one repairs.
-FULL_PACE = 1_500_000.0
+# Full walks a peer waits for, entries/s. The standby's install thread costs ~0.7 us
+# of CPU an entry (most of it the kernel's LRU update), its loop ~0.3 us: ~1.4M/s
+# with two CPUs of its own, so a walk at this pace does not outrun it; where the two
+# nodes share CPUs (bench/sync.py) the CPU sets the pace first. What the standby
+# has not taken yet waits in its socket buffer (SOCK_BUF) and backlog
+# (DEFER_MAX_BYTES; beyond, a walk loses entries, counted as backlog_full, that the
+# next one repairs).
+FULL_PACE = 1_200_000.0
 WALK_LOOP_ENTRIES = 4000  # full-walk entries framed and sent per loop tick (bounds the stall)
 STATE_FILE = "sync.json"  # in the node's state dir: our last session, peers' highest
 DEFAULT_STATE_ROOT = "/run/l4lb"  # daemon.STATE_ROOT: /run/l4lb/<node>/
