@@ -74,6 +74,7 @@ class ServiceTables:
         self.vips: dict[str, VipState] = self.state.vips
         self._slot_rings: dict[int, np.ndarray] = {}  # what each ring slot holds
         self._global_base: dict[str, int] = {}  # real-derived reasons at the last reset
+        self._real_json: dict[tuple, str] = {}  # a real's fields -> its tables.json record
         # Why this start reset the maps (None: restored, or a first start).
         self.clean_start_reason: str | None = None
         self._restore_or_reset()
@@ -238,16 +239,35 @@ class ServiceTables:
         next start finds no maps to match. (fsync cost 2-8 ms of every change.)"""
         if not self.state_file:
             return
-        data = {"layout": M.LAYOUT_VERSION,
-                "sizes": {k: getattr(self.opts, k) for k in STATE_SIZES},
-                "vips": [dict(v.__dict__, reals=[r.__dict__ for r in v.reals.values()],
-                              retired=[r.__dict__ for r in v.retired.values()])
-                         for v in self.vips.values()]}
         tmp = self.state_file.with_name(self.state_file.name + ".tmp")
         with open(tmp, "w") as f:
-            # compact: the C encoder (indent= falls back to pure Python, ~50x slower)
-            f.write(json.dumps(data, separators=(",", ":")))
+            f.write(self._state_json())
         os.replace(tmp, self.state_file)
+
+    def _state_json(self) -> str:
+        """tables.json's text: what json.dumps(compact) makes of the VIPs, reals and
+        retired reals, each real's record kept from the last save while its fields are
+        the same (a change rewrites one real of 1,000: ~0.3 ms instead of ~1)."""
+        enc, cache = _JSON, self._real_json
+        if len(cache) > 2 * sum(len(v.reals) + len(v.retired) for v in self.vips.values()) + 4096:
+            cache.clear()
+
+        def real(r) -> str:
+            k = (r.address, r.real_id, r.mac, r.weight, r.down)
+            text = cache.get(k)
+            if text is None:
+                text = cache[k] = enc(r.__dict__)
+            return text
+
+        vips = []
+        for v in self.vips.values():
+            head = enc({k: x for k, x in v.__dict__.items() if k not in ("reals", "retired")})
+            vips.append(head[:-1] + ',"reals":[' + ",".join([real(r) for r in v.reals.values()])
+                        + '],"retired":[' + ",".join([real(r) for r in v.retired.values()])
+                        + "]}")
+        return ('{"layout":' + enc(M.LAYOUT_VERSION) + ',"sizes":'
+                + enc({k: getattr(self.opts, k) for k in STATE_SIZES})
+                + ',"vips":[' + ",".join(vips) + "]}")
 
     # --------------------------------------------------------------- config
     def set_config(self, tun_src4: str | None = None, tun_src6: str | None = None,
@@ -610,6 +630,9 @@ def coarse_now_ns() -> int:
     """The clock bpf_ktime_get_coarse_ns reads (CLOCK_MONOTONIC_COARSE)."""
     return time.clock_gettime_ns(6)  # CLOCK_MONOTONIC_COARSE (not in the time module)
 
+
+# compact: the C encoder (indent= falls back to pure Python, ~50x slower)
+_JSON = json.JSONEncoder(separators=(",", ":")).encode
 
 # --------------------------------------------------------------- bulk conn-table I/O
 # struct flow_key and struct conn_val as bytes: addresses zero-padded to 16 bytes,
