@@ -429,7 +429,7 @@ def _fill_numpy(perms: Sequence[tuple[int, int, int]], weights: Sequence[int], s
     turns, prio, first = _turn_order_numpy(weights, size)
 
     owner = np.full(m, -1, dtype=np.int64)
-    taken = np.zeros(m, dtype=bool)
+    free = np.ones(m, dtype=bool)  # slots nobody owns yet
     unset = np.iinfo(np.int64).max
     best = np.full(m, unset, dtype=np.int64)  # per slot: earliest turn proposing it
     nfree = m
@@ -442,17 +442,17 @@ def _fill_numpy(perms: Sequence[tuple[int, int, int]], weights: Sequence[int], s
         if nfree == m:  # the first round: nothing is taken, no walk needed
             real, slot, j, new_nxt = _propose_first(pending, need, offset, skip, m)
         elif nfree * nfree <= int(need.mean() * m) + 16 * nfree:
-            real, slot, j, new_nxt = _propose_by_inverse(pending, need, offset, inverse, taken, m)
+            real, slot, j, new_nxt = _propose_by_inverse(pending, need, offset, inverse, free, m)
         else:
             real, slot, j, new_nxt = _propose_by_walk(
-                pending, need, nxt, offset, skip, taken, m, nfree
+                pending, need, nxt, offset, skip, free, m, nfree
             )
         turn = prio[first[real] + served[real] + j]
         np.minimum.at(best, slot, turn)  # earliest turn wins each slot
         win = np.flatnonzero(best[slot] == turn)
         best[slot] = unset
         owner[slot[win]] = real[win]
-        taken[slot[win]] = True
+        free[slot[win]] = False
         nfree -= win.size
         served += np.bincount(real[win], minlength=n)
         nxt[pending] = new_nxt
@@ -480,7 +480,7 @@ def _propose_first(pending, need, offset, skip, m):
     return real, slot.astype(np.int64), j, need.copy()
 
 
-def _propose_by_walk(pending, need, nxt, offset, skip, taken, m, nfree):
+def _propose_by_walk(pending, need, nxt, offset, skip, free, m, nfree):
     """Each pending real's ``need`` most preferred free slots, found by walking
     its permutation from ``nxt``.
 
@@ -505,7 +505,7 @@ def _propose_by_walk(pending, need, nxt, offset, skip, taken, m, nfree):
         for sel, w in _groups(width):
             b = pending[rows[sel]]
             row, slot, nth, count, end = _walk_block(
-                b, start[sel], need[sel], w, offset, skip, taken, m
+                b, start[sel], need[sel], w, offset, skip, free, m
             )
             reals.append(b[row])
             slots.append(slot)
@@ -551,7 +551,7 @@ def _groups(width):
     return groups
 
 
-def _walk_block(reals, start, need, width, offset, skip, taken, m):
+def _walk_block(reals, start, need, width, offset, skip, free_slots, m):
     """Look at ``width`` positions from ``start`` of each real's permutation.
 
     Returns per hit (free slot within the real's first ``need``) its row, slot
@@ -566,8 +566,7 @@ def _walk_block(reals, start, need, width, offset, skip, taken, m):
     np.multiply(np.arange(width, dtype=dt), skip[reals].astype(dt)[:, None], out=cand)
     cand += base.astype(dt)[:, None]
     _mod(cand, m, _scratch(1, shape, dt))
-    free = np.take(taken, cand, out=_scratch(2, shape, bool))
-    np.logical_not(free, out=free)
+    free = np.take(free_slots, cand, out=_scratch(2, shape, bool))
     nfree = free.view(np.uint8).sum(axis=1, dtype=np.int64)
     idx = np.flatnonzero(free)  # row-major: row by row, by position within a row
     # Each row's first `need` free positions: the first count of its run in idx.
@@ -600,13 +599,13 @@ def _scratch(i: int, shape: tuple[int, int], dtype):
     return buf[:nbytes].view(dtype).reshape(shape)
 
 
-def _propose_by_inverse(pending, need, offset, inverse, taken, m):
+def _propose_by_inverse(pending, need, offset, inverse, free_slots, m):
     """Same result as _propose_by_walk, computed from the free slots' side:
     the position of every free slot in every pending real's permutation, then
     the ``need`` smallest per real.  Cheaper once few slots are free (a walk
     steps over ~m / nfree taken slots per hit).
     """
-    free = np.flatnonzero(~taken)
+    free = np.flatnonzero(free_slots)
     # All slots before a real's nxt are taken, so these positions are >= nxt.
     pos = (free[None, :] - offset[pending][:, None]) % m * inverse[pending][:, None] % m
     width = int(need.max())  # <= free.size: there are as many free slots as unserved turns
