@@ -7,8 +7,13 @@ A script can neither freeze the daemon nor escape it:
   caller is cancelled, the whole group gets SIGKILL, not only the direct child
   (a shell script's hung ``sleep`` or ``curl`` goes too).  Checks also kill what
   is left of the group after the script exits (a check runs every few seconds:
-  leftovers would pile up); notify commands may leave helpers running.  A
-  grandchild that calls setsid() itself leaves the group and is not followed.
+  leftovers would pile up); notify commands may leave helpers running.
+* **Cgroup.**  A grandchild that calls setsid() leaves the process group, so
+  where the cgroup v2 hierarchy is writable each script also starts in a cgroup
+  of its own (``<our cgroup>/l4lb-scripts/<n>``: a ``/bin/sh`` wrapper moves
+  itself in, then execs the script, so nothing it forks is ever outside), and a
+  kill is ``cgroup.kill``: every process in it, whatever its session.  Emptied
+  cgroups are removed; without cgroup v2 the process group is all there is.
 * **Minimal environment.**  ``PATH=/usr/sbin:/usr/bin:/sbin:/bin``, ``LANG=C``
   and the ``L4LB_*`` variables the caller documents, nothing of the daemon's
   own environment.  Health checks pass ``L4LB_VIP`` ("addr:port/proto"),
@@ -27,6 +32,7 @@ A script can neither freeze the daemon nor escape it:
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -34,6 +40,7 @@ import signal
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from l4lb.errors import L4lbError
 
@@ -158,17 +165,107 @@ def _killpg(pgid: int) -> None:
         pass  # the group is gone already
 
 
+# The sh wrapper: move this shell into the cgroup given as $0, then become the script
+# (same pid: the session leader). A failed move still runs the script (process group only).
+_CG_WRAP = 'echo 0 2>/dev/null > "$0/cgroup.procs"; unset PWD; exec "$@"'
+_cg_state: dict = {}  # "root": Path | None once probed; "n": a counter; "stale": set[Path]
+
+
+def _cgroup_root() -> Path | None:
+    """<cgroup2 mount>/<our cgroup>/l4lb-scripts, made once; None without cgroup v2."""
+    if "root" in _cg_state:
+        return _cg_state["root"]
+    root = None
+    try:
+        mounts = [ln.split()[1] for ln in Path("/proc/self/mounts").read_text().splitlines()
+                  if ln.split()[2:3] == ["cgroup2"]]
+        own = next((ln[3:] for ln in Path("/proc/self/cgroup").read_text().splitlines()
+                    if ln.startswith("0::")), None)
+        if mounts and own is not None:
+            d = Path(mounts[0]) / own.lstrip("/") / "l4lb-scripts"
+            d.mkdir(exist_ok=True)
+            if (d / "cgroup.procs").exists():
+                root = d
+    except (OSError, StopIteration, IndexError) as e:
+        log.info("scripts run in process groups only (no writable cgroup v2: %s)", e)
+    _cg_state.update(root=root, n=0, stale=set())
+    return root
+
+
+def _new_cgroup() -> Path | None:
+    root = _cgroup_root()
+    if root is None:
+        return None
+    for d in list(_cg_state["stale"]):  # emptied since: remove now
+        _rm_cgroup(d)
+    _cg_state["n"] += 1
+    d = root / f"{os.getpid()}-{_cg_state['n']}"
+    try:
+        d.mkdir()
+    except OSError:
+        return None
+    return d
+
+
+def _kill_cgroup(d: Path) -> None:
+    try:
+        (d / "cgroup.kill").write_text("1")  # kernel >= 5.14: every member, atomically
+        return
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return
+    for _ in range(3):  # older kernels: kill what is listed (forks may race: retry)
+        try:
+            pids = [int(x) for x in (d / "cgroup.procs").read_text().split()]
+        except OSError:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _rm_cgroup(d: Path) -> None:
+    """Remove an emptied cgroup; one still populated (a notify helper) is retried later."""
+    try:
+        d.rmdir()
+        _cg_state["stale"].discard(d)
+    except FileNotFoundError:
+        _cg_state["stale"].discard(d)
+    except OSError:
+        _cg_state["stale"].add(d)
+
+
 class Running:
     """A started script; `finish()` waits for it, bounded."""
 
-    def __init__(self, argv: Sequence[str], proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, argv: Sequence[str], proc: asyncio.subprocess.Process,
+                 cgroup: Path | None = None) -> None:
         self.argv = list(argv)
         self.proc = proc
         self.pgid = proc.pid  # a session leader's pid is its group id
+        self.cgroup = cgroup
 
     def kill(self) -> None:
-        """SIGKILL the whole process group."""
+        """SIGKILL the whole process group, and everything in the script's cgroup."""
         _killpg(self.pgid)
+        if self.cgroup is not None:
+            _kill_cgroup(self.cgroup)
+
+    async def _release(self, killed: bool) -> None:
+        """Remove the script's cgroup; after a kill, once its members are gone (bounded)."""
+        if self.cgroup is None:
+            return
+        for _ in range(50 if killed else 0):  # SIGKILLed members exit within milliseconds
+            try:
+                if "populated 0" in (self.cgroup / "cgroup.events").read_text():
+                    break
+            except OSError:
+                break
+            await asyncio.sleep(0.01)
+        _rm_cgroup(self.cgroup)
 
     async def finish(self, timeout: float, *, kill_leftovers: bool = True,
                      kill_on_cancel: bool = True) -> Result:
@@ -180,13 +277,17 @@ class Running:
                 await asyncio.wait_for(self.proc.wait(), KILL_WAIT_S)
             except asyncio.TimeoutError:
                 pass
+            await self._release(True)
             return Result(None, f"timed out after {timeout:g}s; process group killed")
         except BaseException:  # cancelled: leave nothing behind, unless told to
             if kill_on_cancel:
                 self.kill()
+            if self.cgroup is not None:
+                _cg_state["stale"].add(self.cgroup)  # cancelled: no awaiting here
             raise
         if kill_leftovers:
             self.kill()
+        await self._release(kill_leftovers)
         return Result(rc, "" if rc == 0 else
                       f"killed by signal {-rc}" if rc < 0 else f"exited {rc}")
 
@@ -206,14 +307,22 @@ async def start(argv: Sequence[str], env: Mapping[str, object] | None = None, *,
             _refusals.add(str(e))
             log.error("not running %s: %s", argv[0], e)
         return Result(None, f"refused: {e}")
+    cg = _new_cgroup()
+    cmd = [prog, *argv[1:]] if cg is None else ["/bin/sh", "-c", _CG_WRAP, str(cg), prog,
+                                                 *argv[1:]]
     try:
+        os.stat(prog)  # missing or not executable: said here, not as the wrapper's exit code
+        if not os.access(prog, os.X_OK):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
         proc = await asyncio.create_subprocess_exec(
-            prog, *argv[1:], stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL, start_new_session=True, env=script_env(env),
             cwd="/")
     except (OSError, ValueError) as e:
+        if cg is not None:
+            _rm_cgroup(cg)
         return Result(None, f"cannot run {argv[0]}: {getattr(e, 'strerror', None) or e}")
-    return Running(argv, proc)
+    return Running(argv, proc, cg)
 
 
 async def run(argv: Sequence[str], timeout: float, env: Mapping[str, object] | None = None,

@@ -81,6 +81,45 @@ def test_timeout_kills_the_whole_group_grandchild_included(bindir, tmp_path):
     assert live_members(leader) == []
 
 
+def test_a_grandchild_that_calls_setsid_is_killed_too(bindir, tmp_path):
+    """It leaves the process group; the script's cgroup still holds it."""
+    assert scripts._cgroup_root() is not None, "this machine has a writable cgroup v2"
+    pids = tmp_path / "pids"
+    s = write(bindir / "escape", f"#!/bin/sh\nsetsid sh -c 'echo $$ > {pids}; exec sleep 300' &\n"
+                                 "wait\n")
+    res = asyncio.run(scripts.run([str(s)], 0.5))
+    assert res.rc is None and res.detail.startswith("timed out")
+    pid = int(pids.read_text())
+    assert gone(pid), "the setsid grandchild survived the timeout"
+    ours = [d for d in scripts._cgroup_root().iterdir() if d.name.startswith(f"{os.getpid()}-")]
+    assert ours == [], "a script cgroup was left"
+
+
+def test_without_cgroups_scripts_still_run_in_their_group(bindir, tmp_path, monkeypatch):
+    monkeypatch.setattr(scripts, "_cg_state", {"root": None, "n": 0, "stale": set()})
+    pids = tmp_path / "pids"
+    s = write(bindir / "hang", f"#!/bin/sh\nsh -c 'echo $$ > {pids}; exec sleep 300' &\nwait\n")
+    res = asyncio.run(scripts.run([str(s)], 0.5))
+    assert res.rc is None and gone(int(pids.read_text()))
+    assert asyncio.run(scripts.run(["/bin/true"], 5)).ok
+
+
+def test_a_notify_helper_keeps_its_cgroup_until_it_exits(bindir, tmp_path):
+    pids = tmp_path / "pids"
+    s = write(bindir / "bg", f"#!/bin/sh\nsetsid sh -c 'echo $$ > {pids}; exec sleep 300' &\n"
+                             "while [ ! -s " + str(pids) + " ]; do sleep 0.01; done\n")
+    before = set(scripts._cg_state.get("stale", ()))
+    assert asyncio.run(scripts.run([str(s)], 5, kill_leftovers=False)).ok
+    pid = int(pids.read_text())
+    (left,) = scripts._cg_state["stale"] - before
+    assert left.is_dir() and not gone(pid, timeout=0.2)
+    os.kill(pid, 9)
+    assert gone(pid)
+    time.sleep(0.1)
+    assert asyncio.run(scripts.run(["/bin/true"], 5)).ok  # the next start sweeps it
+    assert not left.exists() and left not in scripts._cg_state["stale"]
+
+
 def test_cancel_kills_the_group(bindir, tmp_path):
     pids = tmp_path / "pids"
     s = write(bindir / "hang", f"#!/bin/sh\nsh -c 'echo $$ > {pids}; exec sleep 300' &\nwait\n")
