@@ -547,26 +547,34 @@ class Daemon:
         jobs = []
         for v in writes:
             vs = self.tables.vips.get(v.key)
-            down = {}  # address -> down, where the tables hold the real
-            if vs is not None:
-                down = {a: r.down for a, r in vs.retired.items()}
-                down.update((a, r.down) for a, r in vs.reals.items())
-                if initial or (vs.mode, vs.hash, vs.all_down, vs.ring_size) != \
-                        (v.mode, v.hash, v.all_down, v.ring_size):  # upsert_vip publishes
-                    jobs.append((v.ring_size, [(a, r.weight) for a, r in vs.reals.items()
-                                               if not r.down]))
-            weight = {a: w for a, _, w in reals[v.key]}
-            state = {a: down.get(a, False) for a in weight}
-            jobs.append((v.ring_size, [(a, w) for a, w in weight.items() if not state[a]]))
-            for r in fresh[v.key]:
+            have, gone = (vs.reals, vs.retired) if vs is not None else ({}, {})
+            if vs is not None and (initial or (vs.mode, vs.hash, vs.all_down, vs.ring_size)
+                                   != (v.mode, v.hash, v.all_down, v.ring_size)):
+                # upsert_vip publishes the reals as they are, at the new ring size
+                jobs.append((v.ring_size, [(a, r.weight) for a, r in have.items()
+                                           if not r.down]))
+            # set_reals keeps the down state of reals the tables hold (retired ones
+            # included), new ones start up
+            down = {}
+            pairs = []
+            for a, _, w in reals[v.key]:
+                x = have.get(a) or gone.get(a)
+                if x is not None and x.down:
+                    down[a] = True
+                else:
+                    pairs.append((a, w))
+            jobs.append((v.ring_size, pairs))
+            weight = None
+            for r in fresh[v.key]:  # then the refresh sets them one by one
                 a = str(r.address)
                 d = self._should_be_down(v.key, r) or \
                     (initial and (v.key, a) in self._saved_down)
-                if d != state[a]:
-                    state[a] = d
+                if d != down.get(a, False):
+                    down[a] = d
+                    weight = weight or {a: w for a, _, w in reals[v.key]}
                     if weight[a]:
                         jobs.append((v.ring_size, [(x, w) for x, w in weight.items()
-                                                   if not state[x]]))
+                                                   if not down.get(x, False)]))
         return jobs
 
     async def _on_health(self, vip: str, real: str, up: bool, detail: str) -> None:
