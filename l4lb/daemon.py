@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import logging
 import os
 import shutil
@@ -192,6 +193,9 @@ class Daemon:
         if self.cfg.bgp is not None:  # ECMP: announce what this node serves, once joined
             from l4lb.routing import node as ecmp  # noqa: PLC0415
             self.routing = await ecmp.start(self)
+        # Start-up's objects (bcc, numpy, the tables) live as long as the daemon: out
+        # of the collector's reach, full collections stay short (VRRP child: runner.py).
+        gc.freeze()
         self.ready = True  # changes from here on (their VIP holding depends on self.vrrp)
         tasks = [asyncio.create_task(self._resolver_loop())]
         loop = asyncio.get_running_loop()

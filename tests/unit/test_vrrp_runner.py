@@ -213,6 +213,8 @@ def test_process_runs_the_agents_and_stops_them_gracefully():
         rs = st["runner"]
         assert rs["mode"] == "process" and rs["pid"] == pid and rs["rt_active"] is True
         assert os.sched_getscheduler(rs["native_id"]) == os.SCHED_RR | os.SCHED_RESET_ON_FORK
+        # the child's start-up objects are frozen out of the collector (no 100 ms full GCs)
+        assert rs["gc"]["frozen"] > 10_000 and len(rs["gc"]["max_ms"]) == 3
         time.sleep(0.5)  # this loop blocked: the child goes on advertising
         sent0 = st["counters"]["adverts_sent"]
         await asyncio.sleep(0.1)
