@@ -73,6 +73,7 @@ import ipaddress
 import json
 import logging
 import os
+import resource
 import socket
 import threading
 import time
@@ -133,6 +134,15 @@ FULL_PACE = 1_200_000.0
 WALK_LOOP_ENTRIES = 4000  # full-walk entries framed and sent per loop tick (bounds the stall)
 STATE_FILE = "sync.json"  # in the node's state dir: our last session, peers' highest
 DEFAULT_STATE_ROOT = "/run/l4lb"  # daemon.STATE_ROOT: /run/l4lb/<node>/
+
+
+CPU_PARTS = ("walk", "translate_full", "write_full", "translate_new", "write_new")
+
+
+def _thread_cpu() -> tuple[float, float]:
+    """This thread's CPU seconds so far: (user, system)."""
+    r = resource.getrusage(resource.RUSAGE_THREAD)
+    return r.ru_utime, r.ru_stime
 
 
 # =========================================================================== local address
@@ -255,6 +265,10 @@ class SyncAgent:
         self.counters: Counter = Counter(installed=0, install_errors=0)
         self.skipped: Counter = Counter({r: 0 for r in SKIP_REASONS})
         self.walk_skipped: Counter = Counter(idle=0, unknown_real=0, bad=0)
+        # CPU seconds of the walk thread and of the install threads (translating,
+        # then writing to the conn table), user and system: where a walk's time goes
+        self.cpu_s: dict[str, float] = {f"{w}_{k}": 0.0 for w in CPU_PARTS
+                                        for k in ("user", "sys")}
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -484,7 +498,21 @@ class SyncAgent:
 
         return _WalkFeed(self._produce_walk, wake)
 
+    def _add_cpu(self, what: str, start: tuple[float, float]) -> None:
+        """Add this thread's CPU seconds (user, system) since ``start`` to cpu_s."""
+        u, s = _thread_cpu()
+        with self._count_lock:
+            self.cpu_s[f"{what}_user"] += u - start[0]
+            self.cpu_s[f"{what}_sys"] += s - start[1]
+
     def _produce_walk(self, feed: _WalkFeed) -> None:
+        start = _thread_cpu()
+        try:
+            self._walk_table(feed)
+        finally:
+            self._add_cpu("walk", start)
+
+    def _walk_table(self, feed: _WalkFeed) -> None:
         """(walk thread) The conn table in BPF batches, translated to wire records
         with numpy and cut into datagram-sized chunks (no Python object per entry)."""
         tr = self.translator
@@ -681,9 +709,9 @@ class SyncAgent:
         overwrite = self.sender.role != "master"
         pool = self._pools.get(full)
         if pool is None or self._loop is None:  # not started (tests)
-            self._install_job(actions, overwrite, now)
+            self._install_job(actions, overwrite, now, full)
             return
-        fut = self._loop.run_in_executor(pool, self._install_job, actions, overwrite, now)
+        fut = self._loop.run_in_executor(pool, self._install_job, actions, overwrite, now, full)
         if full:
             self._full_inflight += 1
         fut.add_done_callback(functools.partial(self._installed, full))
@@ -696,9 +724,16 @@ class SyncAgent:
         if full:
             self._schedule_deferred()
 
-    def _install_job(self, actions: list[InstallEntries], overwrite: bool, now: float) -> None:
-        keys, vals = self._translate(actions)
-        self._write(keys, vals, now, overwrite)
+    def _install_job(self, actions: list[InstallEntries], overwrite: bool, now: float,
+                     full: bool = False) -> None:
+        start = _thread_cpu()
+        try:
+            keys, vals = self._translate(actions)
+            self._add_cpu("translate_full" if full else "translate_new", start)
+            start = _thread_cpu()
+            self._write(keys, vals, now, overwrite)
+        finally:
+            self._add_cpu("write_full" if full else "write_new", start)
 
     def _write(self, keys: bytes, vals: bytes, now: float, overwrite: bool) -> None:
         n = len(keys) // CONN_KEY.size

@@ -80,6 +80,8 @@ def status(agent) -> dict:
         "send_errors": agent.counters["send_errors"] + agent.counters["send_dropped"],
         "install_errors": agent.counters["install_errors"],
         "ring_mode": agent.ring_mode,
+        # CPU seconds of the walk and install threads (agent.CPU_PARTS, user/sys)
+        "cpu_s": {k: round(v, 6) for k, v in agent.cpu_s.items()},
     }
 
 def metrics(agent):

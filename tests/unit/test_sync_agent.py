@@ -448,6 +448,35 @@ def test_bulk_paths_give_what_the_per_entry_paths_give():
     k2, v2, s2 = tr.entries_to_records([*packed, *extra], now + 77)
     assert s1 == s2 == Counter(unknown_vip=1, unknown_real=1)
     assert sorted(records(k1, v1)) == sorted(records(k2, v2)) and len(records(k1, v1)) == 840
+    # again: every target is known now, found by its hash (the target cache), same records
+    assert tr._tcache is not None and tr._tcache._by_code
+    k3, v3, s3 = tr.groups_to_records(packed.groups, now + 77)
+    assert not s3 and sorted(records(k3, v3)) == sorted(records(k1, v1))
+
+
+def test_walk_and_install_threads_count_their_cpu_by_part(monkeypatch):
+    ticks = iter(range(1, 1000))
+    monkeypatch.setattr(sync_agent, "_thread_cpu", lambda: (next(ticks) * 1.0, 0.0))
+    t = FakeTables(STANDBY_VIPS)
+    now = time.monotonic_ns()
+    for i in range(50):
+        t.add(CLIENT, 7000 + i, VIP, 53, 11, 4, now, proto=17)
+    a = make_agent(sync_cfg(free_port(), free_port()), "lb1", t, FakeProg(), role="master",
+                   ring_mode="poll")
+
+    class Feed:
+        got: list = []
+
+        def put(self, chunk, last):
+            self.got.append((len(chunk), last))
+
+    a._produce_walk(Feed())  # (in the test's thread: the walk's two readings, 1 s apart)
+    assert sum(n for n, _ in Feed.got) == 50 and Feed.got[-1][1]
+    a._install_job([], True, 0.0, True)  # translate 1 s, then write 1 s
+    a._install_job([], True, 0.0, False)
+    cpu = a.status()["cpu_s"]
+    assert cpu == {**dict.fromkeys(cpu, 0.0), "walk_user": 1.0, "translate_full_user": 1.0,
+                   "write_full_user": 1.0, "translate_new_user": 1.0, "write_new_user": 1.0}
 
 
 def codec_pack(e: SyncEntry) -> bytes:
