@@ -568,7 +568,8 @@ def parse_args(argv=None):
                          "(A/B; its counters are not checked, its verdicts are)")
     a = ap.parse_args(argv)
     a.calls = a.calls or (QUICK_CALLS if a.quick else DEFAULT_CALLS)
-    a.parallel_flows = a.parallel_flows or (2000 if a.quick else 5000)
+    if a.parallel_flows is None:
+        a.parallel_flows = 2000 if a.quick else 5000
     if a.parallel_table is None:
         from l4lb.dataplane import maps as M  # noqa: PLC0415
         a.parallel_table = M.DEFAULT_CONN_TABLE_SIZE

@@ -56,7 +56,7 @@ def handshake_frames(pps, series: int, n: int) -> tuple[bytes, bytes, int]:
 
 
 def prefill_records(count: int, first: int) -> tuple[bytes, bytes]:
-    """count packed FlowKey/ConnVal records of flows no phase sends (10.240.0.0/12 sources
+    """count packed FlowKey/ConnVal records of flows no phase sends (sources from 10.240.0.0 on,
     to the dr4 VIP): they fill the table so that measured inserts must evict."""
     import numpy as np  # noqa: PLC0415
 

@@ -151,27 +151,49 @@ def setup_routed(lab: Lab, node: str, vip: str) -> None:
         ns.route("add", dst=f"{vip}/32", gateway=lab.node(node).ipv4)
 
 
+#: perf report --parent regexes: the share of iperf3's samples with such a caller
+PARENTS = {"xdp_generic": "do_xdp_generic",
+           "linearise": "__pskb_pull_tail|pskb_expand_head|skb_cow_data_for_xdp",
+           "bpf_prog": "bpf_prog_"}
+
+
+def perf_report(data: Path, percentage: str, *args: str) -> list[list]:
+    """[percent, name] rows of `perf report` over the iperf3 processes' samples;
+    `percentage` relative (of those samples) or absolute (of all samples)."""
+    rep = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children",
+                          "--comms", "iperf3", "--percentage", percentage, "-g", "none",
+                          *args], capture_output=True, text=True, timeout=120)
+    rows = []
+    for line in rep.stdout.splitlines():
+        m = re.match(r"\s*([\d.]+)%\s+(?:\[[k.]\]\s+)?(\S+)", line)
+        if m and m.group(2) != "[other]":
+            rows.append([float(m.group(1)), m.group(2)])
+    return rows
+
+
 def profile(lab: Lab, host: str, seconds: float, out: Path) -> dict:
-    """perf record -a during one iperf3 run: the top kernel symbols of iperf3's
-    processes as [percent, symbol], and the share of all BPF programs."""
-    rec = subprocess.Popen(["perf", "record", "-a", "-F", "499", "-o", str(out), "--",
+    """perf record -a -g during one iperf3 run. Of the iperf3 processes' samples (where
+    the softirq work of both ends lands): the top kernel symbols, and the shares under
+    generic XDP, under its linearisation of the skb, and in BPF programs."""
+    rec = subprocess.Popen(["perf", "record", "-a", "-g", "-F", "499", "-o", str(out), "--",
                             "sleep", str(seconds)], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
     try:
         iperf3(lab, host, seconds)
     finally:
         rec.wait(timeout=seconds + 30)
-    rep = subprocess.run(["perf", "report", "-i", str(out), "--stdio", "--no-children",
-                          "--comms", "iperf3", "--sort", "sym"],
-                         capture_output=True, text=True, timeout=120)
-    top = []
-    for line in rep.stdout.splitlines():
-        m = re.match(r"\s*([\d.]+)%\s+\[[k.]\]\s+(\S+)", line)
-        if m:
-            top.append([float(m.group(1)), m.group(2)])
-    # Every BPF program's samples together (the JITed program is one symbol each).
-    bpf = round(sum(x for x, s in top if s.startswith("bpf_prog_")), 2)
-    return {"top": top[:10], "bpf_prog_percent": bpf}
+    prof = {"top": perf_report(out, "relative", "--sort", "sym")[:10]}
+    total = sum(x for x, _ in perf_report(out, "absolute", "--sort", "comm"))
+    for name, regex in PARENTS.items():
+        part = sum(x for x, _ in perf_report(out, "absolute", "--sort", "parent", "-p", regex))
+        prof[f"{name}_percent"] = round(100 * part / total, 2) if total else None
+    return prof
+
+
+def profile_text(prof: dict) -> str:
+    return (f"under do_xdp_generic {prof['xdp_generic_percent']:.1f}% (of it linearising the "
+            f"skb {prof['linearise_percent']:.1f}%, BPF programs {prof['bpf_prog_percent']:.1f}%)"
+            "; top symbols " + ", ".join(f"{s} {x:.1f}%" for x, s in prof["top"][:6]))
 
 
 def main(argv=None) -> int:
@@ -269,8 +291,7 @@ def main(argv=None) -> int:
     print("\n".join(["iperf3, where the gap to direct goes:", *step_lines, AIM,
                      f"load average before / after: {load_before} / {load_after}"]))
     for p, prof in profiles.items():
-        print(f"perf, {p} (iperf3 processes): BPF programs {prof['bpf_prog_percent']:.1f}%; "
-              + ", ".join(f"{s} {x:.1f}%" for x, s in prof["top"]))
+        print(f"perf, {p}: {profile_text(prof)}")
     if a.json:
         write_json(a.json, out)
     if a.md:
@@ -282,10 +303,11 @@ def main(argv=None) -> int:
               f"{seconds:g} s; load average before / after: {load_before} / {load_after}. "
               "hop rx B/pkt: mean size of what the middle node's eth0 received (real1's "
               "on the direct path).", ""]
+        if profiles:
+            md += ["`--profile`: perf over one extra iperf3 run per path, in % of the iperf3 "
+                   "processes' samples (both ends' softirq work lands there):", ""]
         for p, prof in profiles.items():
-            md.append(f"- perf, {p} (samples of the iperf3 processes, where the softirq work "
-                      f"lands): BPF programs {prof['bpf_prog_percent']:.1f}%; top: "
-                      + ", ".join(f"`{s}` {x:.1f}%" for x, s in prof["top"]))
+            md.append(f"- {p}: {profile_text(prof)}")
         md += ["", AIM.replace("aim:", "Aim:").replace("haproxy", "HAProxy") + "."]
         write_text(a.md, "\n".join(md))
     return 0
