@@ -57,8 +57,7 @@ import operator
 import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 try:
     import numpy as np
@@ -96,8 +95,7 @@ if array.array("I").itemsize != 4:  # pragma: no cover - true on every Linux ABI
     raise ImportError("l4lb.maglev needs array typecode 'I' to be 32 bits")
 
 
-@dataclass(frozen=True)
-class Backend:
+class Backend(NamedTuple):
     """One real as Maglev sees it.
 
     ``key`` is the real's identity for hashing (its address, spelled the same

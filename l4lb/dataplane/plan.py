@@ -370,13 +370,13 @@ class Planner:
     # ---------------------------------------------------------------- rings
     def ring_for(self, vs: VipState):
         s = self.state
-        inputs = tuple(sorted((r.real_id, r.address, r.weight)
+        inputs = tuple(sorted(maglev.Backend(r.real_id, r.address, r.weight)
                               for r in vs.reals.values() if not r.down))
         memo = s.ring_memo.setdefault(vs.key, {})
         mkey = (vs.ring_size, inputs)
         ring = memo.get(mkey)
         if ring is None:  # build_ring depends on nothing else: the same input, the same ring
-            ring = maglev.build_ring([maglev.Backend(*i) for i in inputs], vs.ring_size)
+            ring = maglev.build_ring(list(inputs), vs.ring_size)
             if len(memo) >= 2:
                 memo.pop(next(iter(memo)))  # the oldest
             memo[mkey] = ring
