@@ -261,7 +261,7 @@ class Translator:
         rid = V["real_id"].astype(np.intp)
         lens, addrs = self._real_table()
         inrange = rid < len(lens)
-        if not inrange.all() or not lens[rid[inrange]].all():
+        if not inrange[keep].all() or not lens[rid[keep & inrange]].all():  # a miss
             if self.maybe_refresh(missed=True):
                 lens, addrs = self._real_table()
             inrange = rid < len(lens)
