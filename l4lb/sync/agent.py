@@ -113,7 +113,7 @@ __all__ = ["SyncAgent", "Translator", "decode_events", "RING_MODES", "SKIP_REASO
 #: Reasons an entry received from the peer is not installed.
 SKIP_REASONS = ("unknown_vip", "unknown_real", "local_entry")
 
-WALK_BATCH = 16384  # conn-table entries per BPF_MAP_LOOKUP_BATCH call (walk thread; fewer numpy calls)
+WALK_BATCH = 16384  # conn entries per BPF_MAP_LOOKUP_BATCH call (walk thread; numpy per call)
 RECV_BURST = 256  # datagrams read per wake-up before installing
 RECV_TURN_BYTES = 256 << 10  # ... and at most this many bytes (MAC work per loop turn)
 FULL_TURN_BYTES = 128 << 10  # set-aside full-walk datagrams authenticated per loop turn
@@ -726,14 +726,17 @@ class SyncAgent:
 
     def _install_job(self, actions: list[InstallEntries], overwrite: bool, now: float,
                      full: bool = False) -> None:
+        part = "full" if full else "new"
         start = _thread_cpu()
         try:
             keys, vals = self._translate(actions)
-            self._add_cpu("translate_full" if full else "translate_new", start)
-            start = _thread_cpu()
+        finally:
+            self._add_cpu(f"translate_{part}", start)
+        start = _thread_cpu()
+        try:
             self._write(keys, vals, now, overwrite)
         finally:
-            self._add_cpu("write_full" if full else "write_new", start)
+            self._add_cpu(f"write_{part}", start)
 
     def _write(self, keys: bytes, vals: bytes, now: float, overwrite: bool) -> None:
         n = len(keys) // CONN_KEY.size
