@@ -810,7 +810,7 @@ def _prepare_rings(jobs) -> None:
     for size, pairs in jobs:
         try:
             maglev.prepare(pairs, size)
-        except ValueError as e:  # the tables' build_ring will say it again, with context
+        except Exception as e:  # noqa: BLE001 - the tables' build_ring will fill (and say) it
             log.debug("preparing a ring failed: %s", e)
 
 
