@@ -478,7 +478,8 @@ def _propose_first(pending, need, offset, skip, m):
     walk)."""
     real = np.repeat(pending, need)
     j = np.arange(real.size, dtype=np.int64) - np.repeat(np.cumsum(need) - need, need)
-    dt = np.uint32 if m * m < 1 << 32 else np.uint64  # offset + j * skip < m * m
+    # offset + j * skip < m * max(need): uint32 when that fits (faster)
+    dt = np.uint32 if m * int(need.max()) < 1 << 32 else np.uint64
     slot = _mod(offset[real].astype(dt) + j.astype(dt) * skip[real].astype(dt), m)
     return real, slot.astype(np.int64), j, need.copy()
 
