@@ -454,10 +454,11 @@ def _fill_numpy(perms: Sequence[tuple[int, int, int]], weights: Sequence[int], s
         np.minimum.at(best, slot, turn)  # earliest turn wins each slot
         win = np.flatnonzero(best[slot] == turn)
         best[slot] = unset
-        owner[slot[win]] = real[win]
-        free[slot[win]] = False
+        won, by = slot[win], real[win]
+        owner[won] = by
+        free[won] = False
         nfree -= win.size
-        served += np.bincount(real[win], minlength=n)
+        served += np.bincount(by, minlength=n)
         nxt[pending] = new_nxt
         pending = pending[served[pending] < turns[pending]]
     return owner
