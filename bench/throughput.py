@@ -183,6 +183,11 @@ def profile(lab: Lab, host: str, seconds: float, out: Path) -> dict:
     finally:
         rec.wait(timeout=seconds + 30)
     prof = {"top": perf_report(out, "relative", "--sort", "sym")[:10]}
+    header = subprocess.run(["perf", "report", "-i", str(out), "--stdio", "--comms", "iperf3",
+                             "-g", "none", "--sort", "comm"], capture_output=True, text=True,
+                            timeout=120).stdout
+    m = re.search(r"# Samples: (\S+)", header)
+    prof["samples"] = m.group(1) if m else "?"
     total = sum(x for x, _ in perf_report(out, "absolute", "--sort", "comm"))
     for name, regex in PARENTS.items():
         part = sum(x for x, _ in perf_report(out, "absolute", "--sort", "parent", "-p", regex))
@@ -191,9 +196,11 @@ def profile(lab: Lab, host: str, seconds: float, out: Path) -> dict:
 
 
 def profile_text(prof: dict) -> str:
-    return (f"under do_xdp_generic {prof['xdp_generic_percent']:.1f}% (of it linearising the "
-            f"skb {prof['linearise_percent']:.1f}%, BPF programs {prof['bpf_prog_percent']:.1f}%)"
-            "; top symbols " + ", ".join(f"{s} {x:.1f}%" for x, s in prof["top"][:6]))
+    return (f"{prof['samples']} samples recorded; of iperf3's: under do_xdp_generic "
+            f"{prof['xdp_generic_percent']:.1f}%, under the skb's linearisation "
+            f"{prof['linearise_percent']:.1f}%, in BPF programs "
+            f"{prof['bpf_prog_percent']:.1f}%; top symbols "
+            + ", ".join(f"{s} {x:.1f}%" for x, s in prof["top"][:6]))
 
 
 def main(argv=None) -> int:
@@ -281,6 +288,10 @@ def main(argv=None) -> int:
            "wrk_rps": {p: round(med[p]["wrk_rps"], 1) for p in PATHS},
            "hop_rx_bytes_per_packet": {p: med[p]["hop_rx_bytes_per_packet"] for p in PATHS},
            "iperf3_steps": {k: round(v, 3) for k, v in steps.items()},
+           # ratios within each run (neighbours in time), robust to the load moving
+           "iperf3_x_direct_per_run": {p: [round(x / dx, 3) for x, dx in zip(
+               raw[p]["iperf3_gbps"], raw["direct"]["iperf3_gbps"], strict=True)]
+               for p in PATHS},
            "raw": raw, "profiles": profiles, "seconds": seconds, "runs": runs,
            "load_average_before_after": [load_before, load_after],
            "note": "medians over runs, paths interleaved within each run; one real; " + AIM,
