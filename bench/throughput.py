@@ -32,6 +32,7 @@ off TSO there (README: The lab): native is expected to be slower than generic he
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import re
 import shutil
@@ -122,13 +123,18 @@ def mac_bytes(mac: str) -> str:
     return ",".join(f"0x{b}" for b in mac.split(":"))
 
 
+def relay_cflags(vip: str, own_mac: str, real_mac: str) -> list[str]:
+    """bpf/floors.c's xdp_relay for one VIP (the floors' unused table kept small)."""
+    vip_int = int(ipaddress.IPv4Address(vip))
+    return [f"-DRELAY_VIP={vip_int:#x}", f"-DRELAY_OWN_MAC={mac_bytes(own_mac)}",
+            f"-DRELAY_REAL_MAC={mac_bytes(real_mac)}", "-DFLOOR_TABLE_SIZE=1024"]
+
+
 def setup_relay(lab: Lab, node: str, vip: str) -> None:
     """xdp_relay (generic XDP) on the node's eth0; the node holds the VIP so that the
     client's ARP finds it (the program sends the VIP's frames on before the stack)."""
     n, real = lab.node(node), lab.node("real1")
-    vip_int = int.from_bytes(bytes(int(x) for x in vip.split(".")), "big")
-    flags = [f"-DRELAY_VIP={vip_int:#x}", f"-DRELAY_OWN_MAC={mac_bytes(n.mac)}",
-             f"-DRELAY_REAL_MAC={mac_bytes(real.mac)}"]
+    flags = relay_cflags(vip, n.mac, real.mac)
     lab.run_ns(n.netns, [sys.executable, "-c",
                          "import sys; from l4lb.dataplane import loader; "
                          "loader.Program('floors.c', 'xdp_relay', sys.argv[2:])"
@@ -310,6 +316,11 @@ def main(argv=None) -> int:
               markdown_table(headers, rows, right=set(range(1, 8))), "",
               "iperf3, where the gap to direct goes (ratios of medians, same run):", "",
               *[f"- {s}" for s in step_lines], "",
+              "Paths: lab_routed crosses the same extra veth/bridge hop through a node that "
+              "forwards by plain IP routing (no XDP); xdp_relay through a node running "
+              "bpf/floors.c's xdp_relay in generic mode (MAC rewrite, XDP_TX, nothing else); "
+              "l4lb_generic and l4lb_native through the l4lb daemon (DR); replies go straight "
+              "to the client on all of them. "
               f"Paths interleaved within each run (order rotating); {runs} run(s) of "
               f"{seconds:g} s; load average before / after: {load_before} / {load_after}. "
               "hop rx B/pkt: mean size of what the middle node's eth0 received (real1's "
