@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import socket
 import sys
@@ -157,8 +158,10 @@ async def hold(host: str, port: int, conns: int, every: float, seconds: float,
         while time.monotonic() - t0 < timeout + 5 and \
                 sum(1 for r in results if r["reals"] or r["error"]) < conns:
             await asyncio.sleep(0.05)
-        with open(ready_file, "w") as f:
+        # Written aside and renamed: a reader polling for the file never sees it empty.
+        with open(ready_file + ".tmp", "w") as f:
             json.dump({"connected": sum(1 for r in results if r["reals"])}, f)
+        os.replace(ready_file + ".tmp", ready_file)
     try:
         await asyncio.wait_for(stop.wait(), seconds)
     except asyncio.TimeoutError:
