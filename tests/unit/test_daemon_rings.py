@@ -140,6 +140,12 @@ def test_changes_and_health_verdicts_fill_rings_in_threads(fills, monkeypatch):
         d.health.down.add((VIP, "10.98.0.201"))
         await d.change(weight(-2, 50))                # back from drain, but its check is down
         await d.change(lambda data: data["vip"][0].__setitem__("ring_size", 4093))
+        # a real deleted while down comes back: retired down, then up by the refresh
+        await d._on_health(VIP, "10.98.0.6", False, "refused")
+        await d.change(delete("10.98.0.6"))
+        assert t.vips[VIP].retired["10.98.0.6"].down
+        await d.change(add(6))
+        assert not t.vips[VIP].reals["10.98.0.6"].down
         return start
 
     start = asyncio.run(main())
