@@ -157,30 +157,39 @@ def setup_routed(lab: Lab, node: str, vip: str) -> None:
         ns.route("add", dst=f"{vip}/32", gateway=lab.node(node).ipv4)
 
 
-#: perf report --parent regexes: the share of iperf3's samples with such a caller
-PARENTS = {"xdp_generic": "do_xdp_generic",
-           "linearise": "__pskb_pull_tail|pskb_expand_head|skb_cow_data_for_xdp",
-           "bpf_prog": "bpf_prog_"}
+LINEARISE = {"__pskb_pull_tail", "pskb_expand_head", "skb_cow_data_for_xdp"}
 
 
-def perf_report(data: Path, percentage: str, *args: str) -> list[list]:
-    """[percent, name] rows of `perf report` over the iperf3 processes' samples;
-    `percentage` relative (of those samples) or absolute (of all samples)."""
-    rep = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children",
-                          "--comms", "iperf3", "--percentage", percentage, "-g", "none",
-                          *args], capture_output=True, text=True, timeout=120)
-    rows = []
-    for line in rep.stdout.splitlines():
-        m = re.match(r"\s*([\d.]+)%\s+(?:\[[k.]\]\s+)?(\S+)", line)
-        if m and m.group(2) != "[other]":
-            rows.append([float(m.group(1)), m.group(2)])
-    return rows
+def chain_shares(script: str, comm: str = "iperf3") -> dict:
+    """From `perf script -F comm,ip,sym` of a call-graph recording: of `comm`'s samples,
+    the share (%) with do_xdp_generic in the chain, with generic XDP linearising the skb
+    (one of LINEARISE called from do_xdp_generic), with a BPF program as the leaf, and the
+    top leaf symbols as [percent, symbol]."""
+    n = xdp = lin = bpf = 0
+    leaves: dict[str, int] = {}
+    for block in script.split("\n\n"):
+        lines = block.strip("\n").splitlines()
+        if not lines or lines[0].split()[:1] != [comm]:
+            continue
+        syms = [ln.split(None, 1)[1] if len(ln.split(None, 1)) > 1 else "?" for ln in lines[1:]]
+        syms = [x.split("+0x")[0] for x in syms]
+        n += 1
+        leaf = syms[0] if syms else "?"
+        leaves[leaf] = leaves.get(leaf, 0) + 1
+        if "do_xdp_generic" in syms:
+            xdp += 1
+            if LINEARISE & set(syms[:syms.index("do_xdp_generic")]):
+                lin += 1
+        bpf += leaf.startswith("bpf_prog_")
+    pct = (lambda k: round(100 * k / n, 1)) if n else (lambda k: 0.0)
+    top = sorted(leaves.items(), key=lambda kv: -kv[1])[:10]
+    return {"samples": n, "xdp_generic_percent": pct(xdp), "linearise_percent": pct(lin),
+            "bpf_prog_percent": pct(bpf), "top": [[pct(c), sym] for sym, c in top]}
 
 
 def profile(lab: Lab, host: str, seconds: float, out: Path) -> dict:
-    """perf record -a -g during one iperf3 run. Of the iperf3 processes' samples (where
-    the softirq work of both ends lands): the top kernel symbols, and the shares under
-    generic XDP, under its linearisation of the skb, and in BPF programs."""
+    """perf record -a -g during one iperf3 run; chain_shares() of the iperf3 processes'
+    samples (both ends' softirq work lands there)."""
     rec = subprocess.Popen(["perf", "record", "-a", "-g", "-F", "499", "-o", str(out), "--",
                             "sleep", str(seconds)], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
@@ -188,22 +197,15 @@ def profile(lab: Lab, host: str, seconds: float, out: Path) -> dict:
         iperf3(lab, host, seconds)
     finally:
         rec.wait(timeout=seconds + 30)
-    prof = {"top": perf_report(out, "relative", "--sort", "sym")[:10]}
-    header = subprocess.run(["perf", "report", "-i", str(out), "--stdio", "--comms", "iperf3",
-                             "-g", "none", "--sort", "comm"], capture_output=True, text=True,
-                            timeout=120).stdout
-    m = re.search(r"# Samples: (\S+)", header)
-    prof["samples"] = m.group(1) if m else "?"
-    total = sum(x for x, _ in perf_report(out, "absolute", "--sort", "comm"))
-    for name, regex in PARENTS.items():
-        part = sum(x for x, _ in perf_report(out, "absolute", "--sort", "parent", "-p", regex))
-        prof[f"{name}_percent"] = round(100 * part / total, 2) if total else None
-    return prof
+    script = subprocess.run(["perf", "script", "-i", str(out), "-F", "comm,ip,sym",
+                             "--comms", "iperf3"], capture_output=True, text=True,
+                            timeout=300).stdout
+    return chain_shares(script)
 
 
 def profile_text(prof: dict) -> str:
-    return (f"{prof['samples']} samples recorded; of iperf3's: under do_xdp_generic "
-            f"{prof['xdp_generic_percent']:.1f}%, under the skb's linearisation "
+    return (f"of {prof['samples']} iperf3 samples: under do_xdp_generic "
+            f"{prof['xdp_generic_percent']:.1f}%, in its linearisation of the skb "
             f"{prof['linearise_percent']:.1f}%, in BPF programs "
             f"{prof['bpf_prog_percent']:.1f}%; top symbols "
             + ", ".join(f"{s} {x:.1f}%" for x, s in prof["top"][:6]))

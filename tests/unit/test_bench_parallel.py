@@ -61,3 +61,18 @@ def test_relay_macs_and_paths():
     vias = [v for v in throughput.PATHS.values() if v[1]]
     assert len({n for n, _ in vias}) == len(vias) == len(throughput.VIPS) == 4
     assert throughput.PATHS["direct"] == (None, None)
+
+
+def test_chain_shares_reads_perf_script_call_graphs():
+    xdp = ("iperf3 \n\tffff1 __pi_memcpy\n\tffff2 skb_copy_bits\n\tffff3 __pskb_pull_tail\n"
+           "\tffff4 do_xdp_generic\n\tffff5 net_rx_action\n")
+    prog = "iperf3 \n\tffff6 bpf_prog_0123_xdp_balancer\n\tffff7 do_xdp_generic\n"
+    tcp_pull = "iperf3 \n\tffff1 __pi_memcpy\n\tffff3 __pskb_pull_tail\n\tffff8 tcp_v4_rcv\n"
+    other = "python3 \n\tffff1 __pi_memcpy\n\tffff4 do_xdp_generic\n"
+    s = throughput.chain_shares("\n".join([xdp, prog, tcp_pull, other, xdp]))
+    assert s["samples"] == 4  # python3's sample is not iperf3's
+    assert s["xdp_generic_percent"] == 75.0
+    assert s["linearise_percent"] == 50.0  # TCP's own pull is not XDP's linearisation
+    assert s["bpf_prog_percent"] == 25.0
+    assert s["top"][0] == [75.0, "__pi_memcpy"]
+    assert throughput.chain_shares("")["samples"] == 0
