@@ -405,14 +405,19 @@ class Sender:
         if self.full_rate is None:
             self._tokens = burst
         else:
+            # The bucket holds two polls' worth: a poll that comes late (the loop's
+            # timers have a 1 ms grain, and it may be busy) keeps what accrued
+            # beyond one poll for the next, which comes at once (next_deadline),
+            # so the walk holds its pace; one poll still sends at most a burst.
             dt = max(0.0, now - self._tokens_at)
-            self._tokens = min(burst, self._tokens + dt * self.full_rate)
+            self._tokens = min(2 * burst, self._tokens + dt * self.full_rate)
         self._tokens_at = now
 
     def _full_chunks(self, now: float, out: list[bytes]) -> None:
         self._refill_tokens(now)
         nid, sess, mp = self.node_id, self.session, self.max_payload
-        while self._walk is not None and self._tokens >= 1.0:
+        floor = self._tokens - self.full_chunks_per_poll  # this poll's burst, at most
+        while self._walk is not None and self._tokens >= 1.0 and self._tokens > floor:
             walk = self._walk
             if type(walk) is _PackedWalk:
                 if not self._packed_chunk(walk, now, out):

@@ -276,11 +276,33 @@ def test_full_walk_pacing() -> None:
     s = master(full_chunks_per_poll=8, full_rate=100.0)
     t = T0 + 1
     s.start_full(ents(0, 100_000), t)
-    assert kinds(s.poll(t)).count("full") == 8  # the burst
+    assert kinds(s.poll(t)).count("full") == 8  # a burst
+    assert s.next_deadline(t) == t  # (idle before: the bucket holds a second one)
+    assert kinds(s.poll(t)).count("full") == 8
     assert s.poll(t) == []
     assert s.next_deadline(t) == pytest.approx(t + 0.01)
     assert kinds(s.poll(t + 0.0505)).count("full") == 5  # 100 chunks/s
     assert kinds(s.poll(t + 10)).count("full") == 8  # never more than a burst per poll
+
+
+def test_full_walk_pace_holds_when_polls_come_late() -> None:
+    """Polls that come later than a burst's worth (a busy loop, the timers' 1 ms
+    grain) lose no pace: what accrued beyond a burst goes in the polls right after
+    (next_deadline says now), never more than a burst in one poll."""
+    s = master(full_chunks_per_poll=8, full_rate=100.0)
+    t = T0 + 1
+    s.start_full(ents(0, 100_000), t)
+    sent, per_poll = 0, []
+    for k in range(1, 41):  # every 100 ms: 10 chunks accrue, a burst is 8
+        now = t + 0.1 * k
+        while True:
+            n = kinds(s.poll(now)).count("full")
+            per_poll.append(n)
+            sent += n
+            if s.next_deadline(now) > now or not n:
+                break
+    assert max(per_poll) == 8
+    assert 390 <= sent <= 416  # 100 chunks/s over 4 s (+ the first poll's burst)
 
 
 def test_full_due_periodic_and_on_request() -> None:
@@ -326,6 +348,7 @@ def test_pacing_wakeups_are_batched() -> None:
     t = T0 + 1
     s.start_full(ents(0, 100_000), t)
     assert kinds(s.poll(t)).count("full") == 16
+    assert kinds(s.poll(t)).count("full") == 16  # (idle before: a second burst is there)
     # Sleep until a burst (16 chunks at 2000/s = 8 ms) is ready, not 0.5 ms.
     assert s.next_deadline(t) == pytest.approx(t + 0.008)
     assert kinds(s.poll(t + 0.0081)).count("full") == 16
