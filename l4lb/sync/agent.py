@@ -123,14 +123,14 @@ REPLAY_WINDOW = 1 << 17  # messages: covers the full-walk chunks set aside
 # The first body bytes of a full-walk chunk: msgpack fixarray(9), kind 2 (codec.py)
 _FULL_HEAD = bytes((0x99, 2))
 SOCK_BUF = 8 << 20  # socket buffers: a full walk's burst and a slow loop tick
-# Full walks a peer waits for, entries/s. The standby's install thread costs ~0.7 us
-# of CPU an entry (most of it the kernel's LRU update), its loop ~0.3 us: ~1.4M/s
-# with two CPUs of its own, so a walk at this pace does not outrun it; where the two
-# nodes share CPUs (bench/sync.py) the CPU sets the pace first. What the standby
-# has not taken yet waits in its socket buffer (SOCK_BUF) and backlog
-# (DEFER_MAX_BYTES; beyond, a walk loses entries, counted as backlog_full, that the
-# next one repairs).
-FULL_PACE = 1_200_000.0
+# Full walks a peer waits for, entries/s: about what a standby installs. Its
+# install thread costs ~0.7 us of CPU an entry (most of it the kernel's LRU update),
+# its loop ~0.4 us; sharing 2 CPUs with the master (bench/sync.py) it installs
+# ~0.75-0.9M/s. A faster walk only fills the standby's socket buffer (SOCK_BUF) and
+# backlog (DEFER_MAX_BYTES), beyond which entries are lost (counted as
+# backlog_full) until the next walk: at 1.2M/s, 21,772 datagrams (~1.5M entries) of
+# the ~11 walks of one bench/sync run.
+FULL_PACE = 1_000_000.0
 WALK_LOOP_ENTRIES = 4000  # full-walk entries framed and sent per loop tick (bounds the stall)
 STATE_FILE = "sync.json"  # in the node's state dir: our last session, peers' highest
 DEFAULT_STATE_ROOT = "/run/l4lb"  # daemon.STATE_ROOT: /run/l4lb/<node>/
