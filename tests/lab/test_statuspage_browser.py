@@ -176,8 +176,11 @@ def test_the_page_renders_live_and_shows_a_downed_real_down_without_a_reload(lab
     # real2 taken down: DOWN on the page within the fall time (+ one refresh + slack)
     lab.echo["real2"].stop()
     t0 = time.monotonic()
+    # DOWN and out of the ring: the verdict shows first, the new ring (filled in a
+    # thread) goes live a few ms later, and a refresh can fall in between.
     down = wait_for(lambda: (p := browser.page())["vips"][VIP]["reals"][r2]["state"] == "DOWN"
-                    and p, 15, interval=0.05, what="real2 DOWN on the page")
+                    and p["vips"][VIP]["reals"][r2]["ring share"] == "0.0%" and p, 15,
+                    interval=0.05, what="real2 DOWN on the page, with no ring share")
     took = time.monotonic() - t0
     print(f"real2 DOWN on the page {took:.2f} s after its echo server stopped "
           f"(fall time {FALL_TIME_S:g} s, refresh {REFRESH_S:g} s)")
