@@ -584,7 +584,11 @@ http {{
 
     def start_l4lb(self, name: str, cfg: dict, timeout: float = 60.0) -> Service:
         """`l4lb start` in a balancer node; returns once its API answers."""
-        path = self.write_config(name, cfg)
+        return self.start_l4lb_file(name, self.write_config(name, cfg), timeout)
+
+    def start_l4lb_file(self, name: str, path: Path, timeout: float = 60.0) -> Service:
+        """`l4lb start -c path` in a balancer node (a config file as it is); returns
+        once its API answers."""
         svc = self.popen(name, [sys.executable, "-m", "l4lb.cli", "start", "-c", str(path)],
                          log_name=f"{name}-l4lb-{len(self.services)}.log")
         deadline = time.monotonic() + timeout

@@ -36,6 +36,24 @@ async def _hello(host: str, port: int, timeout: float):
     return r, w, name
 
 
+
+def _answered(res: dict, name: str, last: float) -> float:
+    """One reply from real `name`: a new real is a move; the longest gap so far. Returns now."""
+    if not res["reals"] or name != res["reals"][-1]:
+        res["reals"].append(name)
+    res["exchanges"] += 1
+    now = time.monotonic()
+    res["max_gap_s"] = max(res["max_gap_s"], now - last)
+    return now
+
+
+async def _pause(stop: asyncio.Event, every: float) -> None:
+    """`every` seconds, or less when told to stop."""
+    try:
+        await asyncio.wait_for(stop.wait(), every)
+    except asyncio.TimeoutError:
+        pass
+
 async def spread(host: str, port: int, count: int, timeout: float, parallel: int) -> dict:
     names: Counter = Counter()
     errors: Counter = Counter()
@@ -83,17 +101,8 @@ async def hold(host: str, port: int, conns: int, every: float, seconds: float,
                 line = (await asyncio.wait_for(r.readline(), timeout)).decode()
                 if not line:
                     raise ConnectionResetError("closed by peer")
-                name = line.split(" ", 1)[0]
-                if name != res["reals"][-1]:
-                    res["reals"].append(name)
-                res["exchanges"] += 1
-                now = time.monotonic()
-                res["max_gap_s"] = max(res["max_gap_s"], now - last)
-                last = now
-                try:
-                    await asyncio.wait_for(stop.wait(), every)
-                except asyncio.TimeoutError:
-                    pass
+                last = _answered(res, line.split(" ", 1)[0], last)
+                await _pause(stop, every)
         except (OSError, asyncio.TimeoutError) as e:
             res["error"] = f"{type(e).__name__}: {e}"
         finally:
@@ -136,17 +145,8 @@ async def hold(host: str, port: int, conns: int, every: float, seconds: float,
                         return
                     continue
                 in_a_row = 0
-                name = data.split(b" ", 1)[0].decode()
-                if not res["reals"] or name != res["reals"][-1]:
-                    res["reals"].append(name)
-                res["exchanges"] += 1
-                now = time.monotonic()
-                res["max_gap_s"] = max(res["max_gap_s"], now - last)
-                last = now
-                try:
-                    await asyncio.wait_for(stop.wait(), every)
-                except asyncio.TimeoutError:
-                    pass
+                last = _answered(res, data.split(b" ", 1)[0].decode(), last)
+                await _pause(stop, every)
         finally:
             transport.close()
 

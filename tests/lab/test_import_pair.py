@@ -21,14 +21,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from l4lb.lab import VIP4, Lab, LabError, Service, wait_for
+from l4lb.lab import VIP4, Lab, Service, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -89,16 +88,7 @@ def convert(lab: Lab, node: str, flag: Path) -> Path:
 
 def start(lab: Lab, node: str, conf: Path, timeout: float = 90) -> Service:
     """`l4lb start -c conf` in `node`, as written by `l4lb import`; returns once its API answers."""
-    svc = lab.popen(node, [sys.executable, "-m", "l4lb.cli", "start", "-c", str(conf)],
-                    log_name=f"{node}-l4lb.log")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not svc.alive:
-            raise LabError(f"{node}: l4lb start exited: {svc.output()[-2000:]}")
-        if lab.l4lb(node, ["status", "--json"], check=False, timeout=10).returncode == 0:
-            return svc
-        time.sleep(0.2)
-    raise LabError(f"{node}: l4lb did not become ready in {timeout}s: {svc.output()[-2000:]}")
+    return lab.start_l4lb_file(node, conf, timeout)
 
 
 def vrrp(lab: Lab, node: str) -> dict:
