@@ -9,7 +9,8 @@ PKGS=(python3-bpfcc bpfcc-tools python3-venv python3-pip iproute2 ethtool iperf3
       nginx-light haproxy keepalived tcpdump curl iputils-ping linux-headers-amd64 util-linux procps
       prometheus  # prometheus: promtool, for `promtool check metrics` in the tests
       frr  # frr: bgpd/bfdd/zebra for ECMP scale-out (the lab router and each balancer, in namespaces)
-      chromium chromium-driver)  # the status page opened in a headless browser (lab test)
+      chromium chromium-driver  # the status page opened in a headless browser (lab test)
+      linux-perf)  # perf: bench/throughput.py --profile (where iperf3's time goes)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup: must run as root (apt-get, /lib/modules links); try: sudo make setup" >&2
