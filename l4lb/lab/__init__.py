@@ -504,7 +504,7 @@ http {{
         self.wait_listening(svc, port)
         return svc
 
-    def start_frr(self, name: str, conf: str, daemons: tuple[str, ...] = ("zebra", "bgpd", "bfdd"),
+    def start_frr(self, name: str, conf: str, daemons: tuple[str, ...] = ("zebra", "bfdd", "bgpd"),
                   timeout: float = 20.0) -> list[Service]:
         """FRR in a node, one instance per namespace (README: The lab): the daemons run in the
         foreground with pathspace <netns> (`vtysh -N <netns>`), config `conf`."""
@@ -523,19 +523,30 @@ http {{
         os.chown(d, uid, gid)
         (d / "frr.conf").write_text(conf)
         os.chown(d / "frr.conf", uid, gid)
-        svcs = [self.popen(name, [f"/usr/lib/frr/{dmn}", "-N", node.netns, "-f", str(d / "frr.conf")],
-                           log_name=f"{name}-frr-{dmn}-{len(self.services)}.log")
-                for dmn in daemons]
+        # One at a time, each up before the next, in the order of `daemons` (zebra first,
+        # as watchfrr does): a bgpd that registers its BFD peers before bfdd is connected
+        # to zebra was once left without BFD sessions for good.
         deadline = time.monotonic() + timeout
+        svcs: list[Service] = []
+        for dmn in daemons:
+            (d / f"{dmn}.vty").unlink(missing_ok=True)  # a dead instance's socket says nothing
+            svcs.append(self.popen(name, [f"/usr/lib/frr/{dmn}", "-N", node.netns, "-f",
+                                          str(d / "frr.conf")],
+                                   log_name=f"{name}-frr-{dmn}-{len(self.services)}.log"))
+            while not (d / f"{dmn}.vty").exists():
+                if not svcs[-1].alive:
+                    raise LabError(f"{name}: {dmn} exited: {svcs[-1].output()[-500:]}")
+                if time.monotonic() > deadline:
+                    raise LabError(f"{name}: FRR's {dmn} did not start in {timeout}s")
+                time.sleep(0.05)
         while time.monotonic() < deadline:
             for svc in svcs:
                 if not svc.alive:
                     raise LabError(f"{name}: {svc.argv[0]} exited: {svc.output()[-500:]}")
-            if all((d / f"{dmn}.vty").exists() for dmn in daemons):
-                r = subprocess.run(["vtysh", "-N", node.netns, "-c", "show version"],
-                                   capture_output=True, text=True, timeout=10)
-                if r.returncode == 0:
-                    return svcs
+            r = subprocess.run(["vtysh", "-N", node.netns, "-c", "show version"],
+                               capture_output=True, text=True, timeout=10)
+            if r.returncode == 0:
+                return svcs
             time.sleep(0.1)
         raise LabError(f"{name}: FRR did not answer vtysh in {timeout}s")
 
