@@ -137,7 +137,7 @@ def prepare(reals: Iterable[tuple[str, int]], size: int = DEFAULT_RING_SIZE) -> 
     For a worker thread: the daemon fills here, then publishes the ring on its
     event loop without the ~10 ms fill.  Raises ValueError as build_ring does.
     """
-    live = _validate([Backend(i + 1, k, w) for i, (k, w) in enumerate(reals)], size)
+    live = _validate_pairs(list(reals), size)
     if live:
         fkey = _fill_key(size, [(key, w) for key, _, w in live])
         if _PREPARED.get(fkey) is None:
@@ -293,6 +293,25 @@ def _validate(backends: Sequence[Backend], size: int) -> list[tuple[str, int, in
     return live
 
 
+def _validate_pairs(pairs: list[tuple[str, int]], size: int) -> list[tuple[str, int, int]]:
+    """_validate of [(key, weight)] (ids do not matter to a fill): the common case
+    checked in one pass, anything else by _validate, for its errors."""
+    if (type(size) is int and 2 <= size <= MAX_RING_SIZE and _is_prime(size)
+            and len(pairs) <= MAX_REAL_ID
+            and all(type(k) is str and k and type(w) is int and 0 <= w <= MAX_WEIGHT
+                    for k, w in pairs)
+            and len({k for k, _ in pairs}) == len(pairs)):
+        live = [(k, i, w) for i, (k, w) in enumerate(pairs, 1) if w]
+        if len(live) > size:
+            raise ValueError(f"{len(live)} reals with weight > 0 do not fit a ring of size {size}")
+        live.sort()  # keys are unique, so this is by key alone
+        return live
+    return _validate([Backend(i + 1, k, w) for i, (k, w) in enumerate(pairs)], size)
+
+
+_is_prime = functools.lru_cache(maxsize=64)(is_prime)
+
+
 def _check_real(key: object, rid: object, weight: object) -> tuple[int, int]:
     if not isinstance(key, str) or not key:
         raise ValueError(f"real key must be a non-empty string, not {key!r}")
@@ -350,28 +369,59 @@ def _turn_order_python(weights: Sequence[int], size: int) -> list[int]:
 
 
 def _turn_order_numpy(weights: Sequence[int], size: int):
-    """The same order as _turn_order_python, as (turns, prio, first).
+    """The same order as _turn_order_python, as (turns, keyn, row).
 
-    ``turns[i]`` is real i's number of turns; ``prio[first[i] + k]`` orders
+    ``turns[i]`` is real i's number of turns; ``keyn[row[i] + k] + i`` orders
     real i's k-th turn among all turns (lower is earlier).  It is not the
     turn's position, which would cost a full sort, but it compares the same.
     """
+    n = len(weights)
+    w = np.asarray(weights, dtype=np.int64)
+    wmax2 = int(w.max()) ** 2
+    # A turn's time depends on its real's weight only: work per distinct weight
+    # (usually one or two), then spread to the reals.
+    uw, of_real, mult = np.unique(w, return_inverse=True, return_counts=True)
+    count = (size + n) * uw // int(w.sum()) + 2  # _turn_candidates, per weight
+    first = np.cumsum(count) - count
+    label = np.repeat(np.arange(uw.size), count)
+    k = np.arange(label.size, dtype=np.int64) - np.repeat(first, count)
+    key = (2 * k + 1) * wmax2 // uw[label]  # < 2**58: exact in int64
+    if int(key.max()) >= _PRIO_LIMIT // n:  # huge rings with extreme weights
+        return _turn_order_ranked(weights, size)
+    # The size-th turn: the first key value T reached by the cumulated counts of
+    # reals per key; turns of keys < T all go, those of key T by rank.
+    order = np.argsort(key, kind="stable")
+    skey = key[order]
+    upto = np.cumsum(mult[label[order]])
+    at = int(np.searchsorted(upto, size))  # upto[at] >= size
+    t = int(skey[at])
+    lo = int(np.searchsorted(skey, t))  # first entry of key t
+    below = int(upto[lo - 1]) if lo else 0  # turns before key t
+    # per weight: turns with key < t, and whether it has a turn of key t
+    less = np.bincount(label[key < t], minlength=uw.size)
+    has_t = np.bincount(label[key == t], minlength=uw.size) > 0
+    turns = less[of_real]
+    tied = np.flatnonzero(has_t[of_real])  # by rank
+    turns[tied[: size - below]] += 1
+    # (time, rank) as one unique integer: key * n + rank
+    return turns, key * n, first[of_real]
+
+
+def _turn_order_ranked(weights: Sequence[int], size: int):
+    """_turn_order_numpy for priorities too big for int64: every candidate turn
+    ranked by a sort."""
     n = len(weights)
     w = np.asarray(weights, dtype=np.int64)
     count = np.asarray(_turn_candidates(weights, size), dtype=np.int64)
     first = np.cumsum(count) - count
     real = np.repeat(np.arange(n, dtype=np.int64), count)
     k = np.arange(real.size, dtype=np.int64) - np.repeat(first, count)
-    key = (2 * k + 1) * (int(w.max()) ** 2) // w[real]  # < 2**58: exact in int64
-    if int(key.max()) < _PRIO_LIMIT // n:
-        prio = key * n + real  # (time, rank) as one unique integer
-    else:  # huge rings with extreme weights: rank the keys instead
-        order = np.argsort(key, kind="stable")  # candidates are in rank order
-        prio = np.empty(real.size, dtype=np.int64)
-        prio[order] = np.arange(real.size, dtype=np.int64)
-    last = np.partition(prio, size - 1)[size - 1]  # the size-th turn
-    turns = np.bincount(real[prio <= last], minlength=n)
-    return turns, prio, first
+    key = (2 * k + 1) * (int(w.max()) ** 2) // w[real]
+    order = np.argsort(key, kind="stable")  # candidates are in rank order
+    rank = np.empty(real.size, dtype=np.int64)
+    rank[order] = np.arange(real.size, dtype=np.int64)
+    turns = np.bincount(real[rank < size], minlength=n)
+    return turns, rank * n, first  # rank * n + real orders as rank does
 
 
 # ---------------------------------------------------- pure-Python reference
@@ -426,10 +476,8 @@ def _fill_numpy(perms: Sequence[tuple[int, int, int]], weights: Sequence[int], s
     """Same result as _fill_python, one array pass per round of proposals."""
     m = size
     n = len(perms)
-    offset = np.asarray([p[0] for p in perms], dtype=np.int64)
-    skip = np.asarray([p[1] for p in perms], dtype=np.int64)
-    inverse = np.asarray([p[2] for p in perms], dtype=np.int64)
-    turns, prio, first = _turn_order_numpy(weights, size)
+    offset, skip, inverse = np.array(perms, dtype=np.int64).reshape(n, 3).T.copy()
+    turns, keyn, row = _turn_order_numpy(weights, size)
 
     owner = np.full(m, -1, dtype=np.int64)
     free = np.ones(m, dtype=bool)  # slots nobody owns yet
@@ -450,7 +498,8 @@ def _fill_numpy(perms: Sequence[tuple[int, int, int]], weights: Sequence[int], s
             real, slot, j, new_nxt = _propose_by_walk(
                 pending, need, nxt, offset, skip, free, m, nfree
             )
-        turn = prio[first[real] + served[real] + j]
+        turn = keyn[(row + served)[real] + j]  # the priority of each proposal's turn
+        turn += real
         np.minimum.at(best, slot, turn)  # earliest turn wins each slot
         win = np.flatnonzero(best[slot] == turn)
         best[slot] = unset
@@ -572,14 +621,19 @@ def _walk_block(reals, start, need, width, offset, skip, free_slots, m):
     cand += base.astype(dt)[:, None]
     _mod(cand, m, _scratch(1, shape, dt))
     free = np.take(free_slots, cand, out=_scratch(2, shape, bool))
-    nfree = free.view(np.uint8).sum(axis=1, dtype=np.int64)
     idx = np.flatnonzero(free)  # row-major: row by row, by position within a row
+    # where each row's run starts in idx, and its length
+    bounds = np.searchsorted(idx, np.arange(0, (reals.size + 1) * width, width))
+    nfree = np.diff(bounds)
     # Each row's first `need` free positions: the first count of its run in idx.
     count = np.minimum(nfree, need)
     lead = np.cumsum(count) - count
-    nth = np.arange(int(count.sum()), dtype=np.int64) - np.repeat(lead, count)
+    total = int(lead[-1] + count[-1])
+    shift = np.repeat(bounds[:-1] - lead, count)
+    nth = np.arange(total, dtype=np.int64)
+    idx = idx[nth + shift]
+    nth -= np.repeat(lead, count)
     row = np.repeat(np.arange(reals.size), count)
-    idx = idx[nth + np.repeat(np.cumsum(nfree) - nfree, count)]
     done = count == need
     end = start + width
     # A done row continues after its last hit: the column of its count-th hit.
