@@ -479,7 +479,7 @@ def _fill_numpy(perms: Sequence[tuple[int, int, int]], weights: Sequence[int], s
     offset, skip, inverse = np.array(perms, dtype=np.int64).reshape(n, 3).T.copy()
     turns, keyn, row = _turn_order_numpy(weights, size)
 
-    owner = np.full(m, -1, dtype=np.int64)
+    owner = np.full(m, -1, dtype=np.int32)
     free = np.ones(m, dtype=bool)  # slots nobody owns yet
     unset = np.iinfo(np.int64).max
     best = np.full(m, unset, dtype=np.int64)  # per slot: earliest turn proposing it
@@ -526,11 +526,20 @@ def _propose_first(pending, need, offset, skip, m):
     """The first round: nothing is taken yet, so each real proposes the first
     ``need`` positions of its permutation (as _propose_by_walk would, without the
     walk)."""
-    real = np.repeat(pending, need)
-    j = np.arange(real.size, dtype=np.int64) - np.repeat(np.cumsum(need) - need, need)
-    # offset + j * skip < m * max(need): uint32 when that fits (faster)
-    dt = np.uint32 if m * int(need.max()) < 1 << 32 else np.uint64
-    slot = _mod(offset[real].astype(dt) + j.astype(dt) * skip[real].astype(dt), m)
+    width = int(need.max())
+    # offset + j * skip < m * width: uint32 when that fits (faster)
+    dt = np.uint32 if m * (width + 1) < 1 << 32 else np.uint64
+    cand = np.multiply.outer(skip[pending].astype(dt), np.arange(width, dtype=dt))
+    cand += offset[pending].astype(dt)[:, None]
+    _mod(cand, m)
+    shape = cand.shape
+    real = np.broadcast_to(pending[:, None], shape)
+    j = np.broadcast_to(np.arange(width, dtype=np.int64), shape)
+    if int(need.min()) == width:  # equal weights: every row whole
+        real, j, slot = real.ravel(), j.ravel(), cand.ravel()
+    else:  # row by row, each row's first `need`
+        use = j < need[:, None]
+        real, j, slot = real[use], j[use], cand[use]
     return real, slot.astype(np.int64), j, need.copy()
 
 
@@ -620,7 +629,8 @@ def _walk_block(reals, start, need, width, offset, skip, free_slots, m):
     np.multiply(np.arange(width, dtype=dt), skip[reals].astype(dt)[:, None], out=cand)
     cand += base.astype(dt)[:, None]
     _mod(cand, m, _scratch(1, shape, dt))
-    free = np.take(free_slots, cand, out=_scratch(2, shape, bool))
+    # mode=wrap: the slots are < m already, and it skips the bounds check
+    free = np.take(free_slots, cand, out=_scratch(2, shape, bool), mode="wrap")
     idx = np.flatnonzero(free)  # row-major: row by row, by position within a row
     # where each row's run starts in idx, and its length
     bounds = np.searchsorted(idx, np.arange(0, (reals.size + 1) * width, width))
@@ -666,7 +676,8 @@ def _propose_by_inverse(pending, need, offset, inverse, free_slots, m):
     """
     free = np.flatnonzero(free_slots)
     # All slots before a real's nxt are taken, so these positions are >= nxt.
-    pos = (free[None, :] - offset[pending][:, None]) % m * inverse[pending][:, None] % m
+    pos = free[None, :] + (m - offset[pending])[:, None]  # >= 0
+    pos = _mod(_mod(pos, m) * inverse[pending][:, None], m)  # < m * m: fits int64
     width = int(need.max())  # <= free.size: there are as many free slots as unserved turns
     if width == 1:
         col = np.argmin(pos, axis=1)[:, None]
