@@ -24,10 +24,11 @@ bytes per loop turn, and are translated (numpy again, on the packed records
 as they came) and installed in the install thread, a slice at a time.
 
 Who is heard. Only datagrams from the configured peers' addresses, checked
-before any MAC work; a peer's session must be newer than any accepted before,
-or proven live by a challenge (machine.py: sessions), so a recorded datagram
-replayed later installs nothing. Our own session and the peers' highest are
-kept in the node's state dir (STATE_FILE), so a restart opens no window.
+before any MAC work; a peer's session is adopted only once proven live by a
+challenge round trip, on first contact too (machine.py: sessions), so a
+recorded datagram replayed later installs nothing, even to a node that lost
+its state. Our own session and the peers' highest are kept in the node's
+state dir (STATE_FILE).
 The socket is bound to this node's own address, never a VIP.
 
 Installing. An entry names its VIP by address/port/protocol (falling back to
@@ -676,7 +677,7 @@ class SyncAgent:
             log.warning("sync: peer %s silent since %.1fs", action.sender,
                         now - action.last_seen)
         elif isinstance(action, SendChallenge):
-            log.info("sync: %s speaks in a session not newer than one seen: challenging it",
+            log.info("sync: %s speaks in a session not proven live yet: challenging it",
                      action.sender)
             self._send_to(s.challenge(action.nonce, now), action.addr)
         elif isinstance(action, SendResponse):

@@ -37,21 +37,35 @@ counts them.
 Sessions, replays and restarts. A sender's session number grows with each of
 its starts: ``new_session(last, now_ns)`` is the wall clock in ns or one more
 than the last session (persisted by the agent in the node's state dir),
-whichever is higher. A receiver adopts a new session of a peer without further
-ado only if it is higher than every session it has accepted from that peer
-(or it knows none: trust on first use). Anything else, an older session in
-particular, is refused (``replay``): a recorded datagram cannot roll the
-tracking back, install stale entries or lock out the live session. A peer
-that really restarted with a lower number (its clock was set back AND its
-state file lost with /run on a reboot) is not locked out: the receiver
-answers its messages with a challenge (SendChallenge: a fresh random nonce,
-at most one per ``challenge_interval_s``), and a Response carrying that nonce,
-authenticated in the lower session, proves the session live now; then it is
-adopted. This is IKE's answer to replays across restarts (fresh nonces), not
-keepalived's (VRRP's AH sequence numbers lock a restarted peer out until
-the counters are reset by hand): a clock- or state-reset peer costs one round
-trip, never a manual intervention. Challenges themselves are answered whatever
-session they come in (rate-limited: a replayed one only costs a Response).
+whichever is higher. No session is trusted on first use: a receiver adopts a
+session of a peer other than the current one only once it is proven live now.
+Its first datagram is answered with a challenge (SendChallenge: a fresh random
+nonce, at most one per ``challenge_interval_s`` and peer), and a Response
+carrying that nonce (or the one before it, for a slow answer), authenticated
+in that session, proves it; then it is adopted (PeerUp). Until then nothing
+of it is installed nor tracked: its datagrams are dropped and counted
+(``unproven``, or ``replay`` for a session not newer than one accepted
+before). This holds for every session, newer ones included: a recorded session
+higher than the highest we know exists whenever the peer ran sessions we never
+saw (we were down, wiped or cut off while it restarted), and a node whose state
+dir was wiped (/run after a reboot) knows none at all; ordering alone would
+adopt such a replay, install its stale entries and lock out the live session.
+The live peer, challenged because of a replay, simply answers in its current
+session, which is what gets adopted. A proof also marks every earlier seq of
+the session as seen: datagrams the peer sent before its Response (recorded
+ones included: our replay window was lost with our state) are never
+installed. They are dropped, not buffered: the peer's next full walk repairs
+them, and the round trip is asked for again when they keep coming (a walk
+started before our proof: our next challenge arrives in a session the peer
+already accepted, SendResponse ``current``, and its master walks again).
+The cost: one round trip per peer start, and per own start for each peer,
+before the first entries are installed. This is IKE's answer to replays
+across restarts (fresh nonces), not keepalived's (VRRP's AH sequence numbers
+lock a restarted peer out until the counters are reset by hand): a clock- or
+state-reset peer costs one round trip, never a manual intervention.
+Challenges themselves are answered whatever session they come in
+(rate-limited: a replayed one only costs a Response), in any role, and a
+challenge in a session we have not adopted is challenged back.
 """
 
 from __future__ import annotations
@@ -106,8 +120,10 @@ __all__ = [
 MIN_KEY_LEN = 16
 #: Every key of Receiver.counters (reasons a datagram was rejected):
 #: foreign_addr (not from a configured peer address: dropped before any MAC
-#: work), backlog_full (set aside unauthenticated, no room: see Backlog).
-REJECT_REASONS = (*REASONS, "unknown_peer", "replay", "foreign_addr", "backlog_full")
+#: work), backlog_full (set aside unauthenticated, no room: see Backlog),
+#: unproven (a session newer than any accepted, not proven live yet: see the
+#: module doc).
+REJECT_REASONS = (*REASONS, "unknown_peer", "replay", "foreign_addr", "backlog_full", "unproven")
 _U64 = 1 << 64
 
 
@@ -602,9 +618,10 @@ class InstallEntries:
 
 @dataclass(frozen=True, slots=True)
 class PeerUp:
-    """First authenticated message of a peer's session: it appeared, came back
-    after PeerDown, or restarted (``restarted``: a new session replaced one we
-    knew). A master should then request a full walk (Sender.request_full)."""
+    """A peer's session was proven live and adopted (its Response to our
+    challenge: it appeared, or restarted, ``restarted``: a new session replaced
+    one we knew), or its adopted session was heard again after PeerDown. A
+    master should then request a full walk (Sender.request_full)."""
 
     sender: str
     session: int
@@ -632,8 +649,9 @@ class PeerDown:
 @dataclass(frozen=True, slots=True)
 class SendChallenge:
     """Send ``Sender.challenge(nonce)`` to ``addr``: the peer ``sender`` speaks
-    in a session not newer than one we accepted (a replay, or a restart with its
-    clock and state reset); its Response proves which."""
+    in a session we have not adopted (its first contact, a restart of it or of
+    us, or a replay); a Response in that session carrying ``nonce`` proves it
+    live. (A replay's session cannot answer: the live session answers instead.)"""
 
     sender: str
     addr: object
@@ -660,7 +678,7 @@ class _Peer:
         "name", "session", "max_session", "top", "window", "role", "alive", "addr",
         "last_seen", "messages", "entries", "lost", "lag_s",
         "full_id", "full_chunks", "full_complete", "full_incomplete", "last_full_complete",
-        "nonce", "challenged_at", "answered_at", "challenges", "proofs",
+        "nonce", "prev_nonce", "challenged_at", "answered_at", "challenges", "proofs",
     )  # fmt: skip
 
     def __init__(self, name: str, max_session: int | None = None) -> None:
@@ -683,10 +701,11 @@ class _Peer:
         self.full_incomplete = 0
         self.last_full_complete: float | None = None
         self.nonce: bytes | None = None  # our outstanding challenge
+        self.prev_nonce: bytes | None = None  # the one before (answer still in flight)
         self.challenged_at = float("-inf")
         self.answered_at = float("-inf")
         self.challenges = 0  # challenges sent
-        self.proofs = 0  # older sessions adopted on proof
+        self.proofs = 0  # sessions not newer than max_session adopted on proof
 
 
 def _addr_key(addr: object) -> tuple | None:
@@ -709,8 +728,8 @@ class Receiver:
     (not from one of ``peer_addrs``: checked before any MAC work), truncated,
     oversize, version, malformed, bad_mac, unknown_peer (sender not in
     allowed_peers, or our own node_id), replay (seq already seen or older than
-    the window; a session not newer than one accepted, until proven live: see
-    the module doc). A rejected datagram yields no action and changes no state
+    the window; a session not newer than one accepted, until proven live),
+    unproven (any other session not proven live yet: see the module doc). A rejected datagram yields no action and changes no state
     except its counter (and, rate-limited, a SendChallenge). ``known_sessions``
     (name -> highest session accepted) carries what an earlier run of this
     node accepted, so that a restart is no chance to replay older sessions.
@@ -828,23 +847,26 @@ class Receiver:
     def _challenge(self, peer: _Peer, addr: object, now: float) -> list[Action]:
         if now - peer.challenged_at < self.challenge_interval_s and now >= peer.challenged_at:
             return []
+        peer.prev_nonce = peer.nonce  # still good: its answer may be on its way
         peer.nonce = self._nonce()
         peer.challenged_at = now
         peer.challenges += 1
         self.stats["challenges_sent"] += 1
         return [SendChallenge(peer.name, addr, peer.nonce)]
 
-    def _adopt(self, peer: _Peer, msg, addr: object) -> PeerUp:
+    def _adopt(self, peer: _Peer, msg: Response, addr: object) -> PeerUp:
+        """Adopt the session ``msg`` (a Response to our nonce) proved live."""
         restarted = peer.session is not None
         peer.session, peer.top = msg.session, msg.seq
-        peer.window = bytearray(self.replay_window)
-        peer.window[msg.seq % self.replay_window] = 1
+        # Every seq up to the proof counts as seen: what the peer sent before it
+        # (or a recording of it) is never installed; the next walk repairs it.
+        peer.window = bytearray(b"\x01" * self.replay_window)
         if peer.max_session is None or msg.session > peer.max_session:
             peer.max_session = msg.session
         peer.full_id = None
         peer.alive = True
-        peer.nonce = None
-        role = getattr(msg, "role", "master")  # entries come from a master
+        peer.nonce = peer.prev_nonce = None
+        role = msg.role
         peer.role = role
         return PeerUp(peer.name, msg.session, role, addr, restarted)
 
@@ -870,22 +892,22 @@ class Receiver:
         if kind == "challenge":
             return self._on_challenge(peer, msg, src_addr, now)
         if msg.session != peer.session:
-            if kind == "response" and peer.nonce is not None and msg.nonce == peer.nonce:
+            if kind == "response" and msg.nonce is not None and (
+                    msg.nonce == peer.nonce or msg.nonce == peer.prev_nonce):
                 # proven live now, whatever its number: adopt it
                 if peer.max_session is not None and msg.session <= peer.max_session:
                     peer.proofs += 1
                     self.stats["sessions_proven"] += 1
                 actions.append(self._adopt(peer, msg, src_addr))
-            elif peer.max_session is not None and msg.session <= peer.max_session:
-                self._reject("replay", src_addr, now)
+            else:  # not proven live (module doc: no trust on first use): ask for it
+                old = peer.max_session is not None and msg.session <= peer.max_session
+                self._reject("replay" if old else "unproven", src_addr, now)
                 return self._challenge(peer, src_addr, now)
-            else:
-                actions.append(self._adopt(peer, msg, src_addr))
         else:
             if not self._seq_ok(peer, msg.seq):
                 return self._reject("replay", src_addr, now)
-            if kind == "response" and msg.nonce == peer.nonce:
-                peer.nonce = None
+            if kind == "response" and msg.nonce in (peer.nonce, peer.prev_nonce):
+                peer.nonce = peer.prev_nonce = None
             if not peer.alive:
                 peer.alive = True
                 role = getattr(msg, "role", None) or peer.role or "master"
@@ -923,7 +945,8 @@ class Receiver:
         return actions
 
     def _on_challenge(self, peer: _Peer, msg: Challenge, addr: object, now: float) -> list:
-        """Answer (rate-limited unless fresh); challenge back a session we cannot trust."""
+        """Answer (rate-limited unless fresh), in any role; challenge back a
+        session we have not adopted (first contact, restart or replay)."""
         current = msg.session == peer.session
         if current:
             if not self._seq_ok(peer, msg.seq):
@@ -934,8 +957,10 @@ class Receiver:
         peer.answered_at = now
         self.stats["challenges_answered"] += 1
         out: list[Action] = [SendResponse(peer.name, addr, msg.nonce, current)]
-        if not current and peer.max_session is not None and msg.session <= peer.max_session:
-            out += self._challenge(peer, addr, now)  # both restarted with a clock set back
+        if not current:
+            # Our challenge goes first: the peer that adopts us on our Response
+            # starts its walk at once, and should find its own session adopted.
+            out[:0] = self._challenge(peer, addr, now)
         return out
 
     @staticmethod

@@ -20,7 +20,7 @@ from l4lb.dataplane.tables import CONN_KEY, CONN_VAL, RealState, VipState
 from l4lb.sync import agent as sync_agent
 from l4lb.sync import translate
 from l4lb.sync.agent import Translator, decode_events
-from l4lb.sync.codec import VERSION, SyncEntry
+from l4lb.sync.codec import VERSION, SyncEntry, decode
 
 VIP = "10.99.0.100"
 CLIENT = "10.99.0.11"
@@ -237,6 +237,23 @@ async def until(pred, timeout=3.0):
         await asyncio.sleep(0.005)
 
 
+async def prove(agent, sender, sock, port):
+    """Have ``agent`` (listening on ``port``) adopt a hand-made peer's session: it
+    adopts none before a challenge round trip (machine.py: sessions). ``sock`` is
+    bound to the configured peer address."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    sock.sendto(sender.challenge(bytes(16), time.time()), ("127.0.0.1", port))
+    while True:  # (the agent's hello and heartbeats come here too)
+        data = await asyncio.wait_for(loop.sock_recv(sock, 2048), 3.0)
+        msg = decode(data, b"0123456789abcdef0123", 2048)
+        if msg.kind == "challenge":
+            break
+    sock.sendto(sender.respond(msg.nonce, time.time()), ("127.0.0.1", port))
+    await until(lambda: (agent.receiver.peer(sender.node_id) or {}).get("session")
+                == sender.session)
+
+
 # The two nodes number their VIPs and reals differently.
 MASTER_VIPS = [vip(VIP, 80, "tcp", 0, [("10.99.0.31", 1), ("10.99.0.32", 2)])]
 BACKUP_VIPS = [vip(VIP, 80, "tcp", 6, [("10.99.0.32", 40), ("10.99.0.31", 41),
@@ -385,14 +402,15 @@ def test_standby_installs_new_flows_before_a_full_walk_backlog(monkeypatch):
             s = Sender("lb1", b"0123456789abcdef0123", now, role="master", full_rate=None)
             walk = [SyncEntry(p(CLIENT), 20000 + i, p(VIP), 80, 6, p("10.99.0.31"))
                     for i in range(3000)]
-            s.start_full(walk, now)
-            grams = []
-            while s.full_in_progress:
-                grams += s.poll(now)
-            s.add_new_flows([SyncEntry(p(CLIENT), 9, p(VIP), 80, 6, p("10.99.0.32"))], now)
-            grams += s.flush(now)  # the new flow's batch: sent last
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as out:
                 out.bind(("127.0.0.1", peer))  # the configured peer: only it is heard
+                await prove(b, s, out, pb)
+                s.start_full(walk, now)
+                grams = []
+                while s.full_in_progress:
+                    grams += s.poll(now)
+                s.add_new_flows([SyncEntry(p(CLIENT), 9, p(VIP), 80, 6, p("10.99.0.32"))], now)
+                grams += s.flush(now)  # the new flow's batch: sent last
                 for g in grams:
                     out.sendto(g, ("127.0.0.1", pb))
             await until(lambda: len(tb.conns) == 3001)
@@ -538,10 +556,11 @@ def test_garbage_flood_costs_bounded_work_per_turn_and_is_counted(monkeypatch):
             assert b.status()["full_backlog"] == 0 and not tb.conns
             # the real peer is still heard
             s = Sender("lb1", b"0123456789abcdef0123", time.time(), role="master")
-            s.add_new_flows([SyncEntry(p(CLIENT), 7, p(VIP), 80, 6, p("10.99.0.31"))],
-                            time.time())
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as out:
                 out.bind(("127.0.0.1", peer))
+                await prove(b, s, out, pb)
+                s.add_new_flows([SyncEntry(p(CLIENT), 7, p(VIP), 80, 6, p("10.99.0.31"))],
+                                time.time())
                 for g in s.poll(time.time() + 1):
                     out.sendto(g, ("127.0.0.1", pb))
             await until(lambda: tb.entry(CLIENT, 7, VIP, 80) is not None)

@@ -89,6 +89,19 @@ class Standby:
         return out
 
 
+def handshake(s: Sender, sb, now: float = T0, addr=("192.0.2.1", 7777)) -> PeerUp:
+    """The round trip a receiver asks of a session before adopting it (no trust
+    on first use): the sender's challenge is answered and, its session being
+    new, challenged back; the sender's Response proves the session live."""
+    rx = sb.rx if isinstance(sb, Standby) else sb
+    acts = rx.on_datagram(s.challenge(b"\x5a" * 16, now), addr, now)
+    (ch,) = [a for a in acts if isinstance(a, SendChallenge)]
+    assert acts[-1] == SendResponse(s.node_id, addr, b"\x5a" * 16, False)
+    acts = rx.on_datagram(s.respond(ch.nonce, now), addr, now)
+    assert len(acts) == 1 and isinstance(acts[0], PeerUp) and acts[0].session == s.session
+    return acts[0]
+
+
 def entries_of(datagrams) -> list[SyncEntry]:
     out = []
     for d in datagrams:
@@ -102,13 +115,13 @@ def entries_of(datagrams) -> list[SyncEntry]:
 
 def test_round_trip_incremental() -> None:
     s, sb = master(), Standby()
+    up = handshake(s, sb)
+    assert up.sender == "lb1" and up.role == "master" and not up.restarted
     s.add_new_flows(ents(0, 10), T0)
     dgs = s.poll(T0 + 0.01)
     assert kinds(dgs) == ["entries"]
     acts = sb.feed(dgs, T0 + 0.012)
-    assert isinstance(acts[0], PeerUp) and acts[0].sender == "lb1" and acts[0].role == "master"
-    inst = [a for a in acts if isinstance(a, InstallEntries)]
-    assert inst == [InstallEntries("lb1", ents(0, 10))]  # unchanged, full_id None
+    assert acts == [InstallEntries("lb1", ents(0, 10))]  # unchanged, full_id None
     assert sb.rx.stats["entries"] == 10 and sb.rx.stats["lag_s"] == pytest.approx(0.012, abs=1e-6)
     assert sb.rx.counters == dict.fromkeys(REJECT_REASONS, 0)
 
@@ -209,7 +222,7 @@ def test_invalid_entries_dropped_without_seq_gap() -> None:
 
 def test_full_walk_complete_and_lazy() -> None:
     s, sb = master(full_chunks_per_poll=4, full_rate=None), Standby()
-    sb.feed(s.poll(T0))
+    handshake(s, sb)
     pulled = 0
 
     def table():
@@ -252,6 +265,7 @@ def test_full_walk_of_empty_table() -> None:
 def test_full_walk_interleaved_never_delays_incremental() -> None:
     s = master(max_batch_entries=1000, max_delay_s=0.005, full_chunks_per_poll=3, full_rate=None)
     sb = Standby()
+    handshake(s, sb)
     s.start_full((ent(i) for i in range(100_000, 105_000)), T0)
     t, n, polls = T0, 0, 0
     while s.full_in_progress:
@@ -327,6 +341,7 @@ def test_full_due_periodic_and_on_request() -> None:
 
 def test_full_walk_failure_keeps_incremental_stream() -> None:
     s, sb = master(full_rate=None, full_interval_s=30.0), Standby()
+    handshake(s, sb)
 
     def broken_table():
         yield from ents(1000, 1100)
@@ -356,6 +371,7 @@ def test_pacing_wakeups_are_batched() -> None:
 
 def test_full_walk_skips_invalid_entries() -> None:
     s, sb = master(full_rate=None), Standby()
+    handshake(s, sb)
     table = ents(0, 200) + [SyncEntry(V4, 1, V4, 80, 99, REAL)] + ents(200, 300)
     s.start_full(table, T0)
     dgs = []
@@ -371,6 +387,7 @@ def test_full_walk_skips_invalid_entries() -> None:
 
 def test_replay_rejected() -> None:
     s, sb = master(), Standby()
+    handshake(s, sb)
     s.add_new_flows([ent(1)], T0)
     (d,) = s.poll(T0 + 1)
     sb.feed([d])
@@ -381,6 +398,7 @@ def test_replay_rejected() -> None:
 
 def test_reordering_within_window_accepted() -> None:
     s, sb = master(), Standby(replay_window=8)
+    handshake(s, sb)
     dgs = []
     for i in range(12):
         s.add_new_flows([ent(i)], T0)
@@ -392,6 +410,7 @@ def test_reordering_within_window_accepted() -> None:
     assert sb.rx.counters["replay"] == 2  # dgs[1], dgs[2] are 10 and 9 behind: too old
     assert sb.rx.peer("lb1")["lost"] == 2
     s2, sb2 = master(), Standby(replay_window=8)
+    handshake(s2, sb2)
     d2 = []
     for i in range(6):
         s2.add_new_flows([ent(i)], T0)
@@ -406,6 +425,7 @@ def test_reordering_within_window_accepted() -> None:
 def test_seq_jump_is_cheap_and_safe() -> None:
     s = master(session=42)
     sb = Standby(replay_window=64)
+    handshake(s, sb)
     s.add_new_flows([ent(1)], T0)
     old = s.poll(T0 + 1)
     sb.feed(old)
@@ -418,6 +438,7 @@ def test_seq_jump_is_cheap_and_safe() -> None:
 
 def test_replay_window_one_is_strict() -> None:
     s, sb = master(), Standby(replay_window=1)
+    handshake(s, sb)
     dgs = []
     for i in range(3):
         s.add_new_flows([ent(i)], T0)
@@ -426,9 +447,11 @@ def test_replay_window_one_is_strict() -> None:
     assert sb.rx.counters["replay"] == 1 and ent(1)[:5] not in sb.installed
 
 
-def _reject_cases():
-    """(name, datagram) pairs that must each be rejected with that reason."""
+def _reject_cases(sb: Standby):
+    """(name, datagram) pairs that must each be rejected with that reason (the
+    sender's session proven to ``sb`` first)."""
     s = master()
+    handshake(s, sb)
     s.add_new_flows(ents(0, 20), T0)
     (good,) = s.poll(T0 + 1)
     body = good[8:-32]
@@ -454,15 +477,16 @@ def _reject_cases():
 
 
 def test_each_reject_counted_and_conn_table_untouched() -> None:
-    cases, good = _reject_cases()
     sb = Standby()
+    cases, good = _reject_cases(sb)
+    seen = sb.rx.stats["messages"]
     for reason, data in cases:
         before = dict(sb.rx.counters)
         assert sb.feed([data]) == [], reason
         assert sb.installed == {}, reason
         assert sb.rx.counters[reason] == before[reason] + 1, reason
         assert sb.rx.last_reject[0] == reason
-    assert sb.rx.stats["messages"] == 0 and sb.rx.peer("lb1") is None
+    assert sb.rx.stats["messages"] == seen and sb.rx.peer("lb1")["messages"] == seen
     assert sb.rx.peer("mallory") is None  # no state for unknown peers
     # The genuine message is still accepted afterwards: no reject consumed its seq.
     sb.feed([good])
@@ -498,8 +522,9 @@ def test_full_interval_zero_means_on_request_only() -> None:
     assert s.full_due(T0 + 10_000)
 
 
-def test_sender_restart_new_session_accepted() -> None:
+def test_sender_restart_new_session_proves_itself_and_is_adopted() -> None:
     s1, sb = master(), Standby()
+    handshake(s1, sb)
     s1.add_new_flows(ents(0, 3), T0)
     old = s1.poll(T0 + 1)
     for _ in range(5):
@@ -511,14 +536,21 @@ def test_sender_restart_new_session_accepted() -> None:
     s2.add_new_flows(ents(10, 13), T0 + 10)
     new = s2.poll(T0 + 11)
     assert decode(new[0], KEY, 65507).seq < decode(old[-1], KEY, 65507).seq
+    # Newer, but not proven live: nothing installed, one challenge.
     acts = sb.feed(new, T0 + 11)
-    up = [a for a in acts if isinstance(a, PeerUp)]
-    assert up == [PeerUp("lb1", s2.session, "master", ("192.0.2.1", 7777), True)]
+    (ch,) = acts
+    assert isinstance(ch, SendChallenge) and sb.rx.counters["unproven"] == len(new)
+    assert not any(e[:5] in sb.installed for e in ents(10, 13))
+    assert sb.rx.peer("lb1")["session"] == s1.session
+    acts = sb.feed([s2.respond(ch.nonce, T0 + 11.1)], T0 + 11.1)
+    assert acts == [PeerUp("lb1", s2.session, "master", ("192.0.2.1", 7777), True)]
+    s2.add_new_flows(ents(10, 13), T0 + 11.1)  # (the next walk would resend the dropped ones)
+    sb.feed(s2.poll(T0 + 12), T0 + 12)
     assert all(e[:5] in sb.installed for e in ents(10, 13))
     # Replaying the old session now must not roll the tracking back: nothing is
     # installed, and the only answer is one challenge (which it cannot meet).
     sb.installed.clear()
-    acts = sb.feed(old)
+    acts = sb.feed(old, T0 + 13)
     assert [type(a) for a in acts] == [SendChallenge] and sb.installed == {}
     assert sb.rx.counters["replay"] == len(old)
     assert sb.rx.peer("lb1")["session"] == s2.session
@@ -526,6 +558,7 @@ def test_sender_restart_new_session_accepted() -> None:
 
 def test_forged_new_session_does_not_reset_tracking() -> None:
     s, sb = master(), Standby()
+    handshake(s, sb)
     s.add_new_flows([ent(1)], T0)
     (d,) = s.poll(T0 + 1)
     sb.feed([d])
@@ -540,7 +573,8 @@ def test_forged_new_session_does_not_reset_tracking() -> None:
 def test_peer_role_hello_and_down_up() -> None:
     peer = Sender("lb2", KEY, T0, heartbeat_interval_s=1.0)  # a backup
     rx = Receiver(KEY, {"lb2"}, peer_timeout_s=3.0)
-    acts = [a for d in peer.poll(T0) for a in rx.on_datagram(d, "a", T0)]
+    (ch,) = [a for d in peer.poll(T0) for a in rx.on_datagram(d, "a", T0)]  # the hello
+    acts = rx.on_datagram(peer.respond(ch.nonce, T0), "a", T0)
     assert acts == [PeerUp("lb2", peer.session, "backup", "a", False)]
     assert [a for d in peer.poll(T0 + 1) for a in rx.on_datagram(d, "a", T0 + 1)] == []
     peer.set_role("master", T0 + 1.5)
@@ -559,6 +593,7 @@ def test_peer_role_hello_and_down_up() -> None:
 
 def test_status_and_counters_shape() -> None:
     s, sb = master(), Standby()
+    handshake(s, sb)
     s.add_new_flows(ents(0, 5), T0)
     sb.feed(s.poll(T0 + 0.01), T0 + 0.02)
     st_ = sb.rx.status()
@@ -589,6 +624,9 @@ def test_fuzz_shuffled_duplicated_stream(data) -> None:
     """Any order and duplication of a session's datagrams (within the window):
     each is accepted once, every entry is installed, nothing else."""
     s = master(max_batch_entries=3)
+    sb = Standby(replay_window=64)
+    handshake(s, sb)
+    seen = sb.rx.stats["messages"]
     dgs = []
     n = data.draw(st.integers(1, 40))
     for i in range(n):
@@ -596,10 +634,9 @@ def test_fuzz_shuffled_duplicated_stream(data) -> None:
         dgs += s.poll(T0 + 1)
     stream = data.draw(st.permutations(dgs + data.draw(st.lists(st.sampled_from(dgs)))))
     noise = data.draw(st.lists(st.binary(max_size=60), max_size=5))
-    sb = Standby(replay_window=64)
     sb.feed(list(stream) + noise)
     assert set(sb.installed) == {e[:5] for e in ents(0, n)}
-    assert sb.rx.stats["messages"] == len(dgs)
+    assert sb.rx.stats["messages"] == seen + len(dgs)
     assert sb.rx.counters["replay"] == len(stream) - len(dgs)
 
 
@@ -662,6 +699,8 @@ def test_foreign_address_dropped_before_the_mac(monkeypatch) -> None:
     """A recorded datagram replayed from elsewhere costs no MAC work and changes nothing."""
     s, sb = master(), Standby()
     sb.rx = Receiver(KEY, None, 65507, peer_addrs=[PEER])
+    handshake(s, sb, addr=PEER)
+    seen = sb.rx.peer("lb1")["messages"]
     s.add_new_flows([ent(1)], T0)
     (d,) = s.poll(T0 + 1)
     calls = []
@@ -670,7 +709,7 @@ def test_foreign_address_dropped_before_the_mac(monkeypatch) -> None:
     assert sb.feed([d], addr=("203.0.113.9", 7777)) == []
     assert sb.feed([d], addr=("192.0.2.1", 7778)) == []  # the peer's host, another port
     assert calls == [] and sb.installed == {} and sb.rx.counters["foreign_addr"] == 2
-    assert sb.rx.peer("lb1") is None
+    assert sb.rx.peer("lb1")["messages"] == seen
     sb.feed([d], addr=PEER)  # the same datagram from the peer: heard
     assert calls == [1] and ent(1)[:5] in sb.installed
     # an IPv6 peer given in another spelling, and a scoped source address
@@ -686,6 +725,7 @@ def test_replayed_older_session_from_the_peer_installs_nothing() -> None:
     old.add_new_flows([ent(666)], T0)
     recorded = old.poll(T0 + 1)
     live, sb = master(session=2_000), Standby()
+    handshake(live, sb)
     live.add_new_flows([ent(1)], T0)
     sb.feed(live.poll(T0 + 1))
     sb.installed.clear()
@@ -703,15 +743,20 @@ def test_replayed_older_session_from_the_peer_installs_nothing() -> None:
     assert sb.rx.peer("lb1")["session"] == live.session and ch.nonce != b"\x00" * 16
 
 
-def test_restarted_sender_with_a_newer_session_is_accepted_at_once() -> None:
+def test_restarted_sender_with_a_newer_session_is_adopted_after_one_round_trip() -> None:
     s1, sb = master(), Standby()
+    handshake(s1, sb)
     s1.add_new_flows([ent(1)], T0)
     sb.feed(s1.poll(T0 + 1))
     s2 = master(T0 - 50, session=new_session(s1.session, int((T0 - 50) * 1e9)))  # clock back
     assert s2.session == s1.session + 1
     s2.add_new_flows([ent(2)], T0)
-    acts = sb.feed(s2.poll(T0 + 2), T0 + 2)
-    assert [a for a in acts if isinstance(a, PeerUp)][0].restarted
+    (ch,) = sb.feed(s2.poll(T0 + 2), T0 + 2)
+    assert ent(2)[:5] not in sb.installed and sb.rx.counters["unproven"] == 1
+    (up,) = sb.feed([s2.respond(ch.nonce, T0 + 2.01)], T0 + 2.01)
+    assert up.restarted and up.session == s2.session
+    s2.add_new_flows([ent(2)], T0 + 2)  # what the walk after PeerUp resends
+    sb.feed(s2.poll(T0 + 3), T0 + 3)
     assert ent(2)[:5] in sb.installed and sb.rx.counters["replay"] == 0
 
 
@@ -719,6 +764,7 @@ def test_reset_peer_with_a_lower_session_proves_it_and_is_not_locked_out() -> No
     """Clock set back and state file lost: its sessions are lower than one we
     accepted. One challenge round trip, and its live session is adopted."""
     s1, sb = master(session=5_000), Standby()
+    handshake(s1, sb)
     s1.add_new_flows([ent(0)], T0)
     sb.feed(s1.poll(T0 + 1))
     assert sb.rx.peer("lb1")["session"] == 5_000
@@ -747,14 +793,14 @@ def test_reset_peer_with_a_lower_session_proves_it_and_is_not_locked_out() -> No
 def test_challenges_are_answered_and_replayed_ones_cost_little() -> None:
     a, b = Sender("lb1", KEY, T0, session=100), Sender("lb2", KEY, T0, session=200)
     rx_b = Receiver(KEY, None, node_id="lb2")
-    rx_b.on_datagram(a.poll(T0)[0], PEER, T0)  # lb1's hello: its session is current
+    handshake(a, rx_b, T0, PEER)  # lb1's session is current
     ch = a.challenge(b"\x07" * 16, T0 + 1)
     assert rx_b.on_datagram(ch, PEER, T0 + 1) == [SendResponse("lb1", PEER, b"\x07" * 16, True)]
     assert rx_b.on_datagram(ch, PEER, T0 + 1.5) == []  # the same again: a replay
     old = Sender("lb1", KEY, T0, session=50).challenge(b"\x08" * 16, T0)  # another session
     got = rx_b.on_datagram(old, PEER, T0 + 2)
-    assert got[0] == SendResponse("lb1", PEER, b"\x08" * 16, False)
-    assert [type(x) for x in got[1:]] == [SendChallenge]  # and it is challenged in turn
+    assert got[-1] == SendResponse("lb1", PEER, b"\x08" * 16, False)
+    assert [type(x) for x in got[:-1]] == [SendChallenge]  # and it is challenged in turn
     assert rx_b.on_datagram(old, PEER, T0 + 2.01) == []  # rate-limited
     resp = decode(b.respond(b"\x07" * 16, T0), KEY, 1400)
     assert resp.kind == "response" and resp.nonce == b"\x07" * 16 and resp.role == "backup"
@@ -788,6 +834,7 @@ def test_both_reset_challenge_each_other_and_recover() -> None:
 
 def test_known_sessions_carry_over_a_restart_of_the_receiver() -> None:
     s, sb = master(session=777), Standby()
+    handshake(s, sb)
     s.add_new_flows([ent(1)], T0)
     recorded = s.poll(T0 + 1)
     sb.feed(recorded)
@@ -803,6 +850,212 @@ def test_known_sessions_carry_over_a_restart_of_the_receiver() -> None:
     s.add_new_flows([ent(2)], T0 + 2)
     again.feed(s.poll(T0 + 3), T0 + 3)
     assert ent(2)[:5] in again.installed
+
+
+# =========================================================================== no trust on first use
+
+
+def test_replayed_old_session_to_a_fresh_receiver_is_never_adopted() -> None:
+    """The hole: a node that lost its state (no known_sessions) adopted the first
+    authenticated session it heard. A recording of an older session replayed to
+    it now installs nothing and is only challenged; that session cannot answer
+    (the peer runs a newer one): the live session answers and is adopted."""
+    old = master(session=1_000)
+    old.add_new_flows([ent(666)], T0)
+    old.start_full([ent(667)], T0)
+    recorded = old.poll(T0 + 1) + [old.respond(b"\x01" * 16, T0 + 1)]  # any kind
+    assert kinds(recorded) == ["entries", "full", "response"]
+    live, sb = master(session=2_000), Standby()  # sb: its state dir was wiped
+    (ch,) = sb.feed(recorded, T0 + 10)
+    assert isinstance(ch, SendChallenge) and ch.addr == PEER
+    assert sb.installed == {} and sb.rx.counters["unproven"] == len(recorded)
+    assert sb.rx.peer("lb1")["session"] is None and sb.rx.known_sessions() == {}
+    assert sb.rx.status()["peers"] == {} and sb.rx.stats["messages"] == 0
+    assert sb.feed(recorded, T0 + 10.5) == []  # replayed again: no new challenge yet
+    # The challenge reaches the live peer, which answers in its own session.
+    assert sb.feed([live.respond(ch.nonce, T0 + 10.6)], T0 + 10.6) == [
+        PeerUp("lb1", 2_000, "master", PEER, False)]
+    assert sb.rx.known_sessions() == {"lb1": 2_000}
+    live.add_new_flows([ent(1)], T0 + 10.6)
+    sb.feed(live.poll(T0 + 10.7), T0 + 10.7)
+    assert set(sb.installed) == {ent(1)[:5]}
+    # The recording stays refused for good: not newer than the live session.
+    assert [type(a) for a in sb.feed(recorded, T0 + 12)] == [SendChallenge]
+    assert set(sb.installed) == {ent(1)[:5]} and sb.rx.peer("lb1")["session"] == 2_000
+    assert sb.rx.counters["replay"] == len(recorded)
+
+
+def test_a_recorded_session_newer_than_any_known_is_not_adopted_either() -> None:
+    """We knew session 100; while we were away the peer ran 200 (recorded) and now
+    runs 300. Ordering alone would adopt 200: it has to prove itself, and cannot."""
+    rec = master(session=200)
+    rec.add_new_flows([ent(666)], T0)
+    recorded = rec.poll(T0 + 1)
+    live = master(session=300)
+    sb = Standby(known_sessions={"lb1": 100})
+    (ch,) = sb.feed(recorded, T0 + 5)
+    assert sb.installed == {} and sb.rx.counters["unproven"] == 1
+    assert sb.rx.known_sessions() == {"lb1": 100}
+    (up,) = sb.feed([live.respond(ch.nonce, T0 + 5.01)], T0 + 5.01)
+    assert up.session == 300 and sb.rx.known_sessions() == {"lb1": 300}
+    assert [type(a) for a in sb.feed(recorded, T0 + 7)] == [SendChallenge]
+    assert sb.rx.counters["replay"] == 1 and sb.installed == {}
+
+
+def test_recordings_of_the_live_session_are_not_installed_after_its_proof() -> None:
+    """A receiver restarted without state lost its replay window too: datagrams
+    of the live session sent before its proof (recorded) stay out for good."""
+    live = master(session=5)
+    live.add_new_flows([ent(666)], T0)
+    recorded = live.poll(T0 + 1)
+    sb = Standby()
+    handshake(live, sb, T0 + 2)
+    assert sb.feed(recorded, T0 + 3) == [] and sb.installed == {}
+    assert sb.rx.counters["replay"] == 1
+    live.add_new_flows([ent(1)], T0 + 3)
+    sb.feed(live.poll(T0 + 3.1), T0 + 3.1)
+    assert set(sb.installed) == {ent(1)[:5]} and sb.rx.peer("lb1")["lost"] == 0
+
+
+def test_challenges_of_unproven_sessions_are_rate_limited_and_a_slow_answer_counts() -> None:
+    s, sb = master(), Standby(challenge_interval_s=1.0)
+    flood = []
+    for i in range(50):
+        s.add_new_flows([ent(i)], T0)
+        flood += s.poll(T0 + 1)
+    (ch1,) = sb.feed(flood[:25], T0 + 1)
+    assert sb.feed(flood[25:], T0 + 1.5) == []  # one challenge per interval
+    (ch2,) = sb.feed(flood[:1], T0 + 2)
+    assert ch2.nonce != ch1.nonce and sb.rx.stats["challenges_sent"] == 2
+    assert sb.rx.peer("lb1")["challenges"] == 2 and sb.rx.counters["unproven"] == 51
+    (ch3,) = sb.feed(flood[:1], T0 + 3)
+    # Two nonces are good at a time (an answer may be on its way), not three.
+    assert sb.feed([s.respond(ch1.nonce, T0 + 3)], T0 + 3) == []
+    (up,) = sb.feed([s.respond(ch2.nonce, T0 + 3.01)], T0 + 3.01)
+    assert up.session == s.session and sb.installed == {}  # the flood came before it
+    assert sb.feed([s.respond(ch3.nonce, T0 + 3.02)], T0 + 3.02) == []  # spent: no news
+    assert sb.feed(flood, T0 + 3.03) == [] and sb.installed == {}
+    assert sb.rx.peer("lb1")["session"] == s.session
+
+
+def test_forged_or_garbled_responses_prove_nothing() -> None:
+    s, sb = master(), Standby()
+    s.add_new_flows([ent(1)], T0)
+    (ch,) = sb.feed(s.poll(T0 + 0.01), T0 + 0.01)
+    good = s.respond(ch.nonce, T0 + 0.02)
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x40
+    forger = Sender("lb1", b"K" * 32, T0, session=s.session, role="master")
+    tries = [
+        ("bad_mac", forger.respond(ch.nonce, T0)),  # the nonce seen, not the key
+        ("bad_mac", bytes(flipped)),
+        ("truncated", good[:-1]),
+        ("unproven", s.respond(b"\x00" * 16, T0)),  # a guess at the nonce
+    ]
+    for reason, data in tries:
+        before = sb.rx.counters[reason]
+        assert sb.feed([data], T0 + 0.03) == [], reason
+        assert sb.rx.counters[reason] == before + 1, reason
+    # the nonce in a Challenge, or from another peer, is no proof either
+    acts = sb.feed([s.challenge(ch.nonce, T0)], T0 + 0.04)
+    assert not [a for a in acts if isinstance(a, PeerUp)]
+    other = Sender("lb2", KEY, T0, session=s.session)
+    acts = sb.feed([other.respond(ch.nonce, T0)], T0 + 0.05)
+    assert [type(a) for a in acts] == [SendChallenge] and acts[0].sender == "lb2"
+    assert sb.rx.peer("lb1")["session"] is None and sb.rx.peer("lb2")["session"] is None
+    assert sb.installed == {}
+    (up,) = sb.feed([good], T0 + 0.06)  # the genuine answer still proves it
+    assert up == PeerUp("lb1", s.session, "master", PEER, False)
+    assert sb.feed([good], T0 + 0.07) == [] and sb.installed == {}
+
+
+class Node:
+    """A sync node as the agent drives it: Sender + Receiver + its conn table."""
+
+    def __init__(self, name: str, role: str, now: float, table=(), **rx) -> None:
+        self.name = name
+        self.addr = ("10.0.0.1" if name == "lb1" else "10.0.0.2", 9542)
+        self.tx = Sender(name, KEY, now, role=role, full_interval_s=None,
+                         heartbeat_interval_s=1.0, full_rate=None, session=rx.pop("session", None))
+        self.rx = Receiver(KEY, None, 65507, node_id=name, **rx)
+        self.table = {e[:5]: e for e in table}
+        self.ups: list[PeerUp] = []
+
+
+def run_pair(a: Node, b: Node, t0: float, seconds: float, lose: bool = False) -> float | None:
+    """Both nodes' datagrams delivered in order after 1 ms, acted on as
+    l4lb/sync/agent.py does (PeerUp / a challenge in our current session -> a
+    master walks its table); with ``lose``, a's first Response is lost. Returns
+    when b's table came to equal a's for good (None: it did not)."""
+    wire: list = []  # (deliver at, to, datagram, from address)
+    t, same_at = t0, None
+    lost: list[bytes] = []
+
+    def send(src: Node, dst: Node, data: bytes) -> None:
+        if lose and not lost and src is a and decode(data, KEY, 65507).kind == "response":
+            lost.append(data)
+            return
+        wire.append((t + 0.001, dst, data, src.addr))
+
+    while t < t0 + seconds:
+        for n, peer in ((a, b), (b, a)):
+            if n.tx.full_due(t):
+                n.tx.start_full(list(n.table.values()), t)
+            for d in n.tx.poll(t):
+                send(n, peer, d)
+        while wire and wire[0][0] <= t:
+            _, dst, data, src = wire.pop(0)
+            other = a if dst is b else b
+            for act in dst.rx.on_datagram(data, src, t):
+                if isinstance(act, InstallEntries):
+                    dst.table.update((e[:5], e) for e in act.entries)
+                elif isinstance(act, PeerUp):
+                    dst.ups.append(act)
+                    if dst.tx.role == "master":
+                        dst.tx.request_full()
+                elif isinstance(act, SendChallenge):
+                    send(dst, other, dst.tx.challenge(act.nonce, t))
+                elif isinstance(act, SendResponse):
+                    send(dst, other, dst.tx.respond(act.nonce, t))
+                    if act.current and dst.tx.role == "master":
+                        dst.tx.request_full()
+        if same_at is None and b.table == a.table:
+            same_at = t
+        elif b.table != a.table:
+            same_at = None
+        t += 0.005
+    assert lost or not lose
+    return same_at
+
+
+@pytest.mark.parametrize("lose_a_response", [False, True])
+def test_pair_converges_through_starts_and_restarts(lose_a_response) -> None:
+    """Normal start of both, a restart of the standby without and with its state,
+    a restart of the master (its conn table kept, as pinned maps keep it): each
+    time the standby ends up with the master's whole table, its peer's session
+    adopted once. With the master's first Response lost, the standby drops the
+    walk that the master starts on adopting it; its next challenge (rate-limited)
+    comes in a session the master already adopted, and makes it walk again."""
+    t = T0
+    a = Node("lb1", "master", t, ents(0, 1000))
+    b = Node("lb2", "backup", t)
+    assert run_pair(a, b, t, 4.0, lose_a_response) is not None and len(b.table) == 1000
+    assert [u.session for u in b.ups] == [a.tx.session] and len(a.ups) == 1
+    assert a.rx.counters["bad_mac"] == b.rx.counters["bad_mac"] == 0
+    for keep_state in (False, True):  # the standby restarts
+        t += 5
+        known = b.rx.known_sessions() if keep_state else None
+        b = Node("lb2", "backup", t, known_sessions=known)
+        assert run_pair(a, b, t, 4.0, lose_a_response) is not None and len(b.table) == 1000
+        assert [u.session for u in b.ups] == [a.tx.session]
+        assert a.ups[-1].session == b.tx.session and a.ups[-1].restarted
+    for keep_state in (False, True):  # the master restarts, with new flows meanwhile
+        t += 5
+        known = a.rx.known_sessions() if keep_state else None
+        more = ents(0, 1000 + 100 * (2 + keep_state))
+        a = Node("lb1", "master", t, more, known_sessions=known)
+        assert run_pair(a, b, t, 4.0, lose_a_response) is not None and len(b.table) == len(more)
+        assert b.ups[-1].session == a.tx.session and b.ups[-1].restarted
 
 
 # =========================================================================== pre-auth backlog
