@@ -502,8 +502,8 @@ def _fill_numpy(perms: Sequence[tuple[int, int, int]], weights: Sequence[int], s
         turn += real
         np.minimum.at(best, slot, turn)  # earliest turn wins each slot
         win = np.flatnonzero(best[slot] == turn)
-        best[slot] = unset
         won, by = slot[win], real[win]
+        best[won] = unset  # every slot proposed is won: this resets them all
         owner[won] = by
         free[won] = False
         nfree -= win.size
@@ -595,6 +595,9 @@ def _groups(width):
     bucketed by power of two, so that one heavy real needing thousands of slots
     does not widen everybody's block; a bucket joins the block before it when
     widening that block costs less than a block of its own."""
+    top = int(width.max())
+    if width.size * (top - int(width.min())) <= _BLOCK_COST:  # one block is cheaper
+        return [(np.arange(width.size), top)]
     shift = np.ceil(np.log2(width)).astype(np.int64)
     u = np.unique(shift)
     if u.size == 1:
