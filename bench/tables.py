@@ -111,7 +111,8 @@ def case_walk(n: int) -> dict:
         r["full_slices"] = stats["slices"]
         return r
     finally:
-        tables._empty_map(prog.map("conns"))
+        for name in ("conns4", "conns"):  # the conn table's two maps (dataplane/conntable.py)
+            tables._empty_map(prog.map(name))
         prog.close()
 
 
