@@ -370,7 +370,8 @@ class Planner:
     # ---------------------------------------------------------------- rings
     def ring_for(self, vs: VipState):
         s = self.state
-        inputs = tuple(sorted(maglev.Backend(r.real_id, r.address, r.weight)
+        # (id, key, weight): maglev.Backend's fields as a plain tuple (cheaper to make)
+        inputs = tuple(sorted((r.real_id, r.address, r.weight)
                               for r in vs.reals.values() if not r.down))
         memo = s.ring_memo.setdefault(vs.key, {})
         mkey = (vs.ring_size, inputs)
