@@ -53,6 +53,7 @@ from __future__ import annotations
 import array
 import functools
 import hashlib
+import itertools
 import operator
 import threading
 from collections import Counter
@@ -477,7 +478,9 @@ def _fill_numpy(perms: Sequence[tuple[int, int, int]], weights: Sequence[int], s
     """Same result as _fill_python, one array pass per round of proposals."""
     m = size
     n = len(perms)
-    offset, skip, inverse = np.array(perms, dtype=np.int64).reshape(n, 3).T.copy()
+    offset, skip, inverse = np.fromiter(
+        itertools.chain.from_iterable(perms), dtype=np.int64, count=3 * n
+    ).reshape(n, 3).T.copy()
     turns, keyn, row = _turn_order_numpy(weights, size)
 
     owner = np.full(m, -1, dtype=np.int32)
@@ -685,8 +688,10 @@ def _propose_by_inverse(pending, need, offset, inverse, free_slots, m):
     width = int(need.max())  # <= free.size: there are as many free slots as unserved turns
     if width == 1:
         col = np.argmin(pos, axis=1)[:, None]
-    else:
-        col = np.argsort(pos, axis=1)[:, :width]
+    else:  # the `width` smallest (positions in a row are distinct), in order
+        col = np.argpartition(pos, width - 1, axis=1)[:, :width]
+        col = np.take_along_axis(col, np.argsort(np.take_along_axis(pos, col, axis=1),
+                                                  axis=1), axis=1)
     pos = np.take_along_axis(pos, col, axis=1)
     hit = np.flatnonzero(np.arange(width)[None, :] < need[:, None])
     row, j = np.divmod(hit, width)
