@@ -54,7 +54,12 @@ def _real_index(vip: dict, address: str) -> int:
         want = ipaddress.ip_address(address)
     except ValueError:
         raise ApiError(f"address: {address!r} is not an IP address") from None
-    for i, r in enumerate(vip.get("real", [])):
+    reals = vip.get("real", [])
+    spelled = str(want)  # how the config's dict form spells it: found without parsing 1,000
+    for i, r in enumerate(reals):
+        if r.get("address") == spelled:
+            return i
+    for i, r in enumerate(reals):
         if ipaddress.ip_address(r["address"]) == want:
             return i
     raise ApiError(f"VIP has no real {address}")
