@@ -187,6 +187,8 @@ class Daemon:
         for ifname in self.cfg.node.interfaces:
             self.prog.attach(ifname, self.cfg.node.xdp_mode)
             log.info("XDP attached to %s (%s mode)", ifname, self.cfg.node.xdp_mode)
+        for gone in loader.remove_stale_pins(opts.pin_dir):  # after an upgrade or a resize
+            log.warning("removed the pinned maps of an older layout or size: %s", gone)
         await self._start_ha()
         if not self.vrrp and self.cfg.bgp is None:  # ECMP: XDP takes VIP traffic, no address
             await self._hold_vips(True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes as ct
 import importlib.resources
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -55,6 +56,28 @@ class BuildOptions:
         if self.pin_dir:
             f.append(f'-DPIN_DIR="{self.pin_dir}"')
         return f
+
+
+_PIN_DIR_NAME = re.compile(r"v\d+(-r\d+-c\d+)?")
+
+
+def remove_stale_pins(pin_dir: str) -> list[str]:
+    """Remove the node's other pin directories (an older layout, other sizes) once the
+    maps of ``pin_dir`` serve: nothing reads them any more, and a conn table pinned
+    there holds its memory until reboot. Returns what was removed."""
+    node_dir = os.path.dirname(pin_dir.rstrip("/"))
+    keep = os.path.basename(pin_dir.rstrip("/"))
+    try:
+        names = os.listdir(node_dir)
+    except OSError:
+        return []
+    gone = []
+    for name in sorted(names):
+        path = os.path.join(node_dir, name)
+        if name != keep and _PIN_DIR_NAME.fullmatch(name) and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            gone.append(path)
+    return gone
 
 
 def pin_dir_for(pin_path: str, node: str) -> str:
