@@ -107,6 +107,10 @@ def empty_table(t) -> int:
     from l4lb.dataplane import bpfsys  # noqa: PLC0415
     from l4lb.dataplane.tables import CONN_KEY, CONN_VAL  # noqa: PLC0415
 
+    if hasattr(t.conns, "clear"):  # a table over several maps (dataplane/conntable.py)
+        n = count_table(t)
+        t.conns.clear()
+        return n
     return sum(n for _, _, n in bpfsys.lookup_batches(t.conns.map_fd, CONN_KEY.size,
                                                       CONN_VAL.size, 16384, delete=True))
 
@@ -530,14 +534,19 @@ def bulk_round(master: Node, standby: Node, entries: int, rnd: int) -> dict:
         return round((d[key] - d0[key]) / max(n, 1) * 1e6, 3)
 
     walk = {k: us(pm, parts0["master"], f"walk_{k}", sent) for k in ("user", "sys")}
+    send = {k: us(pm, parts0["master"], f"send_{k}", sent) for k in ("user", "sys")}
     bulk["master_us_per_entry_by_part"] = {
-        "walk_thread": walk,
-        "other": round(bulk["master_cpu_us_per_entry"] - walk["user"] - walk["sys"], 3)}
+        "walk_thread": walk, "loop_send": send,
+        "other": round(bulk["master_cpu_us_per_entry"] - sum(walk.values())
+                       - sum(send.values()), 3)}
     inst = {f"{p}_{k}": us(ps, parts0["standby"], f"{p}_full_{k}", installed)
             for p in ("translate", "write") for k in ("user", "sys")}
+    loop = {f"{p}_{k}": us(ps, parts0["standby"], f"{p}_{k}", installed)
+            for p in ("read", "auth_full") for k in ("user", "sys")}
     bulk["standby_us_per_entry_by_part"] = {
-        "install_thread": inst,
-        "other": round(bulk["standby_cpu_us_per_entry"] - sum(inst.values()), 3)}
+        "install_thread": inst, "loop": loop,
+        "other": round(bulk["standby_cpu_us_per_entry"] - sum(inst.values())
+                       - sum(loop.values()), 3)}
     bulk["master_loop_max_stall_ms"] = round(cpu_m[1] * 1000, 1)
     bulk["standby_loop_max_stall_ms"] = round(cpu_s[1] * 1000, 1)
     bulk["install_entries_per_s"] = round(installed / (installs[-1][0] - t_start), 1) \

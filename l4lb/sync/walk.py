@@ -29,6 +29,7 @@ class _WalkFeed:
         self._ahead = ahead
         self._wake = wake
         self._want = False
+        self._blocked = False  # the producer waits for room
         self._closed = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, args=(produce,),
@@ -48,12 +49,22 @@ class _WalkFeed:
 
     def put(self, chunk: PackedEntries, last: bool) -> None:
         """(walk thread) Queue one chunk; blocks while ``ahead`` are waiting."""
+        self.put_many([(chunk, last)])
+
+    def put_many(self, items: list) -> None:
+        """(walk thread) Queue ``(chunk, last)`` items together (one lock, one wake-up
+        for a BPF batch's worth of chunks); blocks while ``ahead`` are waiting, so at
+        most ``ahead`` + len(items) are ever queued."""
+        if not items:
+            return
         with self._cv:
             while len(self._q) >= self._ahead and not self._closed:
+                self._blocked = True
                 self._cv.wait(0.5)
+            self._blocked = False
             if self._closed:
                 raise _WalkClosed
-            self._q.append((chunk, last))
+            self._q.extend(items)
             want, self._want = self._want, False
         if want:
             self._wake()
@@ -61,9 +72,13 @@ class _WalkFeed:
     def get(self):
         """(loop) The next (chunk, last), or None if none is ready yet."""
         with self._cv:
-            if self._q:
-                item = self._q.popleft()
-                self._cv.notify()
+            q = self._q
+            if q:
+                item = q.popleft()
+                # (the producer waits for room: wake it once half is free, not per chunk)
+                if self._blocked and len(q) <= self._ahead // 2:
+                    self._blocked = False
+                    self._cv.notify()
                 return item
             if self._error is not None:
                 raise self._error

@@ -488,6 +488,10 @@ def test_walk_and_install_threads_count_their_cpu_by_part(monkeypatch):
         def put(self, chunk, last):
             self.got.append((len(chunk), last))
 
+        def put_many(self, items):
+            for chunk, last in items:
+                self.put(chunk, last)
+
     a._produce_walk(Feed())  # (in the test's thread: the walk's two readings, 1 s apart)
     assert sum(n for n, _ in Feed.got) == 50 and Feed.got[-1][1]
     a._install_job([], True, 0.0, True)  # translate 1 s, then write 1 s
