@@ -190,6 +190,23 @@ def test_golden_ring():
 GOLDEN_1009 = "4490a87868080e16eeda79df363b1ef2109bcadcc3f56693afbefcda4688c2e2"
 
 
+@pytest.mark.parametrize("kind, expected", [
+    ("equal", "f9d5bf37bc8d1d81e801fa4e2291a25b57bd5b1ac00c33a5a3affe52c9937625"),
+    ("weighted", "257f176b0d1074222f1364c803d2a627972671847fc697f5a0303ebdfd6df58b"),
+])
+def test_golden_ring_at_scale(kind, expected):
+    # 1,000 reals at the default size, the daemon's case: every round kind of the
+    # numpy fill runs (first block, walks, inverse). Pinned from the fill as it was
+    # before the speed-ups of issue 16: a node and its upgraded peer must agree.
+    weights = [100] if kind == "equal" else [100, 50, 1, 7, 65535, 0, 300]
+    backends = [Backend(i + 1, f"10.98.{i // 250}.{i % 250 + 1}", weights[i % len(weights)])
+                for i in range(1000)]
+    ring = build_ring(backends, M)
+    if sys.byteorder == "big":
+        ring.byteswap()
+    assert digest(ring) == expected
+
+
 # ------------------------------------------- numpy path == Python reference
 
 

@@ -124,6 +124,27 @@ def test_bad_input_is_refused_as_build_ring_refuses_it():
         prepare([("10.1.0.1", 1)], 4098)
 
 
+@pytest.mark.parametrize("pairs, size", [
+    ([("10.1.0.1", 65536)], M),
+    ([("10.1.0.1", -1)], M),
+    ([("10.1.0.1", True)], M),
+    ([("10.1.0.1", 1.5)], M),
+    ([("", 1)], M),
+    ([(None, 1)], M),
+    ([("10.1.0.1", 1), ("10.1.0.2", 1), ("10.1.0.3", 1)], 2),
+    ([("10.1.0.1", 1)], 101.0),
+    ([("10.1.0.1", 1)], 1),
+])
+def test_prepare_words_every_refusal_as_build_ring(pairs, size):
+    # prepare's one-pass check of the common case falls back to build_ring's for
+    # anything else: the same refusal, word for word.
+    with pytest.raises(ValueError) as built:
+        build_ring([Backend(i + 1, k, w) for i, (k, w) in enumerate(pairs)], size)
+    with pytest.raises(ValueError) as prepared:
+        prepare(pairs, size)
+    assert str(prepared.value) == str(built.value)
+
+
 def test_prepared_tells_without_filling(fills):
     bs = reals(8)
     assert not maglev.prepared(pairs(bs), M)
