@@ -299,7 +299,6 @@ def _validate_pairs(pairs: list[tuple[str, int]], size: int) -> list[tuple[str, 
     """_validate of [(key, weight)] (ids do not matter to a fill): the common case
     checked in one pass, anything else by _validate, for its errors."""
     if (type(size) is int and 2 <= size <= MAX_RING_SIZE and _is_prime(size)
-            and len(pairs) <= MAX_REAL_ID
             and all(type(k) is str and k and type(w) is int and 0 <= w <= MAX_WEIGHT
                     for k, w in pairs)
             and len({k for k, _ in pairs}) == len(pairs)):
