@@ -547,6 +547,8 @@ def bulk_round(master: Node, standby: Node, entries: int, rnd: int) -> dict:
         "install_thread": inst, "loop": loop,
         "other": round(bulk["standby_cpu_us_per_entry"] - sum(inst.values())
                        - sum(loop.values()), 3)}
+    bulk["offload"] = {"gso": master("status")["offload"]["gso"],
+                       "gro": standby("status")["offload"]["gro"]}
     bulk["master_loop_max_stall_ms"] = round(cpu_m[1] * 1000, 1)
     bulk["standby_loop_max_stall_ms"] = round(cpu_s[1] * 1000, 1)
     bulk["install_entries_per_s"] = round(installed / (installs[-1][0] - t_start), 1) \
@@ -704,17 +706,26 @@ def render(r: dict) -> tuple[str, str]:
     b = r["bulk"]
     mw, sp = b["master_us_per_entry_by_part"], b["standby_us_per_entry_by_part"]
     it = sp["install_thread"]
+    lp = sp.get("loop", {})
+
+    def tot(d: dict, part: str) -> float:
+        return round(d.get(f"{part}_user", 0.0) + d.get(f"{part}_sys", 0.0), 3)
+
+    send = mw.get("loop_send", {})
+    off = b.get("offload", {})
     rows = [["full walk sent (entries/s)", f"{r['bulk_entries_per_s']:,.0f}",
              f"{b['sent']:,} in {b['send_s']} s; master CPU "
              f"{b['master_cpu_us_per_entry']} us/entry: walk thread {mw['walk_thread']['sys']} "
-             f"kernel (BPF lookups) + {mw['walk_thread']['user']} user, loop and the rest "
-             f"{mw['other']}"],
+             f"kernel (BPF lookups) + {mw['walk_thread']['user']} user (to wire records), "
+             f"loop framing, signing, sending {round(sum(send.values()), 3)}, "
+             f"the rest {mw['other']}; UDP GSO {'on' if off.get('gso') else 'off'}"],
             ["full walk installed (entries/s)", f"{r['install_entries_per_s']:,.0f}",
              f"{b['installed']:,} in {b['install_s']} s, lost {b['lost']:,}; standby CPU "
              f"{b['standby_cpu_us_per_entry']} us/entry: install thread writing "
-             f"{it['write_sys']} kernel (BPF updates) + {it['write_user']} user, translating "
-             f"{round(it['translate_user'] + it['translate_sys'], 3)}; loop and the rest "
-             f"{sp['other']}"]]
+             f"{tot(it, 'write')} (BPF updates; {it['write_sys']} seen in the kernel), "
+             f"translating {tot(it, 'translate')}; loop reading {tot(lp, 'read')}, "
+             f"authenticating and decoding {tot(lp, 'auth_full')}; the rest {sp['other']}; "
+             f"UDP GRO {'on' if off.get('gro') else 'off'}"]]
     for mode, m in r["ring_modes"].items():
         rows.append([f"lag p50 / p99 (ms), ring {mode}",
                      f"{m['lag_p50_ms']:.2f} / {m['lag_p99_ms']:.2f}",
