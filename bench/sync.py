@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import ipaddress
 import multiprocessing as mp
 import os
@@ -240,6 +241,9 @@ class Worker:
         if self.role == "master":
             await asyncio.to_thread(fill_table, self.tables, a["entries"])
         await self.new_agent("epoll", "backup")
+        # as daemon.py does once started: start-up's objects (bcc, numpy, the tables)
+        # out of the collector's reach, so full collections stay short
+        gc.freeze()
         watcher = asyncio.create_task(self.watch_walks())
         self.conn.send(("ready", None))
         while True:
