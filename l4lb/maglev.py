@@ -43,9 +43,11 @@ used when numpy is not installed.  They give identical tables (the tests check),
 so nodes with and without numpy still agree.
 
 A fill depends on the ring size and the live reals' keys and weights only, never
-on ids.  At 1,000 reals and M=65537 it takes ~12 ms of CPU, so the daemon makes
-it ahead in a worker thread (``prepare``) and the ``build_ring`` that publishes
-the ring on its event loop only writes the ids into it.
+on ids.  At 1,000 reals and M=65537 it takes 9-15 ms of CPU on the 2-CPU test VM
+(12 rounds: one block for the first, five walks, six small inverse rounds; the
+walks are most of it), so the daemon makes it ahead in a worker thread
+(``prepare``) and the ``build_ring`` that publishes the ring on its event loop
+only writes the ids into it.
 """
 
 from __future__ import annotations
