@@ -75,8 +75,8 @@ class _WalkFeed:
             q = self._q
             if q:
                 item = q.popleft()
-                # (the producer waits for room: wake it once half is free, not per chunk)
-                if self._blocked and len(q) <= self._ahead // 2:
+                # (the producer waits for room: wake it once, as soon as there is some)
+                if self._blocked and len(q) < self._ahead:
                     self._blocked = False
                     self._cv.notify()
                 return item
