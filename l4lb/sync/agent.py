@@ -22,6 +22,9 @@ standby installs new flows before full-walk entries that arrived earlier:
 those wait raw in a bounded backlog, are authenticated a bounded number of
 bytes per loop turn, and are translated (numpy again, on the packed records
 as they came) and installed in the install thread, a slice at a time.
+Where the kernel has them, runs of equal-sized datagrams go out in one sendmsg
+(UDP GSO) and come in with one recvmsg (UDP GRO); each is still a datagram of
+its own on the wire and is authenticated on its own.
 
 Who is heard. Only datagrams from the configured peers' addresses, checked
 before any MAC work; a peer's session is adopted only once proven live by a
@@ -125,12 +128,13 @@ REPLAY_WINDOW = 1 << 17  # messages: covers the full-walk chunks set aside
 _FULL_HEAD = bytes((0x99, 2))
 SOCK_BUF = 8 << 20  # socket buffers: a full walk's burst and a slow loop tick
 # Full walks a peer waits for, entries/s: about what a standby installs. Its
-# install thread costs ~0.7 us of CPU an entry (most of it the kernel's LRU update),
-# its loop ~0.4 us; sharing 2 CPUs with the master (bench/sync.py) it installs
-# ~0.75-0.9M/s. A faster walk only fills the standby's socket buffer (SOCK_BUF) and
-# backlog (DEFER_MAX_BYTES), beyond which entries are lost (counted as
-# backlog_full) until the next walk: at 1.2M/s, 21,772 datagrams (~1.5M entries) of
-# the ~11 walks of one bench/sync run.
+# install thread costs ~0.7-1.0 us of CPU an entry (most of it the kernel's LRU
+# update), its loop ~0.3 us (reading, authenticating, decoding); sharing 2 CPUs
+# with the master (bench/sync.py) it installs ~0.8-1.0M/s. A faster walk waits in
+# the standby's socket buffer (SOCK_BUF) and backlog (DEFER_MAX_BYTES), beyond
+# which entries are lost (counted as backlog_full) until the next walk. Before UDP
+# GRO, a 1.2M/s pace lost 21,772 datagrams of one bench run's walks; with it, 1M
+# entries at 1.2M/s and 1.5M/s paces lost none (the socket holds coalesced runs).
 FULL_PACE = 1_000_000.0
 # UDP segmentation offload (Linux >= 4.18 send, 5.0 receive): the sender hands the
 # kernel a run of equal-sized datagrams in one sendmsg (UDP_SEGMENT: each still a
