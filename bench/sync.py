@@ -726,9 +726,9 @@ def render(r: dict) -> tuple[str, str]:
             ["full walk installed (entries/s)", f"{r['install_entries_per_s']:,.0f}",
              f"{b['installed']:,} in {b['install_s']} s, lost {b['lost']:,}; standby CPU "
              f"{b['standby_cpu_us_per_entry']} us/entry: install thread writing "
-             f"{tot(it, 'write')} (BPF updates; {it['write_sys']} seen in the kernel), "
-             f"translating {tot(it, 'translate')}; loop reading {tot(lp, 'read')}, "
-             f"authenticating and decoding {tot(lp, 'auth_full')}; the rest {sp['other']}; "
+             f"{tot(it, 'write')} (BPF updates; {it['write_sys']} seen in the kernel); loop "
+             f"reading {tot(lp, 'read')}, authenticating and decoding {tot(lp, 'auth_full')}, "
+             f"translating {tot(it, 'translate')}; the rest {sp['other']}; "
              f"UDP GRO {'on' if off.get('gro') else 'off'}"]]
     for mode, m in r["ring_modes"].items():
         rows.append([f"lag p50 / p99 (ms), ring {mode}",
