@@ -729,7 +729,9 @@ def render(r: dict) -> tuple[str, str]:
              f"{tot(it, 'write')} (BPF updates; {it['write_sys']} seen in the kernel); loop "
              f"reading {tot(lp, 'read')}, authenticating and decoding {tot(lp, 'auth_full')}, "
              f"translating {tot(it, 'translate')}; the rest {sp['other']}; "
-             f"UDP GRO {'on' if off.get('gro') else 'off'}"]]
+             f"UDP GRO {'on' if off.get('gro') else 'off'}; datagrams the standby dropped "
+             f"(backlog full) over the whole run: "
+             f"{(r.get('standby_rejected') or {}).get('backlog_full', 0):,}"]]
     for mode, m in r["ring_modes"].items():
         rows.append([f"lag p50 / p99 (ms), ring {mode}",
                      f"{m['lag_p50_ms']:.2f} / {m['lag_p99_ms']:.2f}",
