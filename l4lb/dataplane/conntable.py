@@ -18,12 +18,13 @@ import numpy as np
 from l4lb.dataplane import bpfsys
 from l4lb.dataplane import maps as M
 
-# struct flow_key4 and struct flow_key as numpy sees them: the fields they share.
+# struct flow_key4 and struct flow_key as numpy sees them: the fields they share, as
+# plain integers (bytes copied as they are; numpy copies <u4 ~5x faster than V4).
 KEY4_DTYPE = np.dtype({"names": ["src", "dst", "ports", "proto"],
-                       "formats": ["V4", "V4", "V4", "u1"],
+                       "formats": ["<u4", "<u4", "<u4", "u1"],
                        "offsets": [0, 4, 8, 12], "itemsize": ct.sizeof(M.FlowKey4)})
 KEY_DTYPE = np.dtype({"names": ["src", "dst", "ports", "proto", "family"],
-                      "formats": ["V4", "V4", "V4", "u1", "u1"],
+                      "formats": ["<u4", "<u4", "<u4", "u1", "u1"],
                       "offsets": [M.FlowKey.src.offset, M.FlowKey.dst.offset,
                                   M.FlowKey.sport.offset, M.FlowKey.proto.offset,
                                   M.FlowKey.family.offset],
