@@ -124,12 +124,13 @@ def fill_conns(lab, node: str, n: int, chunk: int = 100_000) -> int:
     tables = json.loads((Path("/run/l4lb") / lab.l4lb_name(node) / "tables.json").read_text())
     vip = next(v for v in tables["vips"] if v["address"] == VIP and v["port"] == VPORT)
     real_id, vip_id = vip["reals"][0]["real_id"], vip["vip_id"]
-    fd = bpfsys.obj_get(f"{st['pin_dir']}/conns4")  # IPv4 flows: conns4, 16-byte keys
-    # IPv4 flow keys: the fields this fill sets, at the mirror's offsets (maps.FlowKey4)
-    fields = {"src": ">u4", "dst": ">u4", "sport": ">u2", "dport": ">u2", "proto": "u1"}
+    fd = bpfsys.obj_get(f"{st['pin_dir']}/conns")
+    # IPv4 flow keys: the fields this fill sets, at the mirror's offsets (maps.FlowKey)
+    fields = {"src": ">u4", "dst": ">u4", "sport": ">u2", "dport": ">u2", "proto": "u1",
+              "family": "u1"}
     kdt = np.dtype({"names": list(fields), "formats": list(fields.values()),
-                    "offsets": [getattr(M.FlowKey4, f).offset for f in fields],
-                    "itemsize": ct.sizeof(M.FlowKey4)})
+                    "offsets": [getattr(M.FlowKey, f).offset for f in fields],
+                    "itemsize": ct.sizeof(M.FlowKey)})
     vdt = CONN_VAL_DTYPE
     vip_int = int.from_bytes(socket.inet_aton(VIP), "big")
     try:
@@ -138,7 +139,7 @@ def fill_conns(lab, node: str, n: int, chunk: int = 100_000) -> int:
             k = np.zeros(len(i), kdt)
             k["src"] = FILL_SRC + i // 60000
             k["sport"] = 1024 + i % 60000
-            k["dst"], k["dport"], k["proto"] = vip_int, VPORT, 6
+            k["dst"], k["dport"], k["proto"], k["family"] = vip_int, VPORT, 6, 4
             v = np.zeros(len(i), vdt)
             v["real_id"], v["vip_id"], v["last_seen_ns"] = real_id, vip_id, coarse_now_ns()
             bpfsys.update_batch(fd, k.tobytes(), v.tobytes(), len(i))

@@ -108,10 +108,6 @@ def empty_table(t) -> int:
     from l4lb.dataplane import bpfsys  # noqa: PLC0415
     from l4lb.dataplane.tables import CONN_KEY, CONN_VAL  # noqa: PLC0415
 
-    if hasattr(t.conns, "clear"):  # a table over several maps (dataplane/conntable.py)
-        n = count_table(t)
-        t.conns.clear()
-        return n
     return sum(n for _, _, n in bpfsys.lookup_batches(t.conns.map_fd, CONN_KEY.size,
                                                       CONN_VAL.size, 16384, delete=True))
 

@@ -111,8 +111,7 @@ def case_walk(n: int) -> dict:
         r["full_slices"] = stats["slices"]
         return r
     finally:
-        for name in ("conns4", "conns"):  # the conn table's two maps (dataplane/conntable.py)
-            tables._empty_map(prog.map(name))
+        tables._empty_map(prog.map("conns"))
         prog.close()
 
 

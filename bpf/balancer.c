@@ -119,37 +119,6 @@ static __always_inline int is_vip_addr(const struct flow_key *k)
     return vip_addrs.lookup(&vk) != 0;
 }
 
-/* The conn table: IPv4 flows under their 16-byte key in conns4, IPv6 in conns. */
-static __always_inline struct flow_key4 flow_key4_of(const struct flow_key *k)
-{
-    struct flow_key4 k4 = {};
-    k4.src = *(const __be32 *)k->src;
-    k4.dst = *(const __be32 *)k->dst;
-    k4.sport = k->sport;
-    k4.dport = k->dport;
-    k4.proto = k->proto;
-    return k4;
-}
-
-static __always_inline struct conn_val *conn_lookup(struct flow_key *k)
-{
-    if (k->family == FAMILY_V4) {
-        struct flow_key4 k4 = flow_key4_of(k);
-        return conns4.lookup(&k4);
-    }
-    return conns.lookup(k);
-}
-
-static __always_inline void conn_update(struct flow_key *k, struct conn_val *v)
-{
-    if (k->family == FAMILY_V4) {
-        struct flow_key4 k4 = flow_key4_of(k);
-        conns4.update(&k4, v);
-    } else {
-        conns.update(k, v);
-    }
-}
-
 /* Pick the real from the VIP's live ring; 0 when the ring is empty. */
 static __always_inline __u32 ring_pick(const struct vip_meta *vip, __u32 hash)
 {
@@ -307,7 +276,7 @@ int xdp_balancer(struct xdp_md *ctx)
      * same real unless the ring changed, and the lookup saved keeps new flows as
      * cheap as they were). */
     struct vip_meta *vip = 0;
-    struct conn_val *cv = conn_lookup(&p.key);
+    struct conn_val *cv = conns.lookup(&p.key);
     int in_main = cv != 0;
     int in_embryo = 0;
     __u32 fh = 0; /* the full 5-tuple hash: embryo slot (and ring pick unless src_only) */
@@ -406,7 +375,7 @@ int xdp_balancer(struct xdp_md *ctx)
                 if (in_main || guard_admit(now)) {
                     struct conn_val nv = {.real_id = real_id, .vip_id = vip_id,
                                           .last_seen_ns = now};
-                    conn_update(&p.key, &nv);
+                    conns.update(&p.key, &nv);
                     new_flow = 1;
                     count(ST_CONN_MISS);
                     if (cfg->flags & CFG_F_FLOW_EVENTS)
@@ -426,7 +395,7 @@ int xdp_balancer(struct xdp_md *ctx)
             now = now ? now : bpf_ktime_get_coarse_ns();
             if (guard_admit(now)) {
                 struct conn_val nv = {.real_id = real_id, .vip_id = vip_id, .last_seen_ns = now};
-                conn_update(&p.key, &nv);
+                conns.update(&p.key, &nv);
                 embryo_clear(eslot);
                 count(ST_CONN_PROMOTED);
                 if (cfg->flags & CFG_F_FLOW_EVENTS)

@@ -97,18 +97,6 @@ struct flow_key {
     __u8 pad[2];
 };
 
-/* The IPv4 conn-table key (conns4): 16 bytes instead of flow_key's 40. The table's
- * hash and compare cost grows with the key: an IPv4 hit costs ~15 ns less
- * (README: Data plane). IPv6 flows stay in conns under flow_key. */
-struct flow_key4 {
-    __be32 src;
-    __be32 dst;
-    __be16 sport;
-    __be16 dport;
-    __u8 proto;
-    __u8 pad[3];
-};
-
 struct conn_val {
     __u32 real_id;
     __u32 vip_id;
@@ -184,8 +172,6 @@ L4LB_MAP("hash", struct vip_key, __u32, vip_addrs, 2 * MAX_VIPS, 0);
 L4LB_MAP("array", __u32, struct vip_entry, vip_by_id, MAX_VIPS, 0);
 L4LB_MAP("array", __u32, struct real_def, reals, MAX_REALS, 0);
 L4LB_MAP("array", __u32, __u32, rings, RING_SLOTS * RING_MAX, 0);
-/* Established flows: IPv4 in conns4, IPv6 in conns, CONN_TABLE_SIZE entries each. */
-L4LB_MAP("lru_hash", struct flow_key4, struct conn_val, conns4, CONN_TABLE_SIZE, CONN_TABLE_FLAGS);
 L4LB_MAP("lru_hash", struct flow_key, struct conn_val, conns, CONN_TABLE_SIZE, CONN_TABLE_FLAGS);
 /* A TCP flow between its SYN and its next packet, in one of the two slots of pair
  * flow_hash % (EMBRYO_TABLE_SIZE / 2): an array, set associative (a SYN takes a free

@@ -275,8 +275,7 @@ class L4lbCollector:
                                 "How long the last walk of the conn table for those counts took.",
                                 value=census.duration_s)
         yield GaugeMetricFamily("l4lb_conn_table_capacity",
-                                "Size of the connection table, per address family (IPv4 and "
-                                "IPv6 flows each have one; an LRU: full means evictions).",
+                                "Size of the connection table (an LRU: full means evictions).",
                                 value=d.cfg.node.conn_table_size)
 
     def _vrrp(self):

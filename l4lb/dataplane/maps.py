@@ -15,7 +15,7 @@ import struct
 from enum import IntEnum
 from pathlib import Path
 
-LAYOUT_VERSION = 8  # 8: IPv4 flows in conns4 (16-byte FlowKey4); 7: stats_real holds RealCounters
+LAYOUT_VERSION = 7  # 7: stats_real holds RealCounters (one record per packet)
 
 FAMILY_V4 = 4
 FAMILY_V6 = 6
@@ -109,13 +109,6 @@ class FlowKey(ct.Structure):
                 ("pad", ct.c_uint8 * 2)]
 
 
-class FlowKey4(ct.Structure):
-    """conns4's key: an IPv4 flow in 16 bytes (ports in network order, as in FlowKey)."""
-
-    _fields_ = [("src", ct.c_ubyte * 4), ("dst", ct.c_ubyte * 4), ("sport", ct.c_uint16),
-                ("dport", ct.c_uint16), ("proto", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
-
-
 class ConnVal(ct.Structure):
     _fields_ = [("real_id", ct.c_uint32), ("vip_id", ct.c_uint32), ("last_seen_ns", ct.c_uint64)]
 
@@ -187,8 +180,7 @@ class FlowEvent(ct.Structure):
 
 
 # Sizes must match the C side exactly; a mismatch is a bug caught at import.
-for _s, _n in ((VipKey, 20), (VipMeta, 16), (VipEntry, 36), (RealDef, 24), (FlowKey, 40),
-               (FlowKey4, 16), (ConnVal, 16),
+for _s, _n in ((VipKey, 20), (VipMeta, 16), (VipEntry, 36), (RealDef, 24), (FlowKey, 40), (ConnVal, 16),
                (LbConfig, 32), (Counters, 24), (RealCounters, 48), (FlowEvent, 56), (Embryo, 64), (FlowGuardCfg, 8),
                (FlowGuardState, 16)):
     assert ct.sizeof(_s) == _n, (_s.__name__, ct.sizeof(_s))
@@ -199,7 +191,6 @@ MAP_TYPES = {
     "vips": (VipKey, VipMeta), "vip_addrs": (VipKey, ct.c_uint32),
     "vip_by_id": (ct.c_uint32, VipEntry), "reals": (ct.c_uint32, RealDef),
     "rings": (ct.c_uint32, ct.c_uint32), "conns": (FlowKey, ConnVal),
-    "conns4": (FlowKey4, ConnVal),
     "embryos": (ct.c_uint32, Embryo), "config": (ct.c_uint32, LbConfig),
     "flow_guard_cfg": (ct.c_uint32, FlowGuardCfg), "flow_guard": (ct.c_uint32, FlowGuardState),
     "own_macs": (ct.c_uint32, OwnMac), "vip_filter": (ct.c_uint32, ct.c_uint32),

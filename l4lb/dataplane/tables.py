@@ -37,7 +37,6 @@ import numpy as np
 from l4lb import maglev
 from l4lb.dataplane import bpfsys
 from l4lb.dataplane import maps as M
-from l4lb.dataplane.conntable import ConnTable
 from l4lb.dataplane.loader import BuildOptions, Program
 from l4lb.dataplane.plan import Plan, Planner, RealState, TablesError, TableState, VipState, canon
 
@@ -68,7 +67,7 @@ class ServiceTables:
         self._stats_vip = prog.map("stats_vip")
         self._stats_real = prog.map("stats_real")
         self._stats_global = prog.map("stats_global")
-        self.conns = ConnTable(prog.map("conns4"), prog.map("conns"))  # one table, two maps
+        self.conns = prog.map("conns")
         # ids, slots, retired reals, the ring memo: the planner's (no maps in it)
         self.state = TableState.empty(opts.max_vips, opts.max_reals, opts.ring_max)
         self.planner = Planner(self.state)
@@ -215,7 +214,7 @@ class ServiceTables:
             fam = M.RealDef.family.offset
             if any(vals[o + fam] for o in range(0, n * rsize, rsize)):
                 return True
-        for _ in self.conns.batches(8):
+        for _ in bpfsys.lookup_batches(self.conns.map_fd, CONN_KEY.size, CONN_VAL.size, 8):
             return True
         return False
 
@@ -590,7 +589,7 @@ class ServiceTables:
         try:
             return sum(n for _, _, n in self.conn_batches())
         except OSError:  # a kernel without batch lookups (before 5.6): key by key
-            return sum(1 for t in (self.conns.v4, self.conns.v6) for _ in t.keys())
+            return sum(1 for _ in self.conns.keys())
 
     # The conn table in bulk (sync, census): raw FlowKey / ConnVal records, CONN_KEY
     # and CONN_VAL below, one bpf(2) call per batch instead of one per entry.
@@ -603,13 +602,22 @@ class ServiceTables:
         running. Entries added or removed while the walk runs may be missed or seen
         twice (a hash walk, by bucket).
         """
-        yield from self.conns.batches(batch)
+        yield from bpfsys.lookup_batches(self.conns.map_fd, CONN_KEY.size, CONN_VAL.size, batch)
 
     def install_conns(self, keys: bytes, values: bytes, overwrite: bool = True) -> int:
         """Write packed FlowKey/ConnVal records (as conn_batches yields them) to the
         conn table; returns how many were written. ``overwrite`` False leaves existing
         entries alone (BPF_NOEXIST, one call per entry: for small batches only)."""
-        return self.conns.install(keys, values, overwrite)
+        n = len(keys) // CONN_KEY.size
+        if n * CONN_KEY.size != len(keys) or n * CONN_VAL.size != len(values):
+            raise ValueError("keys/values are not whole FlowKey/ConnVal records")
+        if n == 0:
+            return 0
+        fd = self.conns.map_fd
+        if overwrite:
+            bpfsys.update_batch(fd, keys, values, n)
+            return n
+        return bpfsys.update_noexist(fd, keys, values, CONN_KEY.size, CONN_VAL.size)
 
 
 class RealIds(set):
@@ -696,15 +704,12 @@ def _conn_rows(keys: bytes, vals: bytes, n: int, idx=None) -> list[tuple]:
 
 
 # Maps a clean start empties when they are private (pinned ones: every file of the pin dir).
-_RESET_MAPS = ("vips", "vip_addrs", "vip_by_id", "reals", "conns", "conns4", "vip_filter",
-               "stats_vip", "stats_real")
+_RESET_MAPS = ("vips", "vip_addrs", "vip_by_id", "reals", "conns", "vip_filter", "stats_vip",
+               "stats_real")
 
 
 def _empty_map(t) -> None:
     """Empty a hash map or zero an array, a bounded batch per bpf(2) call."""
-    if isinstance(t, ConnTable):
-        t.clear()
-        return
     ksize, vsize = ct.sizeof(t.Key), ct.sizeof(t.Leaf)  # per-CPU: bcc's Leaf is per CPU
     if t.ttype in (_BPF_HASH, _BPF_LRU_HASH, _BPF_PERCPU_HASH, _BPF_LRU_PERCPU_HASH):
         for _ in bpfsys.lookup_batches(t.map_fd, ksize, vsize, WALK_BATCH, delete=True):

@@ -20,8 +20,7 @@ from l4lb.dataplane import maps as M
 def entries(prog, name):
     if name == "embryos":
         return loader.embryos_waiting(prog.map(name))
-    names = ("conns4", "conns") if name == "conns" else (name,)  # the conn table: both maps
-    return sum(1 for n in names for _ in prog.map(n).keys())
+    return sum(1 for _ in prog.map(name).keys())
 
 
 def key(sport, dport=80, proto="tcp", src="10.99.0.11", dst="10.99.0.100"):

@@ -203,9 +203,9 @@ def test_pinned_map_opened_by_path():
     try:
         st = tables.ServiceTables(p, opts)
         st.install_conns(*records(10))
-        fd = bpfsys.obj_get(f"{opts.pin_dir}/conns4")  # IPv4 flows: 16-byte keys
+        fd = bpfsys.obj_get(f"{opts.pin_dir}/conns")
         try:
-            assert sum(n for _, _, n in bpfsys.lookup_batches(fd, 16, 16, 4)) == 10
+            assert sum(n for _, _, n in bpfsys.lookup_batches(fd, 40, 16, 4)) == 10
         finally:
             os.close(fd)
         with pytest.raises(OSError) as e:

@@ -71,7 +71,7 @@ class PinnedMaps:
     def __init__(self, pin_dir: str):
         self.ring_max = int(re.search(r"-r(\d+)-", pin_dir).group(1))
         self.fds = {}
-        for name in ("vips", "rings", "reals", "conns4"):
+        for name in ("vips", "rings", "reals", "conns"):
             self.fds[name] = bpfsys.obj_get(f"{pin_dir}/{name}")
 
     def close(self):
@@ -104,16 +104,14 @@ class PinnedMaps:
         return r
 
     def add_conns(self, entries: list[tuple]) -> None:
-        """Write conn entries (client, cport, vip, vport, real id, vip id), TCP over IPv4
-        (so into conns4, under 16-byte keys)."""
-        from l4lb.dataplane.conntable import narrow
+        """Write conn entries (client, cport, vip, vport, real id, vip id), TCP."""
         from l4lb.dataplane.tables import CONN_KEY, CONN_VAL
 
         keys = b"".join(CONN_KEY.pack(socket.inet_aton(c) + bytes(12), socket.inet_aton(v) +
                                       bytes(12), cp, vp, socket.IPPROTO_TCP, M.FAMILY_V4)
                         for c, cp, v, vp, _, _ in entries)
         vals = b"".join(CONN_VAL.pack(rid, vid, 0) for *_, rid, vid in entries)
-        bpfsys.update_batch(self.fds["conns4"], narrow(keys, len(entries)), vals, len(entries))
+        bpfsys.update_batch(self.fds["conns"], keys, vals, len(entries))
 
     def programmed_reals(self, max_reals: int = M.DEFAULT_MAX_REALS) -> dict[int, str]:
         """id -> address of every id the reals map holds (family 0 = unused)."""
