@@ -565,7 +565,10 @@ def parse_args(argv=None):
     ap.add_argument("--ab-dir", metavar="DIR",
                     help="also compile the balancer from DIR (another copy of bpf/) and measure "
                          "every balancer case of it as <case>@A in the same rounds, interleaved "
-                         "(A/B; its counters are not checked, its verdicts are)")
+                         "(A/B; its counters are not checked, its verdicts are). Which program "
+                         "is first biases the figures (one program against itself differed by "
+                         "2-7 ns on hits, up to 46 ns on the 1M case): run both orders, swapping "
+                         "--bpf-dir and --ab-dir, and average (bench/results/pps_conns4_ab.md)")
     a = ap.parse_args(argv)
     a.calls = a.calls or (QUICK_CALLS if a.quick else DEFAULT_CALLS)
     if a.parallel_flows is None:
