@@ -385,6 +385,19 @@ def test_walk_pace_urgent_for_a_waiting_peer_slow_for_the_periodic_repair():
     assert a.sender.full_rate == urgent
 
 
+def walk_entries(n: int) -> list:
+    """n flows of the master's table as a full walk sends them (clients' ports 20000...)."""
+    return [SyncEntry(p(CLIENT), 20000 + i, p(VIP), 80, 6, p("10.99.0.31")) for i in range(n)]
+
+
+async def started_backup(pb: int, peer: int):
+    """A started backup agent on port pb hearing `peer`, and its table."""
+    tb = FakeTables(BACKUP_VIPS)
+    b = make_agent(sync_cfg(pb, peer), "lb2", tb, FakeProg(), role="backup", ring_mode="poll")
+    await b.start()
+    return b, tb
+
+
 def test_standby_installs_new_flows_before_a_full_walk_backlog(monkeypatch):
     """Full-walk chunks already queued in the socket do not hold back a new flow."""
     from l4lb.sync.machine import Sender  # noqa: PLC0415
@@ -393,15 +406,11 @@ def test_standby_installs_new_flows_before_a_full_walk_backlog(monkeypatch):
 
     async def main():
         pb, peer = free_port(), free_port()
-        tb = FakeTables(BACKUP_VIPS)
-        b = make_agent(sync_cfg(pb, peer), "lb2", tb, FakeProg(), role="backup",
-                      ring_mode="poll")
-        await b.start()
+        b, tb = await started_backup(pb, peer)
         try:
             now = time.time()
             s = Sender("lb1", b"0123456789abcdef0123", now, role="master", full_rate=None)
-            walk = [SyncEntry(p(CLIENT), 20000 + i, p(VIP), 80, 6, p("10.99.0.31"))
-                    for i in range(3000)]
+            walk = walk_entries(3000)
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as out:
                 out.bind(("127.0.0.1", peer))  # the configured peer: only it is heard
                 await prove(b, s, out, pb)

@@ -18,14 +18,15 @@ from test_sync_agent import (
     FakeTables,
     free_port,
     make_agent,
-    p,
     prove,
+    started_backup,
     sync_cfg,
     until,
+    walk_entries,
 )
 
 from l4lb.sync import agent as sync_agent
-from l4lb.sync.codec import MAX_DATAGRAM, PREFIX_LEN, SyncEntry, decode
+from l4lb.sync.codec import MAX_DATAGRAM, PREFIX_LEN, decode
 
 KEY = b"0123456789abcdef0123"
 FULL_HEAD = sync_agent._FULL_HEAD  # a full-walk chunk's first body bytes
@@ -135,16 +136,12 @@ def test_a_read_run_is_checked_datagram_by_datagram():
 
     async def main():
         pb, peer = free_port(), free_port()
-        tb = FakeTables(BACKUP_VIPS)
-        b = make_agent(sync_cfg(pb, peer), "lb2", tb, FakeProg(), role="backup",
-                       ring_mode="poll")
-        await b.start()
+        b, tb = await started_backup(pb, peer)
         try:
             assert b.gro
             now = time.time()
             s = Sender("lb1", KEY, now, role="master", full_rate=None)
-            walk = [SyncEntry(p(CLIENT), 20000 + i, p(VIP), 80, 6, p("10.99.0.31"))
-                    for i in range(600)]
+            walk = walk_entries(600)
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as out:
                 out.bind(("127.0.0.1", peer))
                 await prove(b, s, out, pb)
