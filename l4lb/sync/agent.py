@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes as ct
-import errno
 import functools
 import ipaddress
 import json
@@ -109,6 +108,7 @@ from l4lb.sync.metrics import metrics as _metrics
 from l4lb.sync.metrics import status as _status
 from l4lb.sync.ring import RING_MODES, RingConsumer
 from l4lb.sync.translate import NUMPY_MIN, Translator, decode_events
+from l4lb.sync.udp import DatagramSocket
 from l4lb.sync.walk import _WalkFeed
 
 log = logging.getLogger("l4lb.sync")
@@ -137,24 +137,8 @@ SOCK_BUF = 8 << 20  # socket buffers: a full walk's burst and a slow loop tick
 # GRO, one bench run's ~12 walks lost 8,142 datagrams at this pace and 21,772 at
 # 1.2M/s; with it, none and 285 (the socket holds coalesced runs, reading is cheaper).
 FULL_PACE = 1_000_000.0
-# UDP segmentation offload (Linux >= 4.18 send, 5.0 receive): the sender hands the
-# kernel a run of equal-sized datagrams in one sendmsg (UDP_SEGMENT: each still a
-# datagram of its own on the wire, each authenticated on its own), the receiver
-# gets runs of them back in one recvmsg (UDP_GRO; cmsg: the segment size). On
-# loopback (bench/sync.py) this took a datagram's send from 1.9 to 0.18 us and its
-# receive from 1.1 to 0.15 us, and wakes the receiving loop once a run. Where the
-# kernel or the device refuses (a device without checksum offload: EIO), the
-# socket falls back to a datagram a call for good (counted: gso_fallbacks).
-SOL_UDP = getattr(socket, "SOL_UDP", 17)
-UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
-UDP_GRO = getattr(socket, "UDP_GRO", 104)
-USE_GSO = True  # (tests turn these off to check the plain path)
-USE_GRO = True
-GSO_SEGMENTS = 64  # datagrams per sendmsg, at most (the kernel's UDP_MAX_SEGMENTS)
-GSO_BYTES = 65000  # ... and bytes: one IP packet's worth
-_GSO_REFUSED = {errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EMSGSIZE}
+# UDP GSO/GRO: udp.py (a run of datagrams a system call).
 READ_TURN_BYTES = 1 << 20  # bytes read off the socket per loop turn, at most
-_CMSG_SPACE = socket.CMSG_SPACE(4)
 WALK_LOOP_ENTRIES = 4000  # full-walk entries framed and sent per loop tick (bounds the stall)
 STATE_FILE = "sync.json"  # in the node's state dir: our last session, peers' highest
 DEFAULT_STATE_ROOT = "/run/l4lb"  # daemon.STATE_ROOT: /run/l4lb/<node>/
@@ -315,9 +299,7 @@ class SyncAgent:
         # (a lambda: bench/sync.py wraps _on_events on the instance)
         self._ring = RingConsumer(prog, ring_mode, lambda raws: self._on_events(raws),
                                   self._ring_error)
-        self._rbuf = bytearray(MAX_DATAGRAM + 1)
-        self.gso = False  # sending runs of datagrams in one call (UDP_SEGMENT)
-        self.gro = False  # receiving them so (UDP_GRO)
+        self._io: DatagramSocket | None = None  # self._sock's datagrams (udp.py)
         self._deferred = Backlog(DEFER_MAX_BYTES, FULL_TURN_BYTES)
         self._full_handle: asyncio.Handle | None = None
         # Installs run off the loop, new flows and full-walk slices each in their own
@@ -327,7 +309,6 @@ class SyncAgent:
         self._full_inflight = 0  # full-walk install slices handed to the pool
         self.bound: tuple | None = None  # the socket's address
         self._conn_timeout_ns: int | None = None
-        self._last_send_error = 0.0
         self.started_at: float | None = None
 
     def _new_receiver(self, known: dict[str, int]) -> Receiver:
@@ -381,7 +362,7 @@ class SyncAgent:
             raise RuntimeError(f"sync.listen {ep}: cannot bind {host} ({e.strerror})") from None
         sock.setblocking(False)
         self._sock = sock
-        self._setup_offload(sock)
+        self._io = DatagramSocket(sock, self.counters)
         self.bound = sock.getsockname()[:2]
         loop.add_reader(sock.fileno(), self._on_readable)
         self._ring.start(loop)
@@ -414,7 +395,7 @@ class SyncAgent:
             if self._loop is not None:
                 self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
-            self._sock = None
+            self._sock = self._io = None
         self._deferred.clear()
         pools, self._pools = self._pools, {}
         for pool in pools.values():  # let queued installs finish
@@ -503,80 +484,19 @@ class SyncAgent:
 
     # ----------------------------------------------------------------- sending
 
-    def _setup_offload(self, sock: socket.socket) -> None:
-        """Turn on UDP GRO where the kernel has it (else datagrams come one a call)."""
-        self.gso = USE_GSO
-        self.gro = False
-        if USE_GRO:
-            try:
-                sock.setsockopt(SOL_UDP, UDP_GRO, 1)
-                self.gro = True
-            except OSError as e:
-                log.info("sync: no UDP GRO (%s): one datagram per read", e.strerror)
-        self._rbuf = bytearray(65536 if self.gro else MAX_DATAGRAM + 1)
+    @property
+    def gso(self) -> bool:
+        """Sending runs of datagrams in one call (UDP_SEGMENT)."""
+        return self._io is not None and self._io.gso
+
+    @property
+    def gro(self) -> bool:
+        """Receiving them so (UDP_GRO)."""
+        return self._io is not None and self._io.gro
 
     def _send(self, datagrams: list[bytes]) -> None:
-        sock = self._sock
-        if not datagrams or sock is None:
-            return
-        if not self.gso or len(datagrams) < 2:
-            for d in datagrams:
-                for peer in self.peers:
-                    self._sendto(sock, d, peer)
-            return
-        # runs of equal-sized datagrams (the last of a run may be shorter), one call each
-        i, n = 0, len(datagrams)
-        while i < n:
-            size = len(datagrams[i])
-            j = i + 1
-            limit = min(n, i + GSO_SEGMENTS, i + max(1, GSO_BYTES // size))
-            while j < limit and len(datagrams[j]) == size:
-                j += 1
-            if j < limit and len(datagrams[j]) < size:
-                j += 1  # a shorter one may end the run
-            run = datagrams[i:j]
-            for peer in self.peers:
-                if len(run) == 1 or not self.gso:
-                    for d in run:
-                        self._sendto(sock, d, peer)
-                else:
-                    self._send_run(sock, run, size, peer)
-            i = j
-
-    def _send_run(self, sock: socket.socket, run: list[bytes], size: int, peer) -> None:
-        """Datagrams of ``size`` bytes (the last maybe shorter) in one sendmsg (GSO)."""
-        try:
-            sock.sendmsg([b"".join(run)], [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, "little"))],
-                       0, peer)
-            self.counters["gso_sends"] += 1
-            return
-        except BlockingIOError:
-            self.counters["send_dropped"] += len(run)
-            return
-        except OSError as e:
-            if e.errno not in _GSO_REFUSED:
-                self._send_failed(peer, e, len(run))
-                return
-            self.gso = False  # refused here (no checksum offload, an old kernel): for good
-            self.counters["gso_fallbacks"] += 1
-            log.info("sync: UDP GSO refused (%s): one datagram per send", e.strerror)
-        for d in run:
-            self._sendto(sock, d, peer)
-
-    def _sendto(self, sock: socket.socket, d: bytes, peer) -> None:
-        try:
-            sock.sendto(d, peer)
-        except BlockingIOError:
-            self.counters["send_dropped"] += 1
-        except OSError as e:
-            self._send_failed(peer, e, 1)
-
-    def _send_failed(self, peer, e: OSError, n: int) -> None:
-        self.counters["send_errors"] += n
-        now = time.monotonic()
-        if now - self._last_send_error > 10:
-            self._last_send_error = now
-            log.warning("sync: send to %s:%d failed: %s", *peer, e.strerror)
+        if self._io is not None:
+            self._io.send(datagrams, self.peers)
 
     def _conn_timeout(self) -> int:
         """The data plane's idle timeout (ns), read from its config map."""
@@ -692,36 +612,21 @@ class SyncAgent:
             self._add_cpu("read", start, _loop_cpu)
 
     def _read(self) -> None:
-        sock = self._sock
-        if sock is None:
+        io = self._io
+        if io is None:
             return
         now = self._clock()
         recv = self.receiver
         new: list[InstallEntries] = []
         deferred = self._deferred
-        buf = self._rbuf
-        view = memoryview(buf)
+        view = memoryview(io.buf)
         budget = RECV_TURN_BYTES  # bytes authenticated in this turn, at most
         read = READ_TURN_BYTES  # ... and read
-        gro = self.gro
         for _ in range(RECV_BURST):
-            try:
-                if gro:  # a run of datagrams of one size (the last maybe shorter)
-                    n, anc, _flags, addr = sock.recvmsg_into((buf,), _CMSG_SPACE)
-                    seg = n
-                    for level, kind, data in anc:
-                        if level == SOL_UDP and kind == UDP_GRO and len(data) >= 2:
-                            seg = int.from_bytes(data[:4] if len(data) >= 4 else data[:2],
-                                                 "little") or n
-                else:
-                    n, addr = sock.recvfrom_into(buf)
-                    seg = n
-            except (BlockingIOError, InterruptedError):
+            got = io.recv()  # a run of datagrams of one size (the last maybe shorter)
+            if got is None:
                 break
-            except OSError as e:  # e.g. ICMP errors reported on the socket
-                if e.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                    log.warning("sync: receive failed: %s", e)
-                break
+            n, seg, addr = got
             if not recv.addr_allowed(addr):  # not a peer: no copy, no MAC
                 recv.reject("foreign_addr", addr, now)
                 continue

@@ -1,4 +1,4 @@
-"""UDP segmentation offload in the sync agent (agent.py: UDP_SEGMENT / UDP_GRO):
+"""UDP segmentation offload of the sync socket (udp.py: UDP_SEGMENT / UDP_GRO):
 runs of datagrams in one send and one read, each datagram still authenticated on
 its own, and the plain path where the kernel or the device refuses."""
 
@@ -8,6 +8,7 @@ import asyncio
 import errno
 import socket
 import time
+from collections import Counter
 
 from test_sync_agent import (
     BACKUP_VIPS,
@@ -26,6 +27,7 @@ from test_sync_agent import (
 )
 
 from l4lb.sync import agent as sync_agent
+from l4lb.sync import udp
 from l4lb.sync.codec import MAX_DATAGRAM, PREFIX_LEN, decode
 
 KEY = b"0123456789abcdef0123"
@@ -67,8 +69,8 @@ def test_walk_goes_in_runs_and_arrives_whole():
 
 
 def test_plain_path_when_offload_is_off(monkeypatch):
-    monkeypatch.setattr(sync_agent, "USE_GSO", False)
-    monkeypatch.setattr(sync_agent, "USE_GRO", False)
+    monkeypatch.setattr(udp, "USE_GSO", False)
+    monkeypatch.setattr(udp, "USE_GRO", False)
     sa, sb = walk_between_two_agents(3000)
     assert not sa["offload"]["gso"] and not sb["offload"]["gro"]
     assert sa["offload"]["gso_sends"] == 0
@@ -95,34 +97,29 @@ class RefusingSocket:
 
 
 def test_gso_refused_falls_back_to_a_datagram_per_send_for_good():
-    a = make_agent(sync_cfg(free_port(), free_port()), "lb1", FakeTables(MASTER_VIPS),
-                   FakeProg(), role="master")
-    sock = RefusingSocket()
-    a._sock = sock
-    a._setup_offload(sock)
-    assert a.gso and not a.gro and len(a._rbuf) == MAX_DATAGRAM + 1  # GRO refused: plain reads
+    sock, counters = RefusingSocket(), Counter()
+    io = udp.DatagramSocket(sock, counters)
+    assert io.gso and not io.gro and len(io.buf) == MAX_DATAGRAM + 1  # GRO refused: plain reads
     run = [bytes([i]) * 100 for i in range(5)] + [b"\xff" * 40]  # equal sizes, a shorter last
-    a._send(run)
-    peer = a.peers[0]
+    peer = ("127.0.0.1", 9542)
+    io.send(run, [peer])
     assert sock.sendmsg_calls == 1 and sock.sent == [(d, peer) for d in run]  # all, in order
-    assert not a.gso and a.counters["gso_fallbacks"] == 1 and a.counters["send_errors"] == 0
-    a._send(run)  # from now on one datagram per call: no more tries
+    assert not io.gso and counters["gso_fallbacks"] == 1 and counters["send_errors"] == 0
+    io.send(run, [peer])  # from now on one datagram per call: no more tries
     assert sock.sendmsg_calls == 1 and len(sock.sent) == 12
 
 
 def test_runs_are_cut_by_size_and_limits():
-    a = make_agent(sync_cfg(free_port(), free_port()), "lb1", FakeTables(MASTER_VIPS),
-                   FakeProg(), role="master")
-
     class Recorder(RefusingSocket):
         def sendmsg(self, bufs, anc, flags, addr):
             (level, opt, size), = anc
             self.sent.append((("run", int.from_bytes(size, "little"), len(bufs[0])), addr))
 
     sock = Recorder()
-    a._sock, a.gso = sock, True
+    io = udp.DatagramSocket(sock, Counter())
+    assert io.gso and not io.gro
     grams = [b"a" * 1000] * 3 + [b"b" * 500] + [b"c" * 500] * 2 + [b"d" * 600] + [b"e" * 1000] * 70
-    a._send(grams)
+    io.send(grams, [("127.0.0.1", 9542)])
     got = [x for x, _ in sock.sent]
     # a shorter datagram ends a run, a longer one starts the next, a lone one goes
     # plain; at most GSO_SEGMENTS (64) a run
@@ -157,7 +154,7 @@ def test_a_read_run_is_checked_datagram_by_datagram():
                 bad = bytearray(grams[2])
                 bad[-1] ^= 1  # its MAC no longer matches
                 grams[2] = bytes(bad)
-                out.sendmsg([b"".join(grams)], [(sync_agent.SOL_UDP, sync_agent.UDP_SEGMENT,
+                out.sendmsg([b"".join(grams)], [(udp.SOL_UDP, udp.UDP_SEGMENT,
                                                  size.to_bytes(2, "little"))],
                             0, ("127.0.0.1", pb))
                 await until(lambda: b.status()["rejected"].get("bad_mac", 0) == 1)
