@@ -72,7 +72,6 @@ class VipState:
             (M.VIP_F_HASH_SRC if self.hash == "source" else 0)
 
 
-@functools.lru_cache(maxsize=65536)
 @functools.lru_cache(maxsize=1 << 16)  # a change re-spells every real of its VIP (~1 us each)
 def canon(addr) -> str:
     return str(ipaddress.ip_address(addr))

@@ -36,7 +36,6 @@ async def _hello(host: str, port: int, timeout: float):
     return r, w, name
 
 
-
 def _answered(res: dict, name: str, last: float) -> float:
     """One reply from real `name`: a new real is a move; the longest gap so far. Returns now."""
     if not res["reals"] or name != res["reals"][-1]:
@@ -53,6 +52,7 @@ async def _pause(stop: asyncio.Event, every: float) -> None:
         await asyncio.wait_for(stop.wait(), every)
     except asyncio.TimeoutError:
         pass
+
 
 async def spread(host: str, port: int, count: int, timeout: float, parallel: int) -> dict:
     names: Counter = Counter()

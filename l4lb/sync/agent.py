@@ -688,12 +688,8 @@ class SyncAgent:
         return batch
 
     def _send_to(self, data: bytes, addr) -> None:
-        if self._sock is None:
-            return
-        try:
-            self._sock.sendto(data, addr)
-        except OSError:
-            self.counters["send_errors"] += 1
+        if self._io is not None:
+            self._io.sendto(data, addr)
 
     def _persist(self) -> None:
         """Save the peers' highest sessions when they grew (in a thread)."""

@@ -729,10 +729,11 @@ class Receiver:
     oversize, version, malformed, bad_mac, unknown_peer (sender not in
     allowed_peers, or our own node_id), replay (seq already seen or older than
     the window; a session not newer than one accepted, until proven live),
-    unproven (any other session not proven live yet: see the module doc). A rejected datagram yields no action and changes no state
-    except its counter (and, rate-limited, a SendChallenge). ``known_sessions``
-    (name -> highest session accepted) carries what an earlier run of this
-    node accepted, so that a restart is no chance to replay older sessions.
+    unproven (any other session not proven live yet: see the module doc). A
+    rejected datagram yields no action and changes no state except its counter
+    (and, rate-limited, a SendChallenge). ``known_sessions`` (name -> highest
+    session accepted) carries what an earlier run of this node accepted, so that
+    a restart is no chance to replay older sessions.
     """
 
     def __init__(

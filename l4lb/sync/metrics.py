@@ -80,7 +80,7 @@ def status(agent) -> dict:
         "send_errors": agent.counters["send_errors"] + agent.counters["send_dropped"],
         "install_errors": agent.counters["install_errors"],
         "ring_mode": agent.ring_mode,
-        # UDP segmentation offload in use (agent.py: UDP_SEGMENT / UDP_GRO)
+        # UDP segmentation offload in use (udp.py: UDP_SEGMENT / UDP_GRO)
         "offload": {"gso": agent.gso, "gro": agent.gro,
                     "gso_sends": agent.counters["gso_sends"],
                     "gso_fallbacks": agent.counters["gso_fallbacks"]},
