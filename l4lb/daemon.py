@@ -34,7 +34,7 @@ from l4lb.config import (
     load_config,
 )
 from l4lb.config.incremental import Changes
-from l4lb.dataplane import loader
+from l4lb.dataplane import fill, loader
 from l4lb.dataplane import maps as M
 from l4lb.dataplane.plan import check_fits
 from l4lb.dataplane.tables import ServiceTables, TablesError
@@ -103,6 +103,7 @@ class Daemon:
         self.config_path = config_path
         self.started = time.time()
         self.prog: loader.Program | None = None
+        self.ring_fill = None  # the kernel's Maglev fill (l4lb.dataplane.fill), if it loaded
         self.tables: ServiceTables | None = None
         scripts.configure(cfg.node.script_security)  # health, track and notify scripts
         # Probes bind to the node's own address, never a VIP: a real would answer a
@@ -172,6 +173,9 @@ class Daemon:
         log.info("compiling the XDP program (%s)", "reattaching to pinned maps" if reattach
                  else "fresh maps")
         self.prog = await asyncio.to_thread(loader.compile_balancer, opts)
+        # Rings filled by the kernel's JIT, about half numpy's time on a ring update
+        # (bench/control.py); numpy stays the fallback with the same tables.
+        self.ring_fill = await asyncio.to_thread(fill.enable, opts.ring_max, opts.max_reals)
         # The tunnel health check's tc program compiles now, not under apply: status
         # answers once the maps are loaded. (One after the other: bcc is not thread-safe.)
         if any(hc_via(v, r) == "tunnel" for v in self.cfg.vips for r in v.reals):
@@ -290,6 +294,9 @@ class Daemon:
             # SIGTERM (restart, upgrade): the XDP program keeps forwarding from the
             # pinned maps until the next `l4lb start` takes over.
             log.info("stopped; XDP stays attached and pinned (use `l4lb stop` to remove it)")
+        if self.ring_fill:
+            maglev.set_fill_engine(None)
+            self.ring_fill.close()
         if self.prog:
             self.prog.close()
 

@@ -78,6 +78,8 @@ __all__ = [
     "prepare",
     "prepared",
     "ring_changes",
+    "set_fill_engine",
+    "turn_order",
     "ring_shares",
 ]
 
@@ -155,12 +157,31 @@ def prepared(reals: Iterable[tuple[str, int]], size: int = DEFAULT_RING_SIZE) ->
     return _fill_key(size, sorted((k, w) for k, w in reals if w)) in _PREPARED
 
 
+# A faster fill with _fill_numpy's exact output, or None: the daemon sets the
+# kernel's (l4lb.dataplane.fill); it answers None for rings it cannot fill.
+_ENGINE = None
+
+
+def set_fill_engine(engine) -> None:
+    """Fill rings with ``engine(perms, weights, size)`` (owner ranks, as
+    _fill_numpy returns them, or None to leave the ring to numpy); None: numpy."""
+    global _ENGINE
+    _ENGINE = engine
+
+
+def turn_order(weights: Sequence[int], size: int):
+    """Step 2 for fill engines: (turns, keyn, row) as _turn_order_numpy gives them."""
+    return _turn_order_numpy(weights, size)
+
+
 def _fill(live: list[tuple[str, int, int]], size: int):
     """Per slot, the rank (index in ``live``) of the real owning it."""
     perms = [_permutation(key, size) for key, _, _ in live]
     weights = [w for _, _, w in live]
     if np is not None:
-        owner = _fill_numpy(perms, weights, size)
+        owner = _ENGINE(perms, weights, size) if _ENGINE is not None else None
+        if owner is None:
+            owner = _fill_numpy(perms, weights, size)
         return owner.astype(np.uint16 if len(live) <= 1 << 16 else np.uint32)
     return array.array("I", _fill_python(perms, weights, size))
 
