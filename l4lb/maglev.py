@@ -40,7 +40,10 @@ Maglev: ~1.5%; the floor is 1%), removing 1 of 1000 ~0.8% (0.7%; floor 0.1%).
 
 ``_fill_numpy`` is the fast path; ``_fill_python`` is the readable reference,
 used when numpy is not installed.  They give identical tables (the tests check),
-so nodes with and without numpy still agree.
+so nodes with and without numpy still agree.  The daemon goes one step further:
+``set_fill_engine`` hands the rounds to bpf/maglev_fill.c, run by the kernel's
+JIT (l4lb.dataplane.fill, about half numpy's time), with the same tables
+(tests/bpf/test_maglev_fill.py) and numpy as its fallback.
 
 A fill depends on the ring size and the live reals' keys and weights only, never
 on ids.  At 1,000 reals and M=65537 it takes 9-15 ms of CPU on the 2-CPU test VM
