@@ -121,7 +121,12 @@ class KernelFill:
         turns, keyn, row = maglev.turn_order(weights, size)
         with self._lock:
             self._load(perms, turns, keyn, row, size)
-            if not self._run(size):
+            try:
+                done = self._run(size)
+            except OSError as e:  # bpf(2) refused the test run: numpy still can
+                log.error("the kernel's Maglev fill failed (%s); numpy fills instead", e)
+                return None
+            if not done:
                 return None
             owner = self._owner[:size].astype(np.int32)
             self.last_steps = int(self._steps[0])

@@ -150,6 +150,20 @@ def test_inconsistent_inputs_stop_the_program(kf, caplog):
     assert kf(perms, weights, 101) is not None  # and it fills again afterwards
 
 
+def test_a_refused_test_run_leaves_the_ring_to_numpy(kf, engine_on, monkeypatch, caplog):
+    def refuse(*a, **kw):
+        raise OSError(1, "BPF_PROG_TEST_RUN failed: Operation not permitted")
+
+    monkeypatch.setattr(fill, "test_run", refuse)
+    backends = reals(30)
+    assert kf(*inputs(backends, 1009), 1009) is None
+    assert "numpy fills instead" in caplog.text
+    ring = maglev.build_ring(backends, 1009)
+    maglev.set_fill_engine(None)
+    maglev._PREPARED.clear()
+    assert ring == maglev.build_ring(backends, 1009)
+
+
 def test_concurrent_fills_do_not_mix(kf):
     # The daemon fills in worker threads: one fill state, so the engine serialises.
     cases = [(reals(300, (1, 2), net=f"10.{i}"), 4099) for i in range(6)]
