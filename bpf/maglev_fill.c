@@ -48,14 +48,14 @@ struct fill {
     __u64 steps;    /* steps taken, a cost figure for tests and benches */
     __u32 offset[FILL_REALS];
     __u32 skip[FILL_REALS];
-    __u32 tbase[FILL_REALS];   /* real i's turn priorities: prio[tbase[i]...] */
+    __u32 row[FILL_REALS];     /* real i's k-th turn: priority keyn[row[i] + k] + i */
     __u32 tcount[FILL_REALS];
     __u32 served[FILL_REALS];
     __u32 nxt[FILL_REALS];     /* next walk position: every one before it is taken */
     __u32 pending[FILL_REALS]; /* reals with turns left, by rank */
     __u32 touched[FILL_SLOTS]; /* slots proposed this round */
     __u32 owner[FILL_SLOTS];   /* the ring: per slot, the owning real's rank */
-    __u64 prio[FILL_SLOTS];    /* turn priorities + 1, grouped by real */
+    __u64 keyn[FILL_SLOTS];    /* turn keys * n, as maglev.turn_order gives them */
     __u64 cell[FILL_SLOTS];
 };
 
@@ -63,7 +63,7 @@ struct fill {
 _Static_assert(sizeof(struct fill) == FILL_BYTES, "struct fill: size differs from fill.py");
 _Static_assert(__builtin_offsetof(struct fill, touched) == FILL_TOUCHED_AT, "touched");
 _Static_assert(__builtin_offsetof(struct fill, owner) == FILL_OWNER_AT, "owner");
-_Static_assert(__builtin_offsetof(struct fill, prio) == FILL_PRIO_AT, "prio");
+_Static_assert(__builtin_offsetof(struct fill, keyn) == FILL_KEYN_AT, "keyn");
 _Static_assert(__builtin_offsetof(struct fill, cell) == FILL_CELL_AT, "cell");
 
 /* bcc would build a ctypes type of the value (seconds for a struct this big):
@@ -99,7 +99,7 @@ static __always_inline void walk(struct fill *f)
     __u32 r = f->real & REAL_MASK;
     __u64 m = f->m, skip = f->skip[r], s = f->slot & SLOT_MASK;
     __u64 found = f->found & SLOT_MASK, need = f->need, nt = f->ntouched & SLOT_MASK;
-    __u64 tb = f->tbase[r] + f->served[r];
+    __u64 tb = f->row[r] + f->served[r], prio1 = r + 1; /* + 1: a cell of 0 is taken */
     __u32 pos = f->pos;
     if (pos > 2 * m) { /* a walk visits every slot in m positions */
         f->phase = PH_ERROR;
@@ -108,7 +108,7 @@ static __always_inline void walk(struct fill *f)
     for (int j = 0; j < BURST; j++) {
         __u64 c = f->cell[s];
         if (c) {
-            __u64 t = f->prio[(tb + found) & SLOT_MASK];
+            __u64 t = f->keyn[(tb + found) & SLOT_MASK] + prio1;
             if (c == UNSET) {
                 f->touched[nt] = s;
                 nt = (nt + 1) & SLOT_MASK;

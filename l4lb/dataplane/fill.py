@@ -35,7 +35,7 @@ _HEADER = ("m", "n", "phase", "cur", "npending", "ntouched", "kept", "real", "sl
            "found", "need", "pos")
 _HEADER_BYTES = 56
 _STEPS_AT = 48
-_PER_REAL = ("offset", "skip", "tbase", "tcount", "served", "nxt", "pending")
+_PER_REAL = ("offset", "skip", "row", "tcount", "served", "nxt", "pending")
 PH_DONE, PH_ERROR = 4, 5
 _DONE, _RUNNING = 0, 1  # the program's return values (2: inconsistent inputs)
 UNSET = (1 << 63) - 1
@@ -56,8 +56,8 @@ class Layout:
         self.per_real = _HEADER_BYTES
         self.touched = self.per_real + 4 * len(_PER_REAL) * reals
         self.owner = self.touched + 4 * slots
-        self.prio = self.owner + 4 * slots
-        self.cell = self.prio + 8 * slots
+        self.keyn = self.owner + 4 * slots
+        self.cell = self.keyn + 8 * slots
         self.size = self.cell + 8 * slots
 
     @classmethod
@@ -70,7 +70,7 @@ class Layout:
         # with the C struct does not compile
         return [f"-DFILL_SLOTS={self.slots}", f"-DFILL_REALS={self.reals}",
                 f"-DFILL_BYTES={self.size}", f"-DFILL_TOUCHED_AT={self.touched}",
-                f"-DFILL_OWNER_AT={self.owner}", f"-DFILL_PRIO_AT={self.prio}",
+                f"-DFILL_OWNER_AT={self.owner}", f"-DFILL_KEYN_AT={self.keyn}",
                 f"-DFILL_CELL_AT={self.cell}"]
 
 
@@ -102,8 +102,8 @@ class KernelFill:
         self._steps = buf[_STEPS_AT:_HEADER_BYTES].view(np.uint64)
         self._real = buf[lay.per_real:lay.touched].view(np.uint32).reshape(len(_PER_REAL),
                                                                           lay.reals)
-        self._owner = buf[lay.owner:lay.prio].view(np.uint32)
-        self._prio = buf[lay.prio:lay.cell].view(np.uint64)
+        self._owner = buf[lay.owner:lay.keyn].view(np.uint32)
+        self._keyn = buf[lay.keyn:lay.cell].view(np.uint64)
         self._cell = buf[lay.cell:lay.size].view(np.uint64)
         self._lock = threading.Lock()
         self._packet = bytes(64)  # a test run needs a packet; the program ignores it
@@ -119,6 +119,8 @@ class KernelFill:
         if not self.fits(n, size):
             return None
         turns, keyn, row = maglev.turn_order(weights, size)
+        if keyn.size > self.layout.slots:
+            return None
         with self._lock:
             self._load(perms, turns, keyn, row, size)
             try:
@@ -144,18 +146,15 @@ class KernelFill:
         head[:] = 0
         head[_HEADER.index("m")], head[_HEADER.index("n")] = size, n
         p = np.asarray(perms, dtype=np.int64).reshape(n, -1)
-        tbase = np.cumsum(turns) - turns
         real = self._real
         real[0, :n], real[1, :n] = p[:, 0], p[:, 1]  # offset, skip
-        real[2, :n], real[3, :n] = tbase, turns
+        real[2, :n], real[3, :n] = row, turns
         real[4:6, :n] = 0  # served, nxt
         pending = np.flatnonzero(turns)
         real[6, :pending.size] = pending
         head[_HEADER.index("npending")] = pending.size
-        total = int(turns.sum())
-        # real i's k-th turn: priority keyn[row[i] + k] + i (maglev._fill_numpy), + 1
-        at = np.repeat(row - tbase, turns) + np.arange(total)
-        self._prio[:total] = keyn[at] + np.repeat(np.arange(n, dtype=np.int64), turns) + 1
+        # real i's k-th turn has priority keyn[row[i] + k] + i (maglev._fill_numpy)
+        self._keyn[:keyn.size] = keyn
         self._cell[:size] = UNSET
         self._steps[0] = 0
 
