@@ -122,6 +122,8 @@ class KernelFill:
         if keyn.size > self.layout.slots:
             return None
         with self._lock:
+            if self._head is None:  # closed (the daemon is stopping): numpy fills
+                return None
             self._load(perms, turns, keyn, row, size)
             try:
                 done = self._run(size)
@@ -175,7 +177,15 @@ class KernelFill:
         return False
 
     def close(self) -> None:
-        self._bpf.cleanup()
+        """Free the program and its 3 MiB map (the numpy views must go before the mmap)."""
+        with self._lock:
+            self._head = self._steps = self._real = self._owner = self._keyn = None
+            self._cell = None
+            try:
+                self._mm.close()
+            except BufferError:  # a caller still holds a view: the mapping goes with it
+                pass
+            self._bpf.cleanup()
 
 
 def enable(ring_max: int, max_reals: int) -> KernelFill | None:

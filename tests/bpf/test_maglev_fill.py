@@ -182,6 +182,14 @@ def test_concurrent_fills_do_not_mix(kf):
     assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
 
 
+def test_a_closed_engine_leaves_rings_to_numpy():
+    engine = fill.KernelFill(4099, 64)
+    perms, weights = inputs(reals(20), 4099)
+    assert np.array_equal(engine(perms, weights, 4099), maglev._fill_numpy(perms, weights, 4099))
+    engine.close()
+    assert engine(perms, weights, 4099) is None
+
+
 def test_a_ring_size_too_big_for_one_map_value_is_refused():
     with pytest.raises(loader.DataplaneError, match="numpy fills these rings"):
         fill.KernelFill(1 << 20, 4096)
