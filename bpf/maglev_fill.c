@@ -6,7 +6,9 @@
  * (permutations, turn priorities) with the state reset, then runs the program
  * through BPF_PROG_TEST_RUN with `repeat`: each run advances it by a bounded
  * number of steps (the verifier walks every one) and returns 0 once the ring
- * is full, 1 while it is not, 2 if the inputs were inconsistent.
+ * is full, 1 while it is not, 2 if the inputs were inconsistent. It is a tc
+ * program only because a test run of an XDP program with `repeat` swaps the XDP
+ * dispatcher and waits ~15 ms for RCU; it never sees a real packet.
  *
  * Indices are masked to the power-of-two array sizes (and every counter kept
  * masked) so the verifier sees the same bounds on every path and can prune.
