@@ -754,6 +754,8 @@ class Daemon:
             "xdp_attached": {ifname: self.prog.attached.get(ifname) is not None
                              for ifname in self.cfg.node.interfaces} if self.prog else {},
             "pin_dir": t.opts.pin_dir, "held_vips": sorted(self.held_vips),
+            # who fills Maglev rings: the kernel (bpf/maglev_fill.c) or numpy, its fallback
+            "ring_fill": "kernel" if self.ring_fill else "numpy",
             "vips": vips,
             "vrrp": [a.status() for a in self.vrrp],
             "sync": self.sync.status() if self.sync else None,

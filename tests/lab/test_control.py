@@ -41,6 +41,11 @@ def spread(lab, n=60):
     return res["reals"]
 
 
+def test_rings_are_filled_by_the_kernel(lab):
+    # bpf/maglev_fill.c loaded at start (numpy only where it cannot load)
+    assert lab.l4lb_json("lb1", ["status"])["ring_fill"] == "kernel"
+
+
 def test_health_check_takes_a_dead_real_out_and_back(lab):
     lab.echo["real2"].stop()
     try:
