@@ -81,9 +81,9 @@ __all__ = [
     "prepare",
     "prepared",
     "ring_changes",
+    "ring_shares",
     "set_fill_engine",
     "turn_order",
-    "ring_shares",
 ]
 
 DEFAULT_RING_SIZE = 65537

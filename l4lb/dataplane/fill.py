@@ -36,7 +36,6 @@ _HEADER = ("m", "n", "phase", "cur", "npending", "ntouched", "kept", "real", "sl
 _HEADER_BYTES = 56
 _STEPS_AT = 48
 _PER_REAL = ("offset", "skip", "row", "tcount", "served", "nxt", "pending")
-PH_DONE, PH_ERROR = 4, 5
 _DONE, _RUNNING = 0, 1  # the program's return values (2: inconsistent inputs)
 UNSET = (1 << 63) - 1
 # Values of this size fit in one kmalloc'd array element (KMALLOC_MAX_SIZE, 4 MiB).
